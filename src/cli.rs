@@ -1,0 +1,313 @@
+//! Command line: the raw clap flags ([`Args`]) and their validation into the immutable
+//! [`Config`] the rest of the launcher runs on.
+//!
+//! Every flag can also come from an environment variable (`REUSE_LAUNCH_WORKERS`, ...), the
+//! container convention; the flag wins when both are given. Validation errors name the flag,
+//! the value and what was expected, and map to exit code 2 in `main`.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::time::Duration;
+
+use clap::Parser;
+use nix::sys::signal::Signal;
+
+use crate::socket::{BindSpec, Mode};
+
+const AFTER_HELP: &str = "\
+SIGNALS (send to the launcher's pid):
+  USR2, HUP     rolling restart: one slot at a time, new worker ready before the old one stops
+  TERM, INT     graceful stop: stop signal to every worker, SIGKILL after --grace, exit 0
+  second TERM/INT, QUIT
+                immediate stop: SIGKILL every worker's process group, exit
+
+WORKER ENVIRONMENT (fds 3.. are the listening sockets, in --bind order):
+  LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES   systemd socket-activation variables (sd_listen_fds)
+  PORT                    port of the first --bind
+  REUSE_LAUNCH_SLOT       0..N-1, stable across restarts of the slot
+  REUSE_LAUNCH_GENERATION bumped by every rolling restart
+  REUSE_LAUNCH_PID        the launcher's pid
+  NOTIFY_SOCKET           with --ready notify: send READY=1 there
+
+LAUNCHER ENVIRONMENT:
+  every flag has a variable: REUSE_LAUNCH_WORKERS, REUSE_LAUNCH_BIND (comma-separated),
+  REUSE_LAUNCH_MODE, REUSE_LAUNCH_BACKLOG, REUSE_LAUNCH_GRACE, REUSE_LAUNCH_STOP_SIGNAL,
+  REUSE_LAUNCH_READY, REUSE_LAUNCH_READY_DELAY, REUSE_LAUNCH_READY_TIMEOUT,
+  REUSE_LAUNCH_MAX_START_FAILURES; PORT sets the default bind; RUST_LOG the log level.
+
+EXAMPLE:
+  reuse-launch -n 4 -b 127.0.0.1:8080 -- python3 tests/workers/pyworker.py";
+
+/// The flags exactly as typed; nothing here is validated beyond clap's syntax.
+#[derive(Parser, Debug)]
+#[command(
+    name = "reuse-launch",
+    version,
+    about = "Bind the port once, run N copies of any server on it, let the kernel spread connections.",
+    after_help = AFTER_HELP
+)]
+pub struct Args {
+    /// Number of workers, or `auto` for the number of CPUs.
+    #[arg(short = 'n', long, env = "REUSE_LAUNCH_WORKERS", default_value = "auto", value_name = "N|auto")]
+    pub workers: String,
+
+    /// Address to listen on: HOST:PORT, [V6]:PORT, :PORT, or NAME=ADDR. Repeatable; each one is
+    /// one more fd per worker (3, 4, ... in order). Default 0.0.0.0:$PORT, else 0.0.0.0:8080.
+    #[arg(short = 'b', long = "bind", env = "REUSE_LAUNCH_BIND", value_delimiter = ',', value_name = "ADDR")]
+    pub bind: Vec<String>,
+
+    /// How connections are spread: `reuseport` (one socket per slot) or `shared` (one socket).
+    #[arg(long, env = "REUSE_LAUNCH_MODE", default_value = "reuseport", value_name = "MODE")]
+    pub mode: String,
+
+    /// listen() backlog of every socket (default: net.core.somaxconn).
+    #[arg(long, env = "REUSE_LAUNCH_BACKLOG", value_name = "N")]
+    pub backlog: Option<String>,
+
+    /// How long a stopping worker gets before SIGKILL.
+    #[arg(long, env = "REUSE_LAUNCH_GRACE", default_value = "30s", value_name = "DURATION")]
+    pub grace: String,
+
+    /// Signal sent to a worker's process group when it must stop.
+    #[arg(long, env = "REUSE_LAUNCH_STOP_SIGNAL", default_value = "TERM", value_name = "SIG")]
+    pub stop_signal: String,
+
+    /// When a worker counts as ready: `delay` (alive for --ready-delay) or `notify` (it sends
+    /// READY=1 on NOTIFY_SOCKET).
+    #[arg(long, env = "REUSE_LAUNCH_READY", default_value = "delay", value_name = "delay|notify")]
+    pub ready: String,
+
+    /// With --ready delay: how long a worker must stay alive to count as ready.
+    #[arg(long, env = "REUSE_LAUNCH_READY_DELAY", default_value = "1s", value_name = "DURATION")]
+    pub ready_delay: String,
+
+    /// A worker not ready by then is stopped (a rolling restart is abandoned).
+    #[arg(long, env = "REUSE_LAUNCH_READY_TIMEOUT", default_value = "60s", value_name = "DURATION")]
+    pub ready_timeout: String,
+
+    /// Give up (exit 1) when every slot's worker died this many times in a row before it
+    /// became ready.
+    #[arg(long, env = "REUSE_LAUNCH_MAX_START_FAILURES", default_value = "5", value_name = "N")]
+    pub max_start_failures: String,
+
+    /// The server command and its arguments.
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// How the launcher decides that a worker is ready to take traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ready {
+    /// Alive for this long.
+    Delay(Duration),
+    /// Sent `READY=1` on its NOTIFY_SOCKET.
+    Notify,
+}
+
+/// The validated, immutable configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub workers: usize,
+    pub binds: Vec<BindSpec>,
+    pub mode: Mode,
+    pub backlog: i32,
+    pub grace: Duration,
+    pub stop_signal: Signal,
+    pub ready: Ready,
+    pub ready_timeout: Duration,
+    pub max_start_failures: u32,
+    pub command: Vec<OsString>,
+}
+
+/// A usage error: the flag, the value given, and what was expected.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError {
+    pub flag: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {} '{}': {}", self.flag, self.value, self.expected)
+    }
+}
+
+fn usage(flag: &'static str, value: &str, expected: impl Into<String>) -> UsageError {
+    UsageError { flag, value: value.to_string(), expected: expected.into() }
+}
+
+impl Config {
+    /// Validate raw flags. `port_env` is the launcher's own `PORT` variable, used for the
+    /// default bind address.
+    pub fn from_args(args: Args, port_env: Option<String>) -> Result<Config, UsageError> {
+        let workers = parse_workers(&args.workers)?;
+        let mut binds = Vec::new();
+        let bind_texts = if args.bind.is_empty() {
+            let port = port_env.unwrap_or_else(|| "8080".to_string());
+            vec![format!("0.0.0.0:{port}")]
+        } else {
+            args.bind.clone()
+        };
+        for (i, text) in bind_texts.iter().enumerate() {
+            let spec = BindSpec::parse(text, i).map_err(|e| usage("--bind", text, e))?;
+            binds.push(spec);
+        }
+        let mode = Mode::parse(&args.mode).map_err(|e| usage("--mode", &args.mode, e))?;
+        let backlog = match &args.backlog {
+            Some(b) => match b.parse::<i32>() {
+                Ok(n) if n > 0 => n,
+                _ => return Err(usage("--backlog", b, "expected a positive number")),
+            },
+            None => default_backlog(),
+        };
+        let grace = parse_duration(&args.grace).map_err(|e| usage("--grace", &args.grace, e))?;
+        let stop_signal = parse_signal(&args.stop_signal).map_err(|e| usage("--stop-signal", &args.stop_signal, e))?;
+        let ready = match args.ready.as_str() {
+            "delay" => Ready::Delay(
+                parse_duration(&args.ready_delay).map_err(|e| usage("--ready-delay", &args.ready_delay, e))?,
+            ),
+            "notify" => Ready::Notify,
+            other => return Err(usage("--ready", other, "expected 'delay' or 'notify'")),
+        };
+        let ready_timeout =
+            parse_duration(&args.ready_timeout).map_err(|e| usage("--ready-timeout", &args.ready_timeout, e))?;
+        if ready_timeout.is_zero() {
+            return Err(usage("--ready-timeout", &args.ready_timeout, "must be more than 0"));
+        }
+        let max_start_failures = match args.max_start_failures.parse::<u32>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(usage("--max-start-failures", &args.max_start_failures, "expected a positive number"));
+            }
+        };
+        Ok(Config {
+            workers,
+            binds,
+            mode,
+            backlog,
+            grace,
+            stop_signal,
+            ready,
+            ready_timeout,
+            max_start_failures,
+            command: args.command,
+        })
+    }
+}
+
+fn parse_workers(s: &str) -> Result<usize, UsageError> {
+    if s == "auto" {
+        return Ok(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    }
+    match s.parse::<usize>() {
+        Ok(0) => Err(usage("--workers", s, "must be at least 1")),
+        Ok(n) if n > 4096 => Err(usage("--workers", s, "at most 4096 workers")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(usage("--workers", s, "expected a number or 'auto'")),
+    }
+}
+
+/// `net.core.somaxconn`, the ceiling the kernel applies to any backlog anyway.
+fn default_backlog() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(4096)
+}
+
+/// Parse `500ms`, `2s`, `1.5s`, `1m`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || "expected a duration like 500ms, 2s or 1m".to_string();
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(err()),
+    };
+    if !secs.is_finite() || !(0.0..=86400.0 * 365.0).contains(&secs) {
+        return Err(err());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parse `TERM`, `SIGTERM`, `term` or `15`.
+pub fn parse_signal(s: &str) -> Result<Signal, String> {
+    let err = || "expected a signal name like TERM or INT, or its number".to_string();
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| err());
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    name.parse::<Signal>().map_err(|_| err())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["reuse-launch"];
+        v.extend_from_slice(extra);
+        v.extend_from_slice(&["--", "server"]);
+        Args::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn signals() {
+        assert_eq!(parse_signal("TERM").unwrap(), Signal::SIGTERM);
+        assert_eq!(parse_signal("sigint").unwrap(), Signal::SIGINT);
+        assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
+        assert!(parse_signal("NOPE").is_err());
+    }
+
+    #[test]
+    fn workers_error_names_flag_value_and_expectation() {
+        let e = Config::from_args(args(&["-n", "abc"]), None).unwrap_err();
+        assert_eq!(e.to_string(), "invalid --workers 'abc': expected a number or 'auto'");
+        assert!(Config::from_args(args(&["-n", "0"]), None).is_err());
+        assert_eq!(Config::from_args(args(&["-n", "3"]), None).unwrap().workers, 3);
+        assert!(Config::from_args(args(&["-n", "auto"]), None).unwrap().workers >= 1);
+    }
+
+    #[test]
+    fn default_bind_follows_port_env() {
+        let c = Config::from_args(args(&[]), Some("9123".into())).unwrap();
+        assert_eq!(c.binds[0].addr.to_string(), "0.0.0.0:9123");
+        let c = Config::from_args(args(&[]), None).unwrap();
+        assert_eq!(c.binds[0].addr.to_string(), "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::from_args(args(&["--grace", "soon"]), None).unwrap_err();
+        assert_eq!(e.flag, "--grace");
+        let e = Config::from_args(args(&["--ready", "maybe"]), None).unwrap_err();
+        assert_eq!(e.flag, "--ready");
+        let e = Config::from_args(args(&["-b", "nohost"]), None).unwrap_err();
+        assert_eq!(e.flag, "--bind");
+        let e = Config::from_args(args(&["--mode", "magic"]), None).unwrap_err();
+        assert_eq!(e.flag, "--mode");
+    }
+
+    #[test]
+    fn notify_mode() {
+        let c = Config::from_args(args(&["--ready", "notify"]), None).unwrap();
+        assert_eq!(c.ready, Ready::Notify);
+    }
+}

@@ -1,0 +1,74 @@
+//! reuse-launch: binds the listening sockets once, hands them to N copies of any server binary,
+//! and supervises those workers (respawn with backoff, rolling restart on USR2/HUP).
+//!
+//! `main` parses flags into a [`cli::Config`], resolves the command, binds every socket, then
+//! hands over to [`supervisor::Supervisor`]. It maps each kind of failure to an exit code:
+//! 2 usage, 127 command not found, 126 not executable, 1 bind failure or a fatal supervisor
+//! error, 0 a clean stop.
+//!
+//! ```text
+//! reuse-launch -n 4 -b 127.0.0.1:8080 -- python3 tests/workers/pyworker.py
+//! ```
+
+mod cli;
+mod notify;
+mod roll;
+mod socket;
+mod spawn;
+mod supervisor;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            let level = match record.level() {
+                log::Level::Info => String::new(),
+                l => format!("{}: ", l.as_str().to_lowercase()),
+            };
+            writeln!(buf, "reuse-launch: {level}{}", record.args())
+        })
+        .init();
+
+    let args = cli::Args::parse();
+    let config = match cli::Config::from_args(args, std::env::var("PORT").ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("reuse-launch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let program = match spawn::Program::resolve(&config.command) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("reuse-launch: {e}");
+            return ExitCode::from(e.exit_code);
+        }
+    };
+    let listeners = match socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("reuse-launch: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for addr in listeners.local_addrs() {
+        log::info!(
+            "listening on {addr} ({} mode, {} workers, {} sockets in all)",
+            listeners.mode(),
+            config.workers,
+            listeners.socket_count()
+        );
+    }
+    let result = supervisor::Supervisor::new(config, listeners, program).and_then(|s| s.run());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}

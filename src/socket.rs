@@ -1,0 +1,234 @@
+//! Listening sockets: bind specs, the per-slot SO_REUSEPORT group or the one shared socket,
+//! and which fds each slot's worker receives.
+//!
+//! The launcher binds everything before any worker starts and keeps every socket open for its
+//! whole life ([`Listeners`] is dropped only when the launcher exits). Reason: closing a
+//! reuseport listener resets every connection queued on it, while a listener the launcher still
+//! holds keeps its queue for the slot's next worker (see shared/notes/KERNEL.md). Every socket is
+//! CLOEXEC here; `spawn` moves a slot's sockets to fds 3.. of that slot's worker only.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// One `--bind`: an address and the name it gets in LISTEN_FDNAMES.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+impl BindSpec {
+    /// Parse `HOST:PORT`, `[V6]:PORT`, `:PORT` (all IPv4 interfaces) or `NAME=ADDR`.
+    /// `index` gives the default name (`http`, then `http1`, ...).
+    pub fn parse(text: &str, index: usize) -> Result<BindSpec, String> {
+        let (name, addr_text) = match text.split_once('=') {
+            Some((n, a)) => {
+                if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+                    return Err("the name before '=' must be letters, digits, '_', '-' or '.'".into());
+                }
+                (n.to_string(), a)
+            }
+            None if index == 0 => ("http".to_string(), text),
+            None => (format!("http{index}"), text),
+        };
+        let expected = "expected HOST:PORT, [V6]:PORT or :PORT";
+        let full = if let Some(port) = addr_text.strip_prefix(':') {
+            format!("0.0.0.0:{port}")
+        } else {
+            addr_text.to_string()
+        };
+        let (_, port) = full.rsplit_once(':').ok_or(expected)?;
+        port.parse::<u16>().map_err(|_| format!("{expected}; '{port}' is not a port number"))?;
+        let addr = full
+            .to_socket_addrs()
+            .map_err(|e| format!("{expected}: {e}"))?
+            .next()
+            .ok_or_else(|| "the host name has no address".to_string())?;
+        Ok(BindSpec { name, addr })
+    }
+}
+
+/// How connections are spread over the workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One SO_REUSEPORT socket per slot and bind; the kernel hashes flows over the group.
+    Reuseport,
+    /// One socket per bind, handed to every worker: one accept queue.
+    Shared,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        match s {
+            "reuseport" => Ok(Mode::Reuseport),
+            "shared" => Ok(Mode::Shared),
+            _ => Err("expected 'reuseport' or 'shared'".into()),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Reuseport => "reuseport",
+            Mode::Shared => "shared",
+        })
+    }
+}
+
+/// Every listening socket of the launcher, owned for its whole life.
+pub struct Listeners {
+    mode: Mode,
+    binds: Vec<BindSpec>,
+    /// The bound address of each bind (port 0 resolved to the real port).
+    local: Vec<SocketAddr>,
+    /// Reuseport: `sockets[slot * binds + bind]`. Shared: `sockets[bind]`.
+    sockets: Vec<Socket>,
+}
+
+/// A bind failure, naming the address and the cause.
+#[derive(Debug)]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub err: io::Error,
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cause = match self.err.raw_os_error() {
+            Some(libc::EADDRINUSE) => "address already in use (another process listens there)".to_string(),
+            Some(libc::EACCES) => "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".to_string(),
+            Some(libc::EADDRNOTAVAIL) => "address not available on this machine".to_string(),
+            _ => self.err.to_string(),
+        };
+        write!(f, "failed to bind {}: {}", self.addr, cause)
+    }
+}
+
+impl Listeners {
+    /// Bind and listen on every socket the configuration needs.
+    pub fn bind(binds: &[BindSpec], mode: Mode, slots: usize, backlog: i32) -> Result<Listeners, BindError> {
+        let mut local = Vec::with_capacity(binds.len());
+        // Resolve port 0 and detect "in use" first with a plain socket: a SO_REUSEPORT bind
+        // would silently join a group some other process of this user already listens in.
+        for b in binds {
+            let probe = TcpListener::bind(b.addr).map_err(|err| BindError { addr: b.addr, err })?;
+            local.push(probe.local_addr().map_err(|err| BindError { addr: b.addr, err })?);
+        }
+        let mut sockets = Vec::new();
+        match mode {
+            Mode::Reuseport => {
+                for _slot in 0..slots {
+                    for addr in &local {
+                        sockets.push(listen_socket(*addr, true, backlog)?);
+                    }
+                }
+            }
+            Mode::Shared => {
+                for addr in &local {
+                    sockets.push(listen_socket(*addr, false, backlog)?);
+                }
+            }
+        }
+        Ok(Listeners { mode, binds: binds.to_vec(), local, sockets })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.binds.iter().map(|b| b.name.as_str())
+    }
+
+    pub fn socket_count(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// The fds slot `slot`'s worker receives, in bind order (they become fds 3, 4, ...).
+    pub fn fds_for_slot(&self, slot: usize) -> Vec<RawFd> {
+        let n = self.binds.len();
+        let base = match self.mode {
+            Mode::Reuseport => slot * n,
+            Mode::Shared => 0,
+        };
+        self.sockets[base..base + n].iter().map(|s| s.as_raw_fd()).collect()
+    }
+}
+
+fn listen_socket(addr: SocketAddr, reuseport: bool, backlog: i32) -> Result<Socket, BindError> {
+    let e = |err| BindError { addr, err };
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(e)?;
+    sock.set_reuse_address(true).map_err(e)?;
+    if reuseport {
+        sock.set_reuse_port(true).map_err(e)?;
+    }
+    sock.bind(&addr.into()).map_err(e)?;
+    sock.listen(backlog).map_err(e)?;
+    Ok(sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_forms() {
+        let b = BindSpec::parse("127.0.0.1:80", 0).unwrap();
+        assert_eq!((b.name.as_str(), b.addr.to_string().as_str()), ("http", "127.0.0.1:80"));
+        let b = BindSpec::parse("[::1]:8080", 1).unwrap();
+        assert_eq!((b.name.as_str(), b.addr.to_string().as_str()), ("http1", "[::1]:8080"));
+        let b = BindSpec::parse(":9000", 0).unwrap();
+        assert_eq!(b.addr.to_string(), "0.0.0.0:9000");
+        let b = BindSpec::parse("admin=127.0.0.1:9001", 0).unwrap();
+        assert_eq!(b.name, "admin");
+        assert!(BindSpec::parse("127.0.0.1", 0).is_err());
+        assert!(BindSpec::parse("127.0.0.1:http", 0).is_err());
+        assert!(BindSpec::parse("127.0.0.1:70000", 0).is_err());
+        assert!(BindSpec::parse("bad name=127.0.0.1:1", 0).is_err());
+    }
+
+    #[test]
+    fn reuseport_group_shares_one_resolved_port() {
+        let binds = [BindSpec::parse("127.0.0.1:0", 0).unwrap()];
+        let l = Listeners::bind(&binds, Mode::Reuseport, 3, 16).unwrap();
+        let port = l.local_addrs()[0].port();
+        assert_ne!(port, 0);
+        assert_eq!(l.socket_count(), 3);
+        let fds: Vec<_> = (0..3).map(|s| l.fds_for_slot(s)[0]).collect();
+        assert!(fds[0] != fds[1] && fds[1] != fds[2]);
+        for s in &l.sockets {
+            let a = s.local_addr().unwrap().as_socket().unwrap();
+            assert_eq!(a.port(), port);
+        }
+    }
+
+    #[test]
+    fn shared_mode_hands_one_socket_to_all() {
+        let binds = [BindSpec::parse("127.0.0.1:0", 0).unwrap()];
+        let l = Listeners::bind(&binds, Mode::Shared, 3, 16).unwrap();
+        assert_eq!(l.socket_count(), 1);
+        assert_eq!(l.fds_for_slot(0), l.fds_for_slot(2));
+    }
+
+    #[test]
+    fn in_use_is_refused_even_against_a_reuseport_listener() {
+        let other = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        other.set_reuse_port(true).unwrap();
+        other.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        other.listen(8).unwrap();
+        let addr = other.local_addr().unwrap().as_socket().unwrap();
+        let binds = [BindSpec { name: "http".into(), addr }];
+        let err = Listeners::bind(&binds, Mode::Reuseport, 2, 16).err().unwrap();
+        let msg = err.to_string();
+        assert!(msg.contains(&addr.to_string()) && msg.contains("in use"), "{msg}");
+    }
+}

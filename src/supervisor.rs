@@ -1,0 +1,590 @@
+//! The supervisor: one synchronous loop on the launcher's main thread that owns every worker,
+//! every slot and (through [`Listeners`]) every socket.
+//!
+//! Signals (signal-hook thread) and notify messages (notify thread) arrive as [`Event`]s on one
+//! crossbeam channel; timers are the loop's receive timeout. After every event the loop runs the
+//! same steps: fire due timers (readiness, ready timeouts, grace kills, the roll's deadline) and
+//! reconcile each slot against what it should have (a live worker, or a respawn scheduled with
+//! backoff). Rolling restarts are decided by the pure [`Roll`] machine; this module only carries
+//! out its actions.
+//!
+//! Policies:
+//! - A slot whose worker dies is respawned at once the first time, then after 0.5 s x1.5 per
+//!   further quick death, capped at 15 s. A worker that ran 30 s or more resets the count.
+//! - A worker that dies before it was ready counts as a start failure of its slot. When every
+//!   slot has failed `--max-start-failures` times in a row, the launcher stops with an error.
+//!   One bad slot never stops the others.
+//! - A respawn keeps the slot's generation; a roll sets it when the slot's new worker is ready.
+//! - When a worker's main process exits, what is left of its process group is killed, before
+//!   the exit is reaped (the zombie pins the group id so it cannot be reused meanwhile).
+//! - Orphans re-parented to the launcher (it is a child subreaper, or PID 1) are reaped too.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use signal_hook::consts::signal::*;
+
+use crate::cli::{Config, Ready};
+use crate::notify::NotifyHub;
+use crate::roll::{Action, Input, Roll, WorkerId};
+use crate::socket::Listeners;
+use crate::spawn::{self, env_entry, Program};
+
+/// Something the loop must react to.
+#[derive(Debug)]
+pub enum Event {
+    Signal(i32),
+    /// An sd_notify datagram from a worker's tree: its `KEY=VALUE` fields.
+    Notify(WorkerId, Vec<(String, String)>),
+}
+
+/// Why the launcher stopped with an error.
+#[derive(Debug)]
+pub struct Fatal(pub String);
+
+impl fmt::Display for Fatal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Respawn delay after the `quick_deaths`-th quick death in a row (0 = the first).
+pub fn backoff(quick_deaths: u32) -> Duration {
+    if quick_deaths == 0 {
+        return Duration::ZERO;
+    }
+    let factor = 1.5f64.powi(quick_deaths.min(64) as i32 - 1);
+    BACKOFF_START.mul_f64(factor).min(BACKOFF_MAX)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Starting { ready_at: Option<Instant>, deadline: Instant },
+    Ready,
+    Stopping { kill_at: Instant, killed: bool },
+}
+
+#[derive(Debug)]
+struct Worker {
+    slot: usize,
+    gen: u64,
+    pid: Pid,
+    started: Instant,
+    state: State,
+    /// Started by a roll and not yet ready: it does not own its slot yet.
+    candidate: bool,
+    was_ready: bool,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    gen: u64,
+    quick_deaths: u32,
+    start_failures: u32,
+    delay: Duration,
+    respawn_at: Option<Instant>,
+    last_failure: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shutdown {
+    Graceful,
+    Immediate,
+}
+
+pub struct Supervisor {
+    cfg: Config,
+    listeners: Listeners,
+    program: Program,
+    base_env: Vec<CString>,
+    workers: BTreeMap<WorkerId, Worker>,
+    slots: Vec<Slot>,
+    roll: Roll,
+    next_id: WorkerId,
+    notify: Option<NotifyHub>,
+    rx: Receiver<Event>,
+    shutdown: Option<Shutdown>,
+    all_ready_logged: bool,
+}
+
+impl Supervisor {
+    /// Install the signal handlers and the notify reader. Call before any worker exists, so
+    /// that no SIGCHLD can be missed.
+    pub fn new(cfg: Config, listeners: Listeners, program: Program) -> Result<Supervisor, Fatal> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        start_signal_thread(tx.clone())?;
+        let notify = match cfg.ready {
+            Ready::Notify => {
+                Some(NotifyHub::start(tx).map_err(|e| Fatal(format!("cannot start the notify reader: {e}")))?)
+            }
+            Ready::Delay(_) => None,
+        };
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            log::warn!("cannot become a child subreaper: {}", std::io::Error::last_os_error());
+        }
+        let mut base_env: Vec<CString> =
+            spawn::inherited_env().into_iter().map(|(k, v)| env_entry(&k.to_string_lossy(), v)).collect();
+        let names: Vec<&str> = listeners.names().collect();
+        base_env.push(env_entry("LISTEN_FDS", names.len().to_string()));
+        base_env.push(env_entry("LISTEN_FDNAMES", names.join(":")));
+        base_env.push(env_entry("PORT", listeners.local_addrs()[0].port().to_string()));
+        base_env.push(env_entry("REUSE_LAUNCH_PID", std::process::id().to_string()));
+        let slots = (0..cfg.workers).map(|_| Slot { gen: 1, ..Slot::default() }).collect();
+        Ok(Supervisor {
+            roll: Roll::new(cfg.workers, cfg.ready_timeout),
+            cfg,
+            listeners,
+            program,
+            base_env,
+            workers: BTreeMap::new(),
+            slots,
+            next_id: 1,
+            notify,
+            rx,
+            shutdown: None,
+            all_ready_logged: false,
+        })
+    }
+
+    /// Start every slot, then run until stopped. Ok(()) is a clean stop (exit 0).
+    pub fn run(mut self) -> Result<(), Fatal> {
+        for slot in 0..self.cfg.workers {
+            if let Err(e) = self.spawn(slot, 1, false) {
+                self.kill_all_and_reap();
+                return Err(Fatal(format!("cannot start '{}': {e}", self.program.display)));
+            }
+        }
+        loop {
+            let now = Instant::now();
+            if let Err(e) = self.tick(now) {
+                self.kill_all_and_reap();
+                return Err(e);
+            }
+            if self.shutdown.is_some() && self.workers.is_empty() {
+                log::info!("all workers stopped; exiting");
+                return Ok(());
+            }
+            let event = match self.next_deadline() {
+                Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(ev) => Some(ev),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return Err(Fatal("event channel closed".into())),
+                },
+                None => Some(self.rx.recv().map_err(|_| Fatal("event channel closed".into()))?),
+            };
+            if let Some(ev) = event {
+                self.handle(ev);
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Signal(SIGCHLD) => self.reap(),
+            Event::Signal(SIGTERM | SIGINT) if self.shutdown.is_none() => self.stop_all(Shutdown::Graceful),
+            Event::Signal(SIGTERM | SIGINT | SIGQUIT) => self.stop_all(Shutdown::Immediate),
+            Event::Signal(sig @ (SIGUSR2 | SIGHUP)) => {
+                if self.shutdown.is_some() {
+                    return;
+                }
+                let name = if sig == SIGHUP { "HUP" } else { "USR2" };
+                match self.roll.rolling_gen() {
+                    Some(g) => log::info!("{name}: roll gen {g} under way; one more roll will follow it"),
+                    None => log::info!("{name}: rolling restart"),
+                }
+                let actions = self.roll.step(Input::Request, Instant::now());
+                self.apply(actions);
+            }
+            Event::Signal(other) => log::debug!("ignoring signal {other}"),
+            Event::Notify(id, fields) => self.on_notify(id, fields),
+        }
+    }
+
+    fn on_notify(&mut self, id: WorkerId, fields: Vec<(String, String)>) {
+        let Some(w) = self.workers.get(&id) else { return };
+        let label = label(w);
+        for (k, v) in fields {
+            match (k.as_str(), v.as_str()) {
+                ("READY", "1") => self.mark_ready(id, Instant::now()),
+                ("STOPPING", "1") => log::info!("{label} says it is stopping"),
+                ("STATUS", status) => log::info!("{label} status: {status}"),
+                _ => {}
+            }
+        }
+    }
+
+    // ---- spawning and stopping ----
+
+    fn spawn(&mut self, slot: usize, gen: u64, candidate: bool) -> std::io::Result<WorkerId> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut env = self.base_env.clone();
+        env.push(env_entry("REUSE_LAUNCH_SLOT", slot.to_string()));
+        env.push(env_entry("REUSE_LAUNCH_GENERATION", gen.to_string()));
+        if let Some(hub) = &self.notify {
+            env.push(env_entry("NOTIFY_SOCKET", hub.open(id)?));
+        }
+        let fds = self.listeners.fds_for_slot(slot);
+        let pid = match spawn::spawn(&self.program, &fds, &env) {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Some(hub) = &self.notify {
+                    hub.close(id);
+                }
+                return Err(e);
+            }
+        };
+        let now = Instant::now();
+        let ready_at = match self.cfg.ready {
+            Ready::Delay(d) => Some(now + d),
+            Ready::Notify => None,
+        };
+        let state = State::Starting { ready_at, deadline: now + self.cfg.ready_timeout };
+        let w = Worker { slot, gen, pid, started: now, state, candidate, was_ready: false };
+        log::info!("{} started", label(&w));
+        self.workers.insert(id, w);
+        Ok(id)
+    }
+
+    /// Send the stop signal to worker `id`'s process group; SIGKILL follows after --grace.
+    fn stop(&mut self, id: WorkerId, now: Instant) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        if matches!(w.state, State::Stopping { .. }) {
+            return;
+        }
+        let _ = killpg(w.pid, self.cfg.stop_signal);
+        w.state = State::Stopping { kill_at: now + self.cfg.grace, killed: false };
+        log::info!("{} stopping ({})", label(w), self.cfg.stop_signal.as_str());
+    }
+
+    fn stop_all(&mut self, how: Shutdown) {
+        let now = Instant::now();
+        self.roll.step(Input::Cancel, now);
+        for slot in &mut self.slots {
+            slot.respawn_at = None;
+        }
+        match how {
+            Shutdown::Graceful => {
+                log::info!(
+                    "stopping {} workers (grace {:?}; send TERM again to kill at once)",
+                    self.workers.len(),
+                    self.cfg.grace
+                );
+                let ids: Vec<_> = self.workers.keys().copied().collect();
+                for id in ids {
+                    self.stop(id, now);
+                }
+            }
+            Shutdown::Immediate => {
+                log::info!("killing {} workers", self.workers.len());
+                for w in self.workers.values_mut() {
+                    let _ = killpg(w.pid, Signal::SIGKILL);
+                    w.state = State::Stopping { kill_at: now, killed: true };
+                }
+            }
+        }
+        self.shutdown = Some(how);
+    }
+
+    /// For fatal exits: SIGKILL every worker and wait for each, so nothing is left behind.
+    fn kill_all_and_reap(&mut self) {
+        for (id, w) in std::mem::take(&mut self.workers) {
+            let _ = killpg(w.pid, Signal::SIGKILL);
+            let _ = waitpid(w.pid, None);
+            if let Some(hub) = &self.notify {
+                hub.close(id);
+            }
+        }
+        self.reap_orphans();
+    }
+
+    // ---- exits ----
+
+    /// Reap every exited child. For a worker, kill what is left of its process group while its
+    /// zombie still pins the group id, then reap it.
+    fn reap(&mut self) {
+        loop {
+            // SAFETY: siginfo_t is plain data that waitid fills in.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+            // SAFETY: waitid with a valid siginfo_t pointer; WNOWAIT leaves the child waitable.
+            let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) };
+            // SAFETY: si_pid is valid for the CLD_* codes waitid reports, and 0 when none.
+            let raw = if rc == 0 { unsafe { info.si_pid() } } else { 0 };
+            if raw == 0 {
+                return;
+            }
+            let pid = Pid::from_raw(raw);
+            let id = self.workers.iter().find(|(_, w)| w.pid == pid).map(|(id, _)| *id);
+            if id.is_some() {
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+            let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(s) => s,
+                Err(_) => continue,
+            };
+            match id {
+                Some(id) => self.on_exit(id, status),
+                None => log::debug!("reaped orphan pid {pid}: {status:?}"),
+            }
+        }
+    }
+
+    fn reap_orphans(&mut self) {
+        while let Ok(s) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if s == WaitStatus::StillAlive {
+                break;
+            }
+        }
+    }
+
+    fn on_exit(&mut self, id: WorkerId, status: WaitStatus) {
+        let now = Instant::now();
+        let Some(w) = self.workers.remove(&id) else { return };
+        if let Some(hub) = &self.notify {
+            hub.close(id);
+        }
+        let how = describe(status);
+        let expected = matches!(w.state, State::Stopping { .. });
+        if expected {
+            log::info!("{} {how}", label(&w));
+        } else {
+            log::warn!("{} {how}", label(&w));
+        }
+        let actions = self.roll.step(Input::Exited { worker: id, how: how.clone() }, now);
+        self.apply(actions);
+        if expected || w.candidate || self.shutdown.is_some() {
+            return;
+        }
+        let lived = now.duration_since(w.started);
+        self.record_failure(w.slot, lived, w.was_ready, format!("{} {how}", label(&w)));
+    }
+
+    /// Account one unexpected death (or failed start) of `slot`'s worker for backoff and give-up.
+    fn record_failure(&mut self, slot: usize, lived: Duration, was_ready: bool, what: String) {
+        let s = &mut self.slots[slot];
+        if lived >= STABLE_AFTER {
+            s.quick_deaths = 0;
+        }
+        s.delay = backoff(s.quick_deaths);
+        s.quick_deaths += 1;
+        if !was_ready {
+            s.start_failures += 1;
+        }
+        s.last_failure = what;
+        s.respawn_at = None;
+        if s.delay > Duration::ZERO {
+            log::info!("worker {slot} restarts in {:?} ({} quick exits in a row)", s.delay, s.quick_deaths);
+        }
+    }
+
+    // ---- readiness ----
+
+    fn mark_ready(&mut self, id: WorkerId, now: Instant) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        if !matches!(w.state, State::Starting { .. }) {
+            return;
+        }
+        w.state = State::Ready;
+        w.was_ready = true;
+        log::info!("{} ready", label(w));
+        if !w.candidate {
+            self.slots[w.slot].start_failures = 0;
+        }
+        let actions = self.roll.step(Input::Ready(id), now);
+        self.apply(actions);
+        if !self.all_ready_logged && self.ready_count() == self.cfg.workers {
+            self.all_ready_logged = true;
+            log::info!("all {} workers ready", self.cfg.workers);
+        }
+    }
+
+    fn ready_count(&self) -> usize {
+        self.workers.values().filter(|w| w.state == State::Ready && !w.candidate).count()
+    }
+
+    // ---- roll actions ----
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            let now = Instant::now();
+            match action {
+                Action::Spawn { slot, gen } => {
+                    log::info!("roll gen {gen}: starting a new worker for slot {slot}");
+                    let answer = match self.spawn(slot, gen, true) {
+                        Ok(id) => Input::Spawned(id),
+                        Err(e) => Input::SpawnFailed(e.to_string()),
+                    };
+                    let next = self.roll.step(answer, now);
+                    self.apply(next);
+                }
+                Action::Retire { slot, gen, worker, done, of } => {
+                    log::info!("roll gen {gen}: slot {slot} ready ({done}/{of})");
+                    if let Some(w) = self.workers.get_mut(&worker) {
+                        w.candidate = false;
+                    }
+                    self.slots[slot].gen = gen;
+                    self.slots[slot].start_failures = 0;
+                    let old: Vec<_> = self
+                        .workers
+                        .iter()
+                        .filter(|(id, w)| w.slot == slot && **id != worker)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in old {
+                        self.stop(id, now);
+                    }
+                }
+                Action::Stop(id) => self.stop(id, now),
+                Action::Finished { gen } => {
+                    log::info!("roll gen {gen} done: all {} slots run gen {gen}", self.cfg.workers)
+                }
+                Action::Abandoned { gen, slot, reason } => {
+                    log::warn!("roll gen {gen} abandoned at slot {slot}: {reason}; the older workers keep serving")
+                }
+            }
+        }
+    }
+
+    // ---- timers and reconciliation ----
+
+    fn tick(&mut self, now: Instant) -> Result<(), Fatal> {
+        let mut due_ready = Vec::new();
+        let mut timed_out = Vec::new();
+        for (id, w) in &mut self.workers {
+            match w.state {
+                State::Starting { ready_at: Some(at), .. } if now >= at => due_ready.push(*id),
+                State::Starting { deadline, .. } if now >= deadline && !w.candidate => timed_out.push(*id),
+                State::Stopping { kill_at, killed: false } if now >= kill_at => {
+                    log::warn!("{} still running after {:?}; sending SIGKILL", label(w), self.cfg.grace);
+                    let _ = killpg(w.pid, Signal::SIGKILL);
+                    w.state = State::Stopping { kill_at, killed: true };
+                }
+                _ => {}
+            }
+        }
+        for id in due_ready {
+            self.mark_ready(id, now);
+        }
+        for id in timed_out {
+            if let Some(w) = self.workers.get(&id) {
+                log::warn!("{} not ready within {:?}; stopping it", label(w), self.cfg.ready_timeout);
+            }
+            self.stop(id, now);
+        }
+        let actions = self.roll.step(Input::Tick, now);
+        self.apply(actions);
+        self.reconcile(now)
+    }
+
+    /// Give every slot without a live worker its respawn, when due; give up when every slot
+    /// keeps failing to start.
+    fn reconcile(&mut self, now: Instant) -> Result<(), Fatal> {
+        if self.shutdown.is_some() {
+            return Ok(());
+        }
+        let max = self.cfg.max_start_failures;
+        if self.slots.iter().all(|s| s.start_failures >= max) {
+            let last: Vec<String> = self.slots.iter().map(|s| s.last_failure.clone()).collect();
+            return Err(Fatal(format!(
+                "every worker exited before it became ready, {max} times in a row on each slot; giving up (last: {})",
+                last.join("; ")
+            )));
+        }
+        for slot in 0..self.slots.len() {
+            let live = self.workers.values().any(|w| w.slot == slot && !matches!(w.state, State::Stopping { .. }));
+            let s = &mut self.slots[slot];
+            if live {
+                s.respawn_at = None;
+                continue;
+            }
+            let at = *s.respawn_at.get_or_insert(now + s.delay);
+            if now < at {
+                continue;
+            }
+            s.respawn_at = None;
+            let gen = s.gen;
+            if let Err(e) = self.spawn(slot, gen, false) {
+                log::error!("cannot start '{}' for worker {slot}: {e}", self.program.display);
+                self.record_failure(slot, Duration::ZERO, false, format!("worker {slot} could not start: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.values().filter_map(|w| match w.state {
+            State::Starting { ready_at, deadline } => Some(ready_at.map_or(deadline, |r| r.min(deadline))),
+            State::Stopping { kill_at, killed: false } => Some(kill_at),
+            _ => None,
+        });
+        let slots = self.slots.iter().filter_map(|s| s.respawn_at);
+        workers.chain(slots).chain(self.roll.deadline()).min()
+    }
+}
+
+fn label(w: &Worker) -> String {
+    format!("worker {} (pid {}, gen {})", w.slot, w.pid, w.gen)
+}
+
+/// `exited with status 1` / `killed by SIGSEGV`.
+pub fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, core) => {
+            format!("killed by {}{}", sig.as_str(), if core { " (core dumped)" } else { "" })
+        }
+        other => format!("changed state: {other:?}"),
+    }
+}
+
+fn start_signal_thread(tx: Sender<Event>) -> Result<(), Fatal> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR2, SIGUSR1, SIGTTIN, SIGTTOU,
+    ])
+    .map_err(|e| Fatal(format!("cannot install signal handlers: {e}")))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(Event::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| Fatal(format!("cannot start the signal thread: {e}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_by_half_and_caps() {
+        assert_eq!(backoff(0), Duration::ZERO);
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(2), Duration::from_millis(750));
+        assert_eq!(backoff(3), Duration::from_millis(1125));
+        assert_eq!(backoff(20), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn describes_exits() {
+        let p = Pid::from_raw(1);
+        assert_eq!(describe(WaitStatus::Exited(p, 3)), "exited with status 3");
+        assert_eq!(describe(WaitStatus::Signaled(p, Signal::SIGSEGV, false)), "killed by SIGSEGV");
+    }
+}

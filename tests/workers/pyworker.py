@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""A small HTTP worker for reuse-launch, in the Python standard library only.
+
+It adopts the listening socket the launcher passes as fd 3 (LISTEN_FDS), or binds PORT itself
+when run alone, and answers every request with one line naming who answered:
+
+    pid=1234 slot=0 gen=1
+
+On SIGTERM it stops accepting, finishes the requests it has accepted and exits 0: connections
+still queued stay in the launcher's socket for the next worker. Options make it misbehave for
+the tests:
+
+    --ignore-term        ignore SIGTERM (the launcher must SIGKILL it after --grace)
+    --exit CODE          exit with CODE at once, before serving
+    --exit-if-file PATH  exit 1 at once if PATH exists (a "bad release")
+    --start-delay SECS   sleep before listening (a slow start)
+    --notify             send READY=1 on NOTIFY_SOCKET once serving
+    --handle-delay SECS  take this long to answer each request
+"""
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def parse_args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--exit", type=int)
+    p.add_argument("--exit-if-file")
+    p.add_argument("--start-delay", type=float, default=0.0)
+    p.add_argument("--notify", action="store_true")
+    p.add_argument("--handle-delay", type=float, default=0.0)
+    return p.parse_args()
+
+
+def sd_notify(message):
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), addr)
+
+
+def listening_socket():
+    if os.environ.get("LISTEN_FDS") and os.environ.get("LISTEN_PID") == str(os.getpid()):
+        sock = socket.socket(fileno=3)
+    else:
+        sock = socket.create_server(("127.0.0.1", int(os.environ.get("PORT", "8080"))), reuse_port=True)
+    # Non-blocking accept: another process sharing the socket may take the connection that
+    # woke us, and a blocking accept would then hang until the next one.
+    sock.setblocking(False)
+    return sock
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    delay = 0.0
+
+    def do_GET(self):
+        if self.delay:
+            time.sleep(self.delay)
+        body = "pid={} slot={} gen={}\n".format(
+            os.getpid(),
+            os.environ.get("REUSE_LAUNCH_SLOT", "-"),
+            os.environ.get("REUSE_LAUNCH_GENERATION", "-"),
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = False  # server_close() joins the requests in flight
+    block_on_close = True
+
+    def __init__(self, sock):
+        super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+
+
+def main():
+    args = parse_args()
+    if args.exit is not None:
+        sys.exit(args.exit)
+    if args.exit_if_file and os.path.exists(args.exit_if_file):
+        sys.exit(1)
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.start_delay:
+        time.sleep(args.start_delay)
+    Handler.delay = args.handle_delay
+    server = Server(listening_socket())
+    if not args.ignore_term:
+        # shutdown() waits for serve_forever(), so it must run on another thread.
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    if args.notify:
+        sd_notify("READY=1\nSTATUS=serving")
+    server.serve_forever(poll_interval=0.05)
+    server.server_close()
+
+
+if __name__ == "__main__":
+    main()
