@@ -15,6 +15,7 @@ mod notify;
 mod roll;
 mod socket;
 mod spawn;
+mod steer;
 mod supervisor;
 
 use std::io::Write;

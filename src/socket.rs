@@ -153,6 +153,18 @@ impl Listeners {
         self.sockets.len()
     }
 
+    /// One member of each bind's reuseport group (the program attached through it governs the
+    /// whole group) and the group's size; empty in shared mode.
+    pub fn groups(&self) -> Vec<(RawFd, usize)> {
+        match self.mode {
+            Mode::Reuseport => {
+                let slots = self.sockets.len() / self.binds.len();
+                (0..self.binds.len()).map(|b| (self.sockets[b].as_raw_fd(), slots)).collect()
+            }
+            Mode::Shared => Vec::new(),
+        }
+    }
+
     /// The fds slot `slot`'s worker receives, in bind order (they become fds 3, 4, ...).
     pub fn fds_for_slot(&self, slot: usize) -> Vec<RawFd> {
         let n = self.binds.len();

@@ -35,6 +35,7 @@ use crate::notify::NotifyHub;
 use crate::roll::{Action, Input, Roll, WorkerId};
 use crate::socket::Listeners;
 use crate::spawn::{self, env_entry, Program};
+use crate::steer;
 
 /// Something the loop must react to.
 #[derive(Debug)]
@@ -115,6 +116,8 @@ pub struct Supervisor {
     rx: Receiver<Event>,
     shutdown: Option<Shutdown>,
     all_ready_logged: bool,
+    /// The slots the reuseport groups currently send new connections to (None: all).
+    steered: Option<Vec<usize>>,
 }
 
 impl Supervisor {
@@ -154,6 +157,7 @@ impl Supervisor {
             rx,
             shutdown: None,
             all_ready_logged: false,
+            steered: None,
         })
     }
 
@@ -485,7 +489,40 @@ impl Supervisor {
         }
         let actions = self.roll.step(Input::Tick, now);
         self.apply(actions);
-        self.reconcile(now)
+        self.reconcile(now)?;
+        self.steer();
+        Ok(())
+    }
+
+    /// Send new connections only to slots with a ready worker (see `steer`).
+    fn steer(&mut self) {
+        let groups = self.listeners.groups();
+        if groups.is_empty() {
+            return;
+        }
+        let serving: Vec<usize> = (0..self.slots.len())
+            .filter(|s| self.workers.values().any(|w| w.slot == *s && w.state == State::Ready))
+            .collect();
+        let all = serving.is_empty() || serving.len() == self.slots.len();
+        let wanted = if all { None } else { Some(serving) };
+        if wanted == self.steered {
+            return;
+        }
+        for (member, size) in groups {
+            if let Err(e) = steer::apply(member, wanted.as_deref().unwrap_or(&[]), size) {
+                log::warn!("cannot steer new connections away from slots without a ready worker: {e}");
+                return;
+            }
+        }
+        match &wanted {
+            Some(s) if self.all_ready_logged => {
+                log::info!("new connections go to slots {s:?} only (the others have no ready worker)")
+            }
+            Some(s) => log::debug!("new connections go to slots {s:?} only"),
+            None if self.all_ready_logged && self.shutdown.is_none() => log::info!("new connections go to every slot"),
+            None => {}
+        }
+        self.steered = wanted;
     }
 
     /// Give every slot without a live worker its respawn, when due; give up when every slot

@@ -1,0 +1,155 @@
+//! Steering a SO_REUSEPORT group away from slots that cannot serve, with classic BPF.
+//!
+//! Without a program the kernel hashes every new connection over all sockets of the group, so a
+//! slot whose worker is crash-looping, still starting, or gone swallows its share of new
+//! connections, which then wait (shared/notes/KERNEL.md: 9/20 timed out with one of two nginx
+//! workers stopped). The launcher therefore attaches a small program to each bind's group that
+//! picks uniformly at random among the slots that have a ready worker:
+//!
+//! ```text
+//! ld  #random        ; SKF_AD_RANDOM: the skb is past the TCP header, so no flow bytes to hash
+//! mod #K             ; K = number of serving slots
+//! jeq #0 -> ret #s0  ; i-th serving slot's index in the group (= slot number: the launcher
+//! jeq #1 -> ret #s1  ;   listens in slot order and never closes a member, so indexes are stable)
+//! ...
+//! ret #s(K-1)
+//! ```
+//!
+//! For TCP only the SYN is steered; the connection then stays with the chosen listener. The
+//! program belongs to the group and is replaced atomically by attaching again through any
+//! member. When every slot serves, or none does, the program is removed and the kernel's own
+//! hash applies. Unprivileged: classic BPF needs no capability. Connections already queued on a
+//! slot's socket are not moved: they wait for that slot's next worker (the socket stays open).
+
+use std::io;
+use std::os::fd::RawFd;
+
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
+
+const BPF_LD: u16 = 0x00;
+const BPF_W: u16 = 0x00;
+const BPF_ABS: u16 = 0x20;
+const BPF_ALU: u16 = 0x04;
+const BPF_MOD: u16 = 0x90;
+const BPF_K: u16 = 0x00;
+const BPF_JMP: u16 = 0x05;
+const BPF_JEQ: u16 = 0x10;
+const BPF_RET: u16 = 0x06;
+
+fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// The program that spreads new connections uniformly over `serving` (group indexes).
+pub fn program(serving: &[usize]) -> Vec<libc::sock_filter> {
+    assert!(!serving.is_empty());
+    let k = serving.len() as u32;
+    let mut p = vec![
+        insn(BPF_LD | BPF_W | BPF_ABS, 0, 0, (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32),
+        insn(BPF_ALU | BPF_MOD | BPF_K, 0, 0, k),
+    ];
+    for (i, &slot) in serving.iter().enumerate().take(serving.len() - 1) {
+        // Equal: fall through to the ret; not equal: skip it.
+        p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, i as u32));
+        p.push(insn(BPF_RET | BPF_K, 0, 0, slot as u32));
+    }
+    p.push(insn(BPF_RET | BPF_K, 0, 0, *serving.last().unwrap() as u32));
+    p
+}
+
+/// Restrict the group that `member` belongs to to `serving`, or lift any restriction when
+/// `serving` is empty or covers all `group_size` members.
+pub fn apply(member: RawFd, serving: &[usize], group_size: usize) -> io::Result<()> {
+    if serving.is_empty() || serving.len() == group_size {
+        // The value is ignored, but the kernel wants at least an int's worth of it.
+        let unused: libc::c_int = 0;
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: setsockopt on a socket we own, with a valid pointer to an int.
+        let rc = unsafe {
+            libc::setsockopt(
+                member,
+                libc::SOL_SOCKET,
+                SO_DETACH_REUSEPORT_BPF,
+                (&unused as *const libc::c_int).cast(),
+                len,
+            )
+        };
+        let err = io::Error::last_os_error();
+        // ENOENT: nothing was attached.
+        return if rc == 0 || err.raw_os_error() == Some(libc::ENOENT) { Ok(()) } else { Err(err) };
+    }
+    let mut prog = program(serving);
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
+    // SAFETY: setsockopt on a socket we own with a valid sock_fprog that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            member,
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::net::{SocketAddr, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    use socket2::{Domain, Socket, Type};
+
+    #[test]
+    fn program_shape() {
+        let p = program(&[1, 3]);
+        assert_eq!(p.len(), 5);
+        assert_eq!(p[1].k, 2);
+        assert_eq!((p[3].code, p[3].k), (BPF_RET | BPF_K, 1));
+        assert_eq!((p[4].code, p[4].k), (BPF_RET | BPF_K, 3));
+        assert_eq!(program(&[2]).len(), 3);
+    }
+
+    /// A real group of three listeners: with only #0 and #2 serving, #1 gets nothing.
+    #[test]
+    fn steers_connections_away_from_excluded_members() {
+        let mut port = 0;
+        let mut group = Vec::new();
+        for _ in 0..3 {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_reuse_port(true).unwrap();
+            s.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into()).unwrap();
+            s.listen(128).unwrap();
+            port = s.local_addr().unwrap().as_socket().unwrap().port();
+            s.set_nonblocking(true).unwrap();
+            group.push(s);
+        }
+        apply(group[0].as_raw_fd(), &[0, 2], 3).unwrap();
+        let clients: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+        let mut counts = HashMap::new();
+        for (i, s) in group.iter().enumerate() {
+            while s.accept().is_ok() {
+                *counts.entry(i).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(counts.get(&1), None, "{counts:?}");
+        assert_eq!(counts.values().sum::<i32>(), 60, "{counts:?}");
+        assert!(counts[&0] > 5 && counts[&2] > 5, "{counts:?}");
+        // Lifting the restriction brings #1 back into the hash.
+        apply(group[0].as_raw_fd(), &[0, 1, 2], 3).unwrap();
+        let more: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+        let mut got1 = 0;
+        while group[1].accept().is_ok() {
+            got1 += 1;
+        }
+        assert!(got1 > 0);
+        drop((clients, more));
+    }
+}
