@@ -27,13 +27,20 @@ WORKER ENVIRONMENT (fds 3.. are the listening sockets, in --bind order):
   REUSE_LAUNCH_SLOT       0..N-1, stable across restarts of the slot
   REUSE_LAUNCH_GENERATION bumped by every rolling restart
   REUSE_LAUNCH_PID        the launcher's pid
-  NOTIFY_SOCKET           with --ready notify: send READY=1 there
+  NOTIFY_SOCKET           with --ready notify or --watchdog: send READY=1 (WATCHDOG=1) there
+  WATCHDOG_USEC, WATCHDOG_PID              with --watchdog
+  SERVER_STARTER_PORT, SERVER_STARTER_GENERATION, EINHORN_FD_COUNT, EINHORN_FD_0..
+                          for servers built on Server::Starter or einhorn libraries
+  In the command's arguments {fd}, {fds}, {port} and {slot} are replaced per worker.
 
 LAUNCHER ENVIRONMENT:
   every flag has a variable: REUSE_LAUNCH_WORKERS, REUSE_LAUNCH_BIND (comma-separated),
   REUSE_LAUNCH_MODE, REUSE_LAUNCH_BACKLOG, REUSE_LAUNCH_GRACE, REUSE_LAUNCH_STOP_SIGNAL,
   REUSE_LAUNCH_READY, REUSE_LAUNCH_READY_DELAY, REUSE_LAUNCH_READY_TIMEOUT,
-  REUSE_LAUNCH_MAX_START_FAILURES; PORT sets the default bind; RUST_LOG the log level.
+  REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP;
+  PORT sets the default bind; RUST_LOG the log level. Started with LISTEN_FDS/LISTEN_PID
+  (systemd socket activation) it adopts those sockets instead of binding; with NOTIFY_SOCKET it
+  reports READY=1, RELOADING=1, STATUS=, STOPPING=1 to its own supervisor.
 
 EXAMPLE:
   reuse-launch -n 4 -b 127.0.0.1:8080 -- python3 tests/workers/pyworker.py";
@@ -72,18 +79,34 @@ pub struct Args {
     #[arg(long, env = "REUSE_LAUNCH_STOP_SIGNAL", default_value = "TERM", value_name = "SIG")]
     pub stop_signal: String,
 
-    /// When a worker counts as ready: `delay` (alive for --ready-delay) or `notify` (it sends
-    /// READY=1 on NOTIFY_SOCKET).
-    #[arg(long, env = "REUSE_LAUNCH_READY", default_value = "delay", value_name = "delay|notify")]
+    /// When a worker counts as ready: `delay` (alive for --ready-delay), `notify` (it sends
+    /// READY=1 on NOTIFY_SOCKET) or `auto` (/proc shows it waiting for connections on its socket;
+    /// --ready-delay where /proc cannot tell).
+    #[arg(long, env = "REUSE_LAUNCH_READY", default_value = "delay", value_name = "delay|notify|auto")]
     pub ready: String,
 
-    /// With --ready delay: how long a worker must stay alive to count as ready.
+    /// With --ready delay: how long a worker must stay alive to count as ready (also the
+    /// fallback of --ready auto).
     #[arg(long, env = "REUSE_LAUNCH_READY_DELAY", default_value = "1s", value_name = "DURATION")]
     pub ready_delay: String,
 
     /// A worker not ready by then is stopped (a rolling restart is abandoned).
     #[arg(long, env = "REUSE_LAUNCH_READY_TIMEOUT", default_value = "60s", value_name = "DURATION")]
     pub ready_timeout: String,
+
+    /// With sd_notify: a ready worker that sends no WATCHDOG=1 for this long is restarted
+    /// (workers get WATCHDOG_USEC and WATCHDOG_PID, as under systemd).
+    #[arg(long, env = "REUSE_LAUNCH_WATCHDOG", value_name = "DURATION")]
+    pub watchdog: Option<String>,
+
+    /// Run workers as this user (name or uid); the launcher binds first, so it may bind
+    /// privileged ports as root.
+    #[arg(long, env = "REUSE_LAUNCH_USER", value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run workers with this group (default: the --user's primary group).
+    #[arg(long, env = "REUSE_LAUNCH_GROUP", value_name = "GROUP")]
+    pub group: Option<String>,
 
     /// Give up (exit 1) when every slot's worker died this many times in a row before it
     /// became ready.
@@ -102,6 +125,8 @@ pub enum Ready {
     Delay(Duration),
     /// Sent `READY=1` on its NOTIFY_SOCKET.
     Notify,
+    /// Seen waiting for connections on its socket in /proc; this delay where /proc cannot tell.
+    Auto(Duration),
 }
 
 /// The validated, immutable configuration.
@@ -116,6 +141,9 @@ pub struct Config {
     pub ready: Ready,
     pub ready_timeout: Duration,
     pub max_start_failures: u32,
+    pub watchdog: Option<Duration>,
+    pub user: Option<String>,
+    pub group: Option<String>,
     pub command: Vec<OsString>,
 }
 
@@ -168,7 +196,10 @@ impl Config {
                 parse_duration(&args.ready_delay).map_err(|e| usage("--ready-delay", &args.ready_delay, e))?,
             ),
             "notify" => Ready::Notify,
-            other => return Err(usage("--ready", other, "expected 'delay' or 'notify'")),
+            "auto" => Ready::Auto(
+                parse_duration(&args.ready_delay).map_err(|e| usage("--ready-delay", &args.ready_delay, e))?,
+            ),
+            other => return Err(usage("--ready", other, "expected 'delay', 'notify' or 'auto'")),
         };
         let ready_timeout =
             parse_duration(&args.ready_timeout).map_err(|e| usage("--ready-timeout", &args.ready_timeout, e))?;
@@ -181,7 +212,21 @@ impl Config {
                 return Err(usage("--max-start-failures", &args.max_start_failures, "expected a positive number"));
             }
         };
+        let watchdog = match &args.watchdog {
+            Some(w) => match parse_duration(w) {
+                Ok(d) if !d.is_zero() => Some(d),
+                Ok(_) => return Err(usage("--watchdog", w, "must be more than 0")),
+                Err(e) => return Err(usage("--watchdog", w, e)),
+            },
+            None => None,
+        };
+        if args.group.is_some() && args.user.is_none() {
+            return Err(usage("--group", args.group.as_deref().unwrap_or(""), "needs --user as well"));
+        }
         Ok(Config {
+            watchdog,
+            user: args.user,
+            group: args.group,
             workers,
             binds,
             mode,

@@ -12,6 +12,7 @@
 
 mod cli;
 mod notify;
+mod readiness;
 mod roll;
 mod socket;
 mod spawn;
@@ -49,12 +50,38 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code);
         }
     };
-    let listeners = match socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog) {
-        Ok(l) => l,
+    let identity = match &config.user {
+        Some(user) => match spawn::resolve_identity(user, config.group.as_deref()) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                eprintln!("reuse-launch: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let listeners = match socket::inherited() {
         Err(e) => {
             eprintln!("reuse-launch: {e}");
             return ExitCode::from(1);
         }
+        Ok(Some(sockets)) => {
+            log::info!("using {} listening sockets inherited from the service manager (LISTEN_FDS)", sockets.len());
+            match socket::Listeners::adopt(sockets, config.mode, config.workers, config.backlog) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("reuse-launch: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        Ok(None) => match socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("reuse-launch: {e}");
+                return ExitCode::from(1);
+            }
+        },
     };
     for addr in listeners.local_addrs() {
         log::info!(
@@ -64,7 +91,7 @@ fn main() -> ExitCode {
             listeners.socket_count()
         );
     }
-    let result = supervisor::Supervisor::new(config, listeners, program).and_then(|s| s.run());
+    let result = supervisor::Supervisor::new(config, listeners, program, identity).and_then(|s| s.run());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,12 +1,14 @@
-//! The sd_notify receiver for `--ready notify`: one datagram socket per worker, read by one
-//! thread that turns messages into supervisor events.
+//! sd_notify both ways: the receiver for workers (`--ready notify`, `--watchdog`): one datagram
+//! socket per worker, read by one thread that turns messages into supervisor events; and
+//! [`Upstream`], the launcher's own messages to whoever started it with NOTIFY_SOCKET (systemd).
 //!
 //! Each worker gets its own socket (abstract namespace, `NOTIFY_SOCKET=@reuse-launch/...`), so a
 //! message is attributed by the socket it arrived on: any process of the worker's tree that
 //! inherited NOTIFY_SOCKET speaks for that worker. Messages are parsed as systemd does
 //! (`KEY=VALUE` lines). Any fds that arrive with a message are closed at once: that is how
 //! `systemd-notify` learns its `BARRIER=1` was processed. Senders must run as the launcher's
-//! user or root (checked with SO_PASSCRED), since abstract sockets have no file permissions.
+//! user, the workers' `--user`, or root (checked with SO_PASSCRED), since abstract sockets have
+//! no file permissions.
 //!
 //! The supervisor owns the lifetime: `open` when a worker is spawned, `close` when it is reaped.
 //! The thread only reads and sends events.
@@ -34,11 +36,13 @@ pub struct NotifyHub {
 
 impl NotifyHub {
     /// Start the reader thread; events go to `tx`.
-    pub fn start(tx: Sender<Event>) -> io::Result<NotifyHub> {
+    pub fn start(tx: Sender<Event>, worker_uid: Option<u32>) -> io::Result<NotifyHub> {
         let epoll = Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
         let sockets: Sockets = Arc::default();
         let (ep, socks) = (epoll.clone(), sockets.clone());
-        std::thread::Builder::new().name("notify".into()).spawn(move || read_loop(&ep, &socks, &tx))?;
+        let mut allowed = vec![0, nix::unistd::geteuid().as_raw()];
+        allowed.extend(worker_uid);
+        std::thread::Builder::new().name("notify".into()).spawn(move || read_loop(&ep, &socks, &tx, &allowed))?;
         Ok(NotifyHub { epoll, sockets })
     }
 
@@ -70,9 +74,8 @@ fn nonce() -> u64 {
     h.finish()
 }
 
-fn read_loop(epoll: &Epoll, sockets: &Sockets, tx: &Sender<Event>) {
+fn read_loop(epoll: &Epoll, sockets: &Sockets, tx: &Sender<Event>, allowed: &[u32]) {
     let mut events = [EpollEvent::empty(); 32];
-    let uid = nix::unistd::geteuid().as_raw();
     loop {
         let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
             Ok(n) => n,
@@ -85,7 +88,7 @@ fn read_loop(epoll: &Epoll, sockets: &Sockets, tx: &Sender<Event>) {
         for ev in &events[..n] {
             let id = ev.data();
             let Some(sock) = sockets.lock().expect("notify map").get(&id).cloned() else { continue };
-            while let Some(fields) = receive(sock.as_raw_fd(), uid) {
+            while let Some(fields) = receive(sock.as_raw_fd(), allowed) {
                 if !fields.is_empty() && tx.send(Event::Notify(id, fields)).is_err() {
                     return;
                 }
@@ -96,7 +99,7 @@ fn read_loop(epoll: &Epoll, sockets: &Sockets, tx: &Sender<Event>) {
 
 /// Read one datagram: `None` when there is nothing more to read now; an empty list for a
 /// datagram that was refused or had nothing in it.
-fn receive(fd: RawFd, uid: u32) -> Option<Vec<(String, String)>> {
+fn receive(fd: RawFd, allowed: &[u32]) -> Option<Vec<(String, String)>> {
     let mut buf = [0u8; 4096];
     let mut cmsg = nix::cmsg_space!(libc::ucred, [RawFd; 16]);
     let (len, sender_uid) = {
@@ -120,11 +123,46 @@ fn receive(fd: RawFd, uid: u32) -> Option<Vec<(String, String)>> {
         }
         (msg.bytes, sender_uid)
     };
-    if !matches!(sender_uid, Some(u) if u == uid || u == 0) {
+    if !matches!(sender_uid, Some(u) if allowed.contains(&u)) {
         log::warn!("ignored a notify message from uid {sender_uid:?}");
         return Some(Vec::new());
     }
     Some(parse(&buf[..len]))
+}
+
+/// The launcher's own sd_notify channel to its supervisor (systemd `Type=notify`), when it was
+/// started with NOTIFY_SOCKET. Sending is best effort: a failure is logged once.
+pub struct Upstream {
+    sock: UnixDatagram,
+    addr: SocketAddr,
+    failed: std::cell::Cell<bool>,
+}
+
+impl Upstream {
+    /// From the launcher's NOTIFY_SOCKET (a path, or `@name` for the abstract namespace).
+    pub fn from_env() -> Option<Upstream> {
+        let value = std::env::var("NOTIFY_SOCKET").ok().filter(|v| !v.is_empty())?;
+        let addr = match value.strip_prefix('@') {
+            Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+            None => SocketAddr::from_pathname(&value),
+        };
+        let made = addr.and_then(|addr| Ok((UnixDatagram::unbound()?, addr)));
+        match made {
+            Ok((sock, addr)) => Some(Upstream { sock, addr, failed: Default::default() }),
+            Err(e) => {
+                log::warn!("cannot use NOTIFY_SOCKET={value}: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn send(&self, message: &str) {
+        if let Err(e) = self.sock.send_to_addr(message.as_bytes(), &self.addr) {
+            if !self.failed.replace(true) {
+                log::warn!("cannot notify the service manager: {e}");
+            }
+        }
+    }
 }
 
 /// Parse an sd_notify datagram: newline-separated `KEY=VALUE` assignments.
@@ -149,7 +187,7 @@ mod tests {
     #[test]
     fn messages_are_attributed_and_passed_fds_closed() {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let hub = NotifyHub::start(tx).unwrap();
+        let hub = NotifyHub::start(tx, None).unwrap();
         let addr = hub.open(42).unwrap();
         let name = addr.strip_prefix('@').unwrap();
         let client = UnixDatagram::unbound().unwrap();

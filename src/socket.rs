@@ -10,7 +10,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -137,6 +137,57 @@ impl Listeners {
         Ok(Listeners { mode, binds: binds.to_vec(), local, sockets })
     }
 
+    /// Serve sockets the launcher inherited (systemd socket activation) instead of binding.
+    /// In reuseport mode the inherited sockets become slot 0's and every other slot gets a new
+    /// socket in the same group, which needs SO_REUSEPORT on the inherited socket (`ReusePort=yes`
+    /// in the .socket unit) and the same user as its creator; otherwise they are served shared.
+    pub fn adopt(
+        inherited: Vec<(Socket, String)>,
+        mode: Mode,
+        slots: usize,
+        backlog: i32,
+    ) -> Result<Listeners, String> {
+        let mut local = Vec::new();
+        for (s, _) in &inherited {
+            local.push(s.local_addr().ok().and_then(|a| a.as_socket()).ok_or("inherited socket has no inet address")?);
+        }
+        let binds: Vec<BindSpec> = inherited
+            .iter()
+            .zip(&local)
+            .map(|((_, name), addr)| BindSpec { name: name.clone(), addr: *addr })
+            .collect();
+        let sockets: Vec<Socket> = inherited.into_iter().map(|(s, _)| s).collect();
+        let shared =
+            |sockets| Ok(Listeners { mode: Mode::Shared, binds: binds.clone(), local: local.clone(), sockets });
+        if mode == Mode::Shared || slots == 1 {
+            return shared(sockets);
+        }
+        if let Some((i, _)) = sockets.iter().enumerate().find(|(_, s)| !s.reuse_port().unwrap_or(false)) {
+            log::warn!(
+                "inherited socket {} has no SO_REUSEPORT (ReusePort=yes in the .socket unit); serving it in shared mode",
+                local[i]
+            );
+            return shared(sockets);
+        }
+        let mut all = Vec::with_capacity(slots * sockets.len());
+        for slot in 1..slots {
+            for addr in &local {
+                match listen_socket(*addr, true, backlog) {
+                    Ok(s) => all.push(s),
+                    Err(e) => {
+                        log::warn!(
+                            "cannot add slot {slot}'s socket to the inherited group ({e}); serving it in shared mode"
+                        );
+                        return shared(sockets);
+                    }
+                }
+            }
+        }
+        let mut ordered = sockets;
+        ordered.extend(all);
+        Ok(Listeners { mode: Mode::Reuseport, binds, local, sockets: ordered })
+    }
+
     pub fn mode(&self) -> Mode {
         self.mode
     }
@@ -174,6 +225,61 @@ impl Listeners {
         };
         self.sockets[base..base + n].iter().map(|s| s.as_raw_fd()).collect()
     }
+}
+
+/// The sockets systemd-style socket activation passed to this process (LISTEN_PID is ours,
+/// LISTEN_FDS=n: fds 3..3+n), each checked to be a listening TCP socket; None when there are none.
+/// They are made CLOEXEC: workers get them only through the slot fds.
+pub fn inherited() -> Result<Option<Vec<(Socket, String)>>, String> {
+    let (Ok(pid), Ok(count)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else { return Ok(None) };
+    if pid != std::process::id().to_string() {
+        return Ok(None);
+    }
+    let count: usize = count.parse().map_err(|_| format!("LISTEN_FDS='{count}' is not a number"))?;
+    if count == 0 {
+        return Ok(None);
+    }
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES").unwrap_or_default().split(':').map(String::from).collect();
+    let mut out = Vec::new();
+    for i in 0..count {
+        let fd = 3 + i as RawFd;
+        check_listening_tcp(fd).map_err(|why| format!("inherited fd {fd} (LISTEN_FDS={count}) {why}"))?;
+        // SAFETY: the fd was handed to this process by its parent per LISTEN_FDS and checked
+        // above; nothing else in the launcher owns it.
+        let sock = unsafe { Socket::from_raw_fd(fd) };
+        sock.set_cloexec(true).map_err(|e| format!("inherited fd {fd}: {e}"))?;
+        let name = match names.get(i).filter(|n| !n.is_empty() && *n != "unknown") {
+            Some(n) => n.clone(),
+            None if i == 0 => "http".to_string(),
+            None => format!("http{i}"),
+        };
+        out.push((sock, name));
+    }
+    Ok(Some(out))
+}
+
+/// Is `fd` a listening TCP socket (IPv4 or IPv6)? Err says what it is instead.
+fn check_listening_tcp(fd: RawFd) -> Result<(), String> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, SockaddrStorage};
+    use std::os::fd::BorrowedFd;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(format!("/proc/self/fd/{fd}")).map_err(|e| format!("is not open: {e}"))?;
+    if !meta.file_type().is_socket() {
+        return Err("is not a socket".into());
+    }
+    // SAFETY: fd is open (fstat succeeded) and stays open for this borrow.
+    let b = unsafe { BorrowedFd::borrow_raw(fd) };
+    if getsockopt(&b, sockopt::SockType).map_err(|e| e.to_string())? != SockType::Stream {
+        return Err("is not a stream (TCP) socket".into());
+    }
+    let family = getsockname::<SockaddrStorage>(fd).map_err(|e| e.to_string())?.family();
+    if !matches!(family, Some(AddressFamily::Inet | AddressFamily::Inet6)) {
+        return Err(format!("is not an IPv4/IPv6 socket ({family:?})"));
+    }
+    if !getsockopt(&b, sockopt::AcceptConn).map_err(|e| e.to_string())? {
+        return Err("is not listening".into());
+    }
+    Ok(())
 }
 
 fn listen_socket(addr: SocketAddr, reuseport: bool, backlog: i32) -> Result<Socket, BindError> {

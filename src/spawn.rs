@@ -12,8 +12,10 @@
 //! 3. every signal disposition back to default and an empty signal mask;
 //! 4. the slot's listening sockets moved to fds 3, 4, ... (without CLOEXEC); every other fd
 //!    above them is marked CLOEXEC, so the worker sees 0-2 and its own sockets, nothing else;
-//! 5. `LISTEN_PID` written with the child's own pid into a buffer prepared by the parent;
-//! 6. `execve`. A failure is reported to the parent through a CLOEXEC pipe (errno, 4 bytes),
+//! 5. with `--user`: supplementary groups, gid, uid dropped (and checked);
+//! 6. `LISTEN_PID` (and `WATCHDOG_PID`) written with the child's own pid into buffers prepared
+//!    by the parent;
+//! 7. `execve`. A failure is reported to the parent through a CLOEXEC pipe (errno, 4 bytes),
 //!    so the parent knows synchronously whether the exec happened.
 
 use std::ffi::{CString, OsStr, OsString};
@@ -98,32 +100,168 @@ fn check_executable(path: &Path) -> Result<(), (String, u8)> {
     }
 }
 
-/// Start one worker. `fds` become the worker's fds 3, 4, ...; `env` is its whole environment
-/// except `LISTEN_PID`, which the child fills in with its own pid. Must be called from the
-/// launcher's main thread (see the module doc on PDEATHSIG).
-pub fn spawn(program: &Program, fds: &[RawFd], env: &[CString]) -> io::Result<Pid> {
-    if fds.len() > MAX_FDS {
+/// Values for the placeholders a command's arguments may hold.
+pub struct Placeholders<'a> {
+    pub fds: &'a [RawFd],
+    pub port: u16,
+    pub slot: usize,
+}
+
+impl Program {
+    /// argv for one worker: `{fd}` (first listening fd), `{fds}` (all, comma-separated),
+    /// `{port}` (first bind's port) and `{slot}` replaced; anything else is left as written.
+    pub fn argv(&self, p: &Placeholders) -> Vec<CString> {
+        if !self.argv.iter().any(|a| a.as_bytes().contains(&b'{')) {
+            return self.argv.clone();
+        }
+        let fds: Vec<String> = (0..p.fds.len()).map(|i| (3 + i).to_string()).collect();
+        self.argv
+            .iter()
+            .map(|a| {
+                let text = String::from_utf8_lossy(a.as_bytes())
+                    .replace("{fds}", &fds.join(","))
+                    .replace("{fd}", "3")
+                    .replace("{port}", &p.port.to_string())
+                    .replace("{slot}", &p.slot.to_string());
+                CString::new(text).unwrap_or_else(|_| a.clone())
+            })
+            .collect()
+    }
+}
+
+/// Who a worker runs as (`--user`/`--group`), resolved in the parent.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: Vec<libc::gid_t>,
+}
+
+/// The user workers run as, with what a login would set in their environment.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub creds: Credentials,
+    pub name: String,
+    pub home: PathBuf,
+}
+
+/// Resolve `--user` (name or uid) and `--group` (name or gid; default the user's primary group).
+/// Refuses when the launcher could not switch to them (not root, and not already that user).
+pub fn resolve_identity(user: &str, group: Option<&str>) -> Result<Identity, String> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let found = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(user),
+    };
+    let u = found.map_err(|e| format!("cannot look up user '{user}': {e}"))?;
+    let u = u.ok_or_else(|| format!("no such user '{user}'"))?;
+    let gid = match group {
+        None => u.gid,
+        Some(g) => {
+            let found = match g.parse::<u32>() {
+                Ok(gid) => Group::from_gid(Gid::from_raw(gid)),
+                Err(_) => Group::from_name(g),
+            };
+            found
+                .map_err(|e| format!("cannot look up group '{g}': {e}"))?
+                .ok_or_else(|| format!("no such group '{g}'"))?
+                .gid
+        }
+    };
+    let euid = nix::unistd::geteuid();
+    if !euid.is_root() && euid != u.uid {
+        return Err(format!(
+            "cannot run workers as user '{user}': the launcher runs as uid {euid}, and only root can switch users"
+        ));
+    }
+    let cname = CString::new(u.name.clone()).map_err(|_| format!("bad user name '{user}'"))?;
+    let groups = if euid.is_root() {
+        nix::unistd::getgrouplist(&cname, gid).map_err(|e| format!("cannot list the groups of '{user}': {e}"))?
+    } else {
+        vec![gid]
+    };
+    Ok(Identity {
+        creds: Credentials {
+            uid: u.uid.as_raw(),
+            gid: gid.as_raw(),
+            groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+        },
+        name: u.name,
+        home: u.dir,
+    })
+}
+
+/// Everything one fork/exec needs besides the program.
+pub struct Spec<'a> {
+    pub argv: &'a [CString],
+    /// Become the worker's fds 3, 4, ...
+    pub fds: &'a [RawFd],
+    /// The whole environment except the `pid_vars`.
+    pub env: &'a [CString],
+    /// Variables the child sets to its own pid (LISTEN_PID, WATCHDOG_PID): at most 4.
+    pub pid_vars: &'a [&'a str],
+    pub creds: Option<&'a Credentials>,
+}
+
+/// What the child reads between fork and exec: built in the parent, so the child allocates nothing.
+struct ChildCtx {
+    parent: libc::pid_t,
+    fds: [RawFd; MAX_FDS],
+    nfds: usize,
+    pipe_w: RawFd,
+    pid_slots: [*mut u8; 4],
+    npid: usize,
+    /// uid, gid, supplementary groups (pointer, count).
+    creds: Option<(libc::uid_t, libc::gid_t, *const libc::gid_t, usize)>,
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+}
+
+/// Start one worker. Must be called from the launcher's main thread (see the module doc on
+/// PDEATHSIG).
+pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
+    if spec.fds.len() > MAX_FDS {
         return Err(io::Error::other(format!("at most {MAX_FDS} listening fds per worker")));
     }
-    let mut fd_array = [-1 as RawFd; MAX_FDS];
-    fd_array[..fds.len()].copy_from_slice(fds);
-    let nfds = fds.len();
-
-    // LISTEN_PID=<20 NULs>: the child writes its pid digits in place.
-    let mut listen_pid = b"LISTEN_PID=".to_vec();
-    let digits_at = listen_pid.len();
-    listen_pid.extend_from_slice(&[0u8; 21]);
-    let mut argv: Vec<*const libc::c_char> = program.argv.iter().map(|a| a.as_ptr()).collect();
+    if spec.pid_vars.len() > 4 {
+        return Err(io::Error::other("at most 4 pid variables"));
+    }
+    // NAME=<21 NULs> for each pid variable: the child writes its pid digits in place.
+    let mut pid_bufs: Vec<Vec<u8>> = spec
+        .pid_vars
+        .iter()
+        .map(|name| {
+            let mut b = format!("{name}=").into_bytes();
+            b.extend_from_slice(&[0u8; 21]);
+            b
+        })
+        .collect();
+    let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    envp.push(listen_pid.as_ptr().cast());
+    let mut envp: Vec<*const libc::c_char> = spec.env.iter().map(|e| e.as_ptr()).collect();
+    let mut pid_slots = [std::ptr::null_mut(); 4];
+    for (i, (buf, name)) in pid_bufs.iter_mut().zip(spec.pid_vars).enumerate() {
+        envp.push(buf.as_ptr().cast());
+        // SAFETY: the offset is inside the buffer, which outlives the fork below.
+        pid_slots[i] = unsafe { buf.as_mut_ptr().add(name.len() + 1) };
+    }
     envp.push(std::ptr::null());
-    // SAFETY: digits_at is inside the buffer, which outlives the fork below.
-    let pid_slot = unsafe { listen_pid.as_mut_ptr().add(digits_at) };
-    let path = program.path.as_ptr();
 
     let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    let parent = std::process::id() as libc::pid_t;
+    let mut ctx = ChildCtx {
+        parent: std::process::id() as libc::pid_t,
+        fds: [-1; MAX_FDS],
+        nfds: spec.fds.len(),
+        pipe_w: pipe_w.as_raw_fd(),
+        pid_slots,
+        npid: spec.pid_vars.len(),
+        creds: spec.creds.map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
+        path: program.path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+    };
+    ctx.fds[..spec.fds.len()].copy_from_slice(spec.fds);
 
     // SAFETY: fork in a multi-threaded process; the child branch below only makes
     // async-signal-safe calls on memory prepared before the fork and ends in execve or _exit.
@@ -133,7 +271,7 @@ pub fn spawn(program: &Program, fds: &[RawFd], env: &[CString]) -> io::Result<Pi
     }
     if pid == 0 {
         // SAFETY: we are the freshly forked child; see child_exec's contract.
-        unsafe { child_exec(parent, &fd_array, nfds, pipe_w.as_raw_fd(), pid_slot, path, argv.as_ptr(), envp.as_ptr()) }
+        unsafe { child_exec(&ctx) }
     }
     drop(pipe_w);
     let mut errno = [0u8; 4];
@@ -157,19 +295,9 @@ pub fn spawn(program: &Program, fds: &[RawFd], env: &[CString]) -> io::Result<Pi
 /// The child's side of [`spawn`]. Never returns.
 ///
 /// # Safety
-/// Only to be called in a child right after fork. All pointers come from the parent's memory,
-/// copied into this process by fork and valid until exec.
-#[allow(clippy::too_many_arguments)]
-unsafe fn child_exec(
-    parent: libc::pid_t,
-    fds: &[RawFd; MAX_FDS],
-    nfds: usize,
-    pipe_w: RawFd,
-    pid_slot: *mut u8,
-    path: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-) -> ! {
+/// Only to be called in a child right after fork. All pointers in `ctx` point into the
+/// parent's memory, copied into this process by fork and valid until exec.
+unsafe fn child_exec(ctx: &ChildCtx) -> ! {
     // SAFETY: every call below is an async-signal-safe system call wrapper; no allocation.
     unsafe {
         let fail = |pipe: RawFd| -> ! {
@@ -180,9 +308,9 @@ unsafe fn child_exec(
         };
         libc::setpgid(0, 0);
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-            fail(pipe_w);
+            fail(ctx.pipe_w);
         }
-        if libc::getppid() != parent {
+        if libc::getppid() != ctx.parent {
             // The launcher died before PDEATHSIG was armed.
             libc::_exit(1);
         }
@@ -196,15 +324,16 @@ unsafe fn child_exec(
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
 
         // Move everything we still need above the target range first, then dup2 into 3.. .
+        let nfds = ctx.nfds;
         let floor = 3 + nfds as libc::c_int;
-        let pipe = libc::fcntl(pipe_w, libc::F_DUPFD_CLOEXEC, floor);
+        let pipe = libc::fcntl(ctx.pipe_w, libc::F_DUPFD_CLOEXEC, floor);
         if pipe < 0 {
-            fail(pipe_w);
+            fail(ctx.pipe_w);
         }
         let mut tmp = [-1 as RawFd; MAX_FDS];
-        for i in 0..nfds {
-            tmp[i] = libc::fcntl(fds[i], libc::F_DUPFD_CLOEXEC, floor);
-            if tmp[i] < 0 {
+        for (t, &fd) in tmp.iter_mut().zip(&ctx.fds).take(nfds) {
+            *t = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
+            if *t < 0 {
                 fail(pipe);
             }
         }
@@ -223,7 +352,18 @@ unsafe fn child_exec(
             }
         }
 
-        // LISTEN_PID: write our pid's decimal digits into the prepared buffer.
+        // Drop privileges last (groups, then gid, then uid) and check it took.
+        if let Some((uid, gid, groups, ngroups)) = ctx.creds {
+            if libc::setgroups(ngroups, groups) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                fail(pipe);
+            }
+            if libc::getuid() != uid || libc::geteuid() != uid || libc::getgid() != gid {
+                *libc::__errno_location() = libc::EPERM;
+                fail(pipe);
+            }
+        }
+
+        // The pid variables: write our pid's decimal digits into the prepared buffers.
         let mut n = libc::getpid() as u32;
         let mut digits = [0u8; 12];
         let mut len = 0;
@@ -235,11 +375,13 @@ unsafe fn child_exec(
                 break;
             }
         }
-        for i in 0..len {
-            *pid_slot.add(i) = digits[len - 1 - i];
+        for slot in &ctx.pid_slots[..ctx.npid] {
+            for i in 0..len {
+                *slot.add(i) = digits[len - 1 - i];
+            }
         }
 
-        libc::execve(path, argv, envp);
+        libc::execve(ctx.path, ctx.argv, ctx.envp);
         fail(pipe)
     }
 }
@@ -268,8 +410,15 @@ pub fn inherited_env() -> Vec<(OsString, OsString)> {
         "REUSE_LAUNCH_SLOT",
         "REUSE_LAUNCH_GENERATION",
         "REUSE_LAUNCH_PID",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "SERVER_STARTER_PORT",
+        "SERVER_STARTER_GENERATION",
     ];
-    std::env::vars_os().filter(|(k, _)| !DROP.iter().any(|d| k == OsStr::new(d))).collect()
+    // EINHORN_FD_0, EINHORN_FD_1, ... are set anew too.
+    std::env::vars_os()
+        .filter(|(k, _)| !DROP.iter().any(|d| k == OsStr::new(d)) && !k.as_bytes().starts_with(b"EINHORN_FD_"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -294,6 +443,25 @@ mod tests {
         assert_eq!(e.exit_code, 126);
         let e = Program::resolve(&["./no/such/file".into()]).err().unwrap();
         assert_eq!(e.exit_code, 127);
+    }
+
+    #[test]
+    fn placeholders_are_expanded_per_worker() {
+        let p =
+            Program::resolve(&["sh".into(), "--fd={fd}".into(), "{fds}:{port}:{slot}".into(), "{x}".into()]).unwrap();
+        let argv = p.argv(&Placeholders { fds: &[7, 8], port: 8080, slot: 2 });
+        let argv: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(argv, vec!["sh", "--fd=3", "3,4:8080:2", "{x}"]);
+    }
+
+    #[test]
+    fn identity_of_root_and_errors() {
+        let me = nix::unistd::geteuid();
+        let name = nix::unistd::User::from_uid(me).unwrap().unwrap().name;
+        let id = resolve_identity(&name, None).unwrap();
+        assert_eq!(id.creds.uid, me.as_raw());
+        assert!(resolve_identity("no-such-user-xyz", None).unwrap_err().contains("no such user 'no-such-user-xyz'"));
+        assert!(resolve_identity(&name, Some("no-such-group-xyz")).unwrap_err().contains("no such group"));
     }
 
     #[test]

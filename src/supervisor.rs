@@ -31,10 +31,11 @@ use nix::unistd::Pid;
 use signal_hook::consts::signal::*;
 
 use crate::cli::{Config, Ready};
-use crate::notify::NotifyHub;
+use crate::notify::{NotifyHub, Upstream};
+use crate::readiness;
 use crate::roll::{Action, Input, Roll, WorkerId};
 use crate::socket::Listeners;
-use crate::spawn::{self, env_entry, Program};
+use crate::spawn::{self, env_entry, Identity, Placeholders, Program, Spec};
 use crate::steer;
 
 /// Something the loop must react to.
@@ -85,6 +86,8 @@ struct Worker {
     /// Started by a roll and not yet ready: it does not own its slot yet.
     candidate: bool,
     was_ready: bool,
+    /// With --watchdog: restart unless a WATCHDOG=1 arrives before this (armed once ready).
+    watchdog_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -118,19 +121,34 @@ pub struct Supervisor {
     all_ready_logged: bool,
     /// The slots the reuseport groups currently send new connections to (None: all).
     steered: Option<Vec<usize>>,
+    identity: Option<Identity>,
+    /// The launcher's own service manager (systemd), if it gave us NOTIFY_SOCKET.
+    upstream: Option<Upstream>,
+    last_status: String,
+    /// The launcher's own watchdog pings to its service manager: interval and next ping.
+    ping: Option<(Duration, Instant)>,
+    /// --ready auto: each slot's socket inodes (None: /proc cannot tell, use the delay), and
+    /// when to look at starting workers next.
+    slot_inodes: Option<Vec<Vec<u64>>>,
+    next_probe: Option<Instant>,
 }
 
 impl Supervisor {
     /// Install the signal handlers and the notify reader. Call before any worker exists, so
     /// that no SIGCHLD can be missed.
-    pub fn new(cfg: Config, listeners: Listeners, program: Program) -> Result<Supervisor, Fatal> {
+    pub fn new(
+        cfg: Config,
+        listeners: Listeners,
+        program: Program,
+        identity: Option<Identity>,
+    ) -> Result<Supervisor, Fatal> {
         let (tx, rx) = crossbeam_channel::unbounded();
         start_signal_thread(tx.clone())?;
-        let notify = match cfg.ready {
-            Ready::Notify => {
-                Some(NotifyHub::start(tx).map_err(|e| Fatal(format!("cannot start the notify reader: {e}")))?)
-            }
-            Ready::Delay(_) => None,
+        let notify = if cfg.ready == Ready::Notify || cfg.watchdog.is_some() {
+            let uid = identity.as_ref().map(|i| i.creds.uid);
+            Some(NotifyHub::start(tx, uid).map_err(|e| Fatal(format!("cannot start the notify reader: {e}")))?)
+        } else {
+            None
         };
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
@@ -143,6 +161,37 @@ impl Supervisor {
         base_env.push(env_entry("LISTEN_FDNAMES", names.join(":")));
         base_env.push(env_entry("PORT", listeners.local_addrs()[0].port().to_string()));
         base_env.push(env_entry("REUSE_LAUNCH_PID", std::process::id().to_string()));
+        // The same sockets in the forms other launchers' libraries read.
+        let starter: Vec<String> =
+            listeners.local_addrs().iter().enumerate().map(|(i, a)| format!("{a}={}", 3 + i)).collect();
+        base_env.push(env_entry("SERVER_STARTER_PORT", starter.join(";")));
+        base_env.push(env_entry("EINHORN_FD_COUNT", names.len().to_string()));
+        for i in 0..names.len() {
+            base_env.push(env_entry(&format!("EINHORN_FD_{i}"), (3 + i).to_string()));
+        }
+        if let Some(id) = &identity {
+            base_env.retain(|e| !["USER=", "LOGNAME=", "HOME="].iter().any(|k| e.as_bytes().starts_with(k.as_bytes())));
+            base_env.push(env_entry("USER", &id.name));
+            base_env.push(env_entry("LOGNAME", &id.name));
+            base_env.push(env_entry("HOME", &id.home));
+        }
+        if let Some(wd) = cfg.watchdog {
+            base_env.push(env_entry("WATCHDOG_USEC", wd.as_micros().to_string()));
+        }
+        let slot_inodes = match cfg.ready {
+            Ready::Auto(delay) => {
+                let inodes: std::io::Result<Vec<Vec<u64>>> =
+                    (0..cfg.workers).map(|s| readiness::socket_inodes(&listeners.fds_for_slot(s))).collect();
+                inodes
+                    .map_err(|e| {
+                        log::warn!("--ready auto cannot name the sockets ({e}); using --ready-delay {delay:?}")
+                    })
+                    .ok()
+            }
+            _ => None,
+        };
+        let upstream = Upstream::from_env();
+        let ping = upstream.as_ref().and_then(|_| launcher_watchdog()).map(|every| (every, Instant::now()));
         let slots = (0..cfg.workers).map(|_| Slot { gen: 1, ..Slot::default() }).collect();
         Ok(Supervisor {
             roll: Roll::new(cfg.workers, cfg.ready_timeout),
@@ -158,6 +207,12 @@ impl Supervisor {
             shutdown: None,
             all_ready_logged: false,
             steered: None,
+            identity,
+            upstream,
+            last_status: String::new(),
+            ping,
+            slot_inodes,
+            next_probe: None,
         })
     }
 
@@ -166,7 +221,8 @@ impl Supervisor {
         for slot in 0..self.cfg.workers {
             if let Err(e) = self.spawn(slot, 1, false) {
                 self.kill_all_and_reap();
-                return Err(Fatal(format!("cannot start '{}': {e}", self.program.display)));
+                let user = self.identity.as_ref().map(|i| format!(" as user {}", i.name)).unwrap_or_default();
+                return Err(Fatal(format!("cannot start '{}'{user}: {e}", self.program.display)));
             }
         }
         loop {
@@ -208,6 +264,9 @@ impl Supervisor {
                     None => log::info!("{name}: rolling restart"),
                 }
                 let actions = self.roll.step(Input::Request, Instant::now());
+                if actions.iter().any(|a| matches!(a, Action::Spawn { .. })) {
+                    self.tell_upstream(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+                }
                 self.apply(actions);
             }
             Event::Signal(other) => log::debug!("ignoring signal {other}"),
@@ -221,6 +280,17 @@ impl Supervisor {
         for (k, v) in fields {
             match (k.as_str(), v.as_str()) {
                 ("READY", "1") => self.mark_ready(id, Instant::now()),
+                ("WATCHDOG", "1") => {
+                    if let (Some(w), Some(every)) = (self.workers.get_mut(&id), self.cfg.watchdog) {
+                        if w.watchdog_at.is_some() {
+                            w.watchdog_at = Some(Instant::now() + every);
+                        }
+                    }
+                }
+                ("WATCHDOG", "trigger") => {
+                    log::warn!("{label} asked to be restarted (WATCHDOG=trigger)");
+                    self.stop(id, Instant::now());
+                }
                 ("STOPPING", "1") => log::info!("{label} says it is stopping"),
                 ("STATUS", status) => log::info!("{label} status: {status}"),
                 _ => {}
@@ -236,11 +306,18 @@ impl Supervisor {
         let mut env = self.base_env.clone();
         env.push(env_entry("REUSE_LAUNCH_SLOT", slot.to_string()));
         env.push(env_entry("REUSE_LAUNCH_GENERATION", gen.to_string()));
+        env.push(env_entry("SERVER_STARTER_GENERATION", gen.to_string()));
         if let Some(hub) = &self.notify {
             env.push(env_entry("NOTIFY_SOCKET", hub.open(id)?));
         }
         let fds = self.listeners.fds_for_slot(slot);
-        let pid = match spawn::spawn(&self.program, &fds, &env) {
+        let port = self.listeners.local_addrs()[0].port();
+        let argv = self.program.argv(&Placeholders { fds: &fds, port, slot });
+        let pid_vars: &[&str] =
+            if self.cfg.watchdog.is_some() { &["LISTEN_PID", "WATCHDOG_PID"] } else { &["LISTEN_PID"] };
+        let creds = self.identity.as_ref().map(|i| &i.creds);
+        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars, creds };
+        let pid = match spawn::spawn(&self.program, &spec) {
             Ok(pid) => pid,
             Err(e) => {
                 if let Some(hub) = &self.notify {
@@ -252,10 +329,11 @@ impl Supervisor {
         let now = Instant::now();
         let ready_at = match self.cfg.ready {
             Ready::Delay(d) => Some(now + d),
-            Ready::Notify => None,
+            Ready::Auto(d) if self.slot_inodes.is_none() => Some(now + d),
+            Ready::Auto(_) | Ready::Notify => None,
         };
         let state = State::Starting { ready_at, deadline: now + self.cfg.ready_timeout };
-        let w = Worker { slot, gen, pid, started: now, state, candidate, was_ready: false };
+        let w = Worker { slot, gen, pid, started: now, state, candidate, was_ready: false, watchdog_at: None };
         log::info!("{} started", label(&w));
         self.workers.insert(id, w);
         Ok(id)
@@ -297,6 +375,9 @@ impl Supervisor {
                     w.state = State::Stopping { kill_at: now, killed: true };
                 }
             }
+        }
+        if self.shutdown.is_none() {
+            self.tell_upstream("STOPPING=1");
         }
         self.shutdown = Some(how);
     }
@@ -402,7 +483,8 @@ impl Supervisor {
         }
         w.state = State::Ready;
         w.was_ready = true;
-        log::info!("{} ready", label(w));
+        w.watchdog_at = self.cfg.watchdog.map(|every| now + every);
+        log::info!("{} ready after {:.2?}", label(w), now.saturating_duration_since(w.started));
         if !w.candidate {
             self.slots[w.slot].start_failures = 0;
         }
@@ -411,6 +493,7 @@ impl Supervisor {
         if !self.all_ready_logged && self.ready_count() == self.cfg.workers {
             self.all_ready_logged = true;
             log::info!("all {} workers ready", self.cfg.workers);
+            self.tell_upstream(&format!("READY=1\nMAINPID={}", std::process::id()));
         }
     }
 
@@ -452,10 +535,12 @@ impl Supervisor {
                 }
                 Action::Stop(id) => self.stop(id, now),
                 Action::Finished { gen } => {
-                    log::info!("roll gen {gen} done: all {} slots run gen {gen}", self.cfg.workers)
+                    log::info!("roll gen {gen} done: all {} slots run gen {gen}", self.cfg.workers);
+                    self.tell_upstream("READY=1");
                 }
                 Action::Abandoned { gen, slot, reason } => {
-                    log::warn!("roll gen {gen} abandoned at slot {slot}: {reason}; the older workers keep serving")
+                    log::warn!("roll gen {gen} abandoned at slot {slot}: {reason}; the older workers keep serving");
+                    self.tell_upstream("READY=1");
                 }
             }
         }
@@ -466,7 +551,12 @@ impl Supervisor {
     fn tick(&mut self, now: Instant) -> Result<(), Fatal> {
         let mut due_ready = Vec::new();
         let mut timed_out = Vec::new();
+        let mut missed = Vec::new();
         for (id, w) in &mut self.workers {
+            if w.state == State::Ready && w.watchdog_at.is_some_and(|at| now >= at) {
+                w.watchdog_at = None;
+                missed.push(*id);
+            }
             match w.state {
                 State::Starting { ready_at: Some(at), .. } if now >= at => due_ready.push(*id),
                 State::Starting { deadline, .. } if now >= deadline && !w.candidate => timed_out.push(*id),
@@ -478,6 +568,7 @@ impl Supervisor {
                 _ => {}
             }
         }
+        due_ready.extend(self.probe_starting(now));
         for id in due_ready {
             self.mark_ready(id, now);
         }
@@ -487,11 +578,90 @@ impl Supervisor {
             }
             self.stop(id, now);
         }
+        for id in missed {
+            if let (Some(w), Some(every)) = (self.workers.get(&id), self.cfg.watchdog) {
+                log::warn!("{} sent no WATCHDOG=1 for {every:?}; restarting it", label(w));
+            }
+            self.stop(id, now);
+        }
+        if let Some((every, at)) = self.ping {
+            if now >= at {
+                self.tell_upstream("WATCHDOG=1");
+                self.ping = Some((every, now + every));
+            }
+        }
         let actions = self.roll.step(Input::Tick, now);
         self.apply(actions);
         self.reconcile(now)?;
         self.steer();
+        self.report_status();
         Ok(())
+    }
+
+    /// --ready auto: the starting workers that /proc shows waiting for connections on their
+    /// slot's socket. Where /proc cannot tell, fall back to --ready-delay (said once).
+    fn probe_starting(&mut self, now: Instant) -> Vec<WorkerId> {
+        const EVERY: Duration = Duration::from_millis(50);
+        let (Ready::Auto(delay), Some(inodes)) = (self.cfg.ready, &self.slot_inodes) else { return Vec::new() };
+        if self.next_probe.is_some_and(|at| now < at) {
+            return Vec::new();
+        }
+        let starting: Vec<(WorkerId, i32, usize)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| matches!(w.state, State::Starting { ready_at: None, .. }))
+            .map(|(id, w)| (*id, w.pid.as_raw(), w.slot))
+            .collect();
+        self.next_probe = if starting.is_empty() { None } else { Some(now + EVERY) };
+        let groups = readiness::groups_members(&starting.iter().map(|s| s.1).collect::<Vec<_>>());
+        let mut ready = Vec::new();
+        let mut unknown = None;
+        for ((id, _, slot), pids) in starting.iter().zip(groups) {
+            match readiness::probe(&pids, &inodes[*slot]) {
+                readiness::Probe::Waiting(evidence) => {
+                    log::debug!("worker {slot} is waiting for connections: {evidence}");
+                    ready.push(*id);
+                }
+                readiness::Probe::NotYet => {}
+                readiness::Probe::Unknown(why) => unknown = Some(why),
+            }
+        }
+        if let Some(why) = unknown {
+            log::warn!("--ready auto: /proc cannot tell ({why}); using --ready-delay {delay:?} instead");
+            self.slot_inodes = None;
+            self.next_probe = None;
+            for w in self.workers.values_mut() {
+                if let State::Starting { ready_at: ready_at @ None, .. } = &mut w.state {
+                    *ready_at = Some(w.started + delay);
+                }
+            }
+        }
+        ready
+    }
+
+    fn tell_upstream(&self, message: &str) {
+        if let Some(up) = &self.upstream {
+            up.send(message);
+        }
+    }
+
+    /// STATUS= to the service manager whenever the picture changes.
+    fn report_status(&mut self) {
+        if self.upstream.is_none() {
+            return;
+        }
+        let gen = self.slots.iter().map(|s| s.gen).max().unwrap_or(1);
+        let mut status = format!("{}/{} workers ready, gen {gen}", self.ready_count(), self.cfg.workers);
+        if let Some(g) = self.roll.rolling_gen() {
+            status.push_str(&format!(", rolling to gen {g}"));
+        }
+        if self.shutdown.is_some() {
+            status = format!("stopping, {} workers left", self.workers.len());
+        }
+        if status != self.last_status {
+            self.tell_upstream(&format!("STATUS={status}"));
+            self.last_status = status;
+        }
     }
 
     /// Send new connections only to slots with a ready worker (see `steer`).
@@ -567,7 +737,17 @@ impl Supervisor {
             _ => None,
         });
         let slots = self.slots.iter().filter_map(|s| s.respawn_at);
-        workers.chain(slots).chain(self.roll.deadline()).min()
+        let watchdogs = self.workers.values().filter_map(|w| w.watchdog_at);
+        let ping = self.ping.map(|p| p.1);
+        let probe = match self.cfg.ready {
+            Ready::Auto(_) if self.slot_inodes.is_some() => self
+                .workers
+                .values()
+                .any(|w| matches!(w.state, State::Starting { ready_at: None, .. }))
+                .then(|| self.next_probe.unwrap_or_else(Instant::now)),
+            _ => None,
+        };
+        workers.chain(slots).chain(watchdogs).chain(self.roll.deadline()).chain(ping).chain(probe).min()
     }
 }
 
@@ -583,6 +763,22 @@ pub fn describe(status: WaitStatus) -> String {
             format!("killed by {}{}", sig.as_str(), if core { " (core dumped)" } else { "" })
         }
         other => format!("changed state: {other:?}"),
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds, as systemd wants it with RELOADING=1.
+fn monotonic_usec() -> u128 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u128 * 1_000_000 + t.tv_nsec() as u128 / 1000)
+        .unwrap_or(0)
+}
+
+/// The launcher's own watchdog interval from systemd (WATCHDOG_USEC, for our pid): ping at half.
+fn launcher_watchdog() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid != std::process::id().to_string() => None,
+        _ => Some(Duration::from_micros(usec / 2)),
     }
 }
 

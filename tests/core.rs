@@ -6,8 +6,6 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::TcpStream;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -51,47 +49,6 @@ fn sigkilled_worker_is_replaced_on_its_slot() {
     l.poll_answers(secs(20), |r| r.iter().any(|r| r.pid == new && r.slot == "0"));
     eprintln!("respawn: slot 0 answered from its new worker {:?} after the kill", killed_at.elapsed());
     assert!(!Proc::of(old).alive());
-}
-
-/// Clients on new connections, counting answers and failures until told to stop.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match get(port) {
-                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) => {
-                                failures.lock().unwrap().push(e.to_string());
-                                0
-                            }
-                        };
-                    }
-                })
-            })
-            .collect();
-        Load { stop, ok, failures, threads }
-    }
-
-    fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        (self.ok.load(Ordering::Relaxed), self.failures.lock().unwrap().clone())
-    }
 }
 
 #[test]
@@ -258,24 +215,6 @@ fn worker_ignoring_term_is_killed_after_grace() {
     assert_eq!(l.exit_code(secs(10)), 0);
     assert!(l.log().contains(&format!("worker 0 (pid {pid}, gen 1) killed by SIGKILL")), "{}", l.log());
     assert!(!worker.alive());
-}
-
-fn fd_targets(pid: i32) -> Vec<(i32, String)> {
-    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let fd = e.file_name().to_string_lossy().parse().unwrap();
-            (fd, std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default())
-        })
-        .collect();
-    fds.sort();
-    fds
-}
-
-fn environ(pid: i32) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    raw.split(|b| *b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,8 +29,16 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// The launcher's log lines, and whether its stderr reached EOF.
-type Lines = Arc<(Mutex<(Vec<String>, bool)>, Condvar)>;
+/// The launcher's log lines (its stderr, which its workers share), when each arrived, and
+/// whether stderr reached EOF.
+#[derive(Default)]
+struct Log {
+    lines: Vec<String>,
+    times: Vec<Instant>,
+    eof: bool,
+}
+
+type Lines = Arc<(Mutex<Log>, Condvar)>;
 
 pub struct Launcher {
     child: Child,
@@ -57,10 +66,12 @@ impl Launcher {
         std::thread::spawn(move || {
             let (buf, cv) = &*sink;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                buf.lock().unwrap().0.push(line);
+                let mut log = buf.lock().unwrap();
+                log.lines.push(line);
+                log.times.push(Instant::now());
                 cv.notify_all();
             }
-            buf.lock().unwrap().1 = true;
+            buf.lock().unwrap().eof = true;
             cv.notify_all();
         });
         Launcher { child, lines, exit: None, addr: None }
@@ -75,11 +86,17 @@ impl Launcher {
     }
 
     pub fn log(&self) -> String {
-        self.lines.0.lock().unwrap().0.join("\n")
+        self.lines.0.lock().unwrap().lines.join("\n")
     }
 
     pub fn count(&self, needle: &str) -> usize {
-        self.lines.0.lock().unwrap().0.iter().filter(|l| l.contains(needle)).count()
+        self.lines.0.lock().unwrap().lines.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// The first log line containing `needle`: its index in the log and when it arrived.
+    pub fn find(&self, needle: &str) -> Option<(usize, Instant)> {
+        let log = self.lines.0.lock().unwrap();
+        log.lines.iter().position(|l| l.contains(needle)).map(|i| (i, log.times[i]))
     }
 
     /// Wait until `n` log lines contain `needle`; returns the n-th. Panics with the log.
@@ -88,7 +105,7 @@ impl Launcher {
         let end = Instant::now() + timeout;
         let mut guard = buf.lock().unwrap();
         loop {
-            if let Some(l) = guard.0.iter().filter(|l| l.contains(needle)).nth(n - 1) {
+            if let Some(l) = guard.lines.iter().filter(|l| l.contains(needle)).nth(n - 1) {
                 return l.clone();
             }
             let now = Instant::now();
@@ -129,7 +146,7 @@ impl Launcher {
                 // Let the reader take in the last lines (EOF comes once no worker holds stderr).
                 let (buf, cv) = &*self.lines;
                 let guard = buf.lock().unwrap();
-                let _ = cv.wait_timeout_while(guard, Duration::from_secs(5), |g| !g.1).unwrap();
+                let _ = cv.wait_timeout_while(guard, Duration::from_secs(5), |g| !g.eof).unwrap();
             }
         }
         self.exit
@@ -145,7 +162,8 @@ impl Launcher {
 
     /// Every worker (pid, slot, gen) the launcher logged as started, in order.
     pub fn started(&self) -> Vec<(i32, usize, u64)> {
-        self.lines.0.lock().unwrap().0.iter().filter(|l| l.ends_with(") started")).map(|l| parse_worker(l)).collect()
+        let log = self.lines.0.lock().unwrap();
+        log.lines.iter().filter(|l| l.ends_with(") started")).map(|l| parse_worker(l)).collect()
     }
 
     /// The pid of the latest worker started on `slot`.
@@ -311,4 +329,76 @@ pub fn members_of(groups: &[i32], before: u64) -> Vec<i32> {
 
 pub fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
+}
+
+/// Clients on new connections, counting answers and failures until told to stop.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(port: u16, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(port) {
+                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                failures.lock().unwrap().push(e.to_string());
+                                0
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, failures, threads }
+    }
+
+    /// Stop the clients; returns the number of answers and the failures.
+    pub fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        (self.ok.load(Ordering::Relaxed), self.failures.lock().unwrap().clone())
+    }
+}
+
+/// The NUL-separated strings of /proc/PID/`file` (`environ`, `cmdline`).
+fn proc_strings(pid: i32, file: &str) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_else(|e| panic!("/proc/{pid}/{file}: {e}"));
+    raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+}
+
+/// The environment process `pid` was started with, as `KEY=VALUE` strings.
+pub fn environ(pid: i32) -> Vec<String> {
+    proc_strings(pid, "environ")
+}
+
+/// The arguments of process `pid`, its program name first.
+pub fn cmdline(pid: i32) -> Vec<String> {
+    proc_strings(pid, "cmdline")
+}
+
+/// The open fds of process `pid` and what each points to (`socket:[1234]`, a path), by number.
+pub fn fd_targets(pid: i32) -> Vec<(i32, String)> {
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let fd = e.file_name().to_string_lossy().parse().unwrap();
+            (fd, std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default())
+        })
+        .collect();
+    fds.sort();
+    fds
 }

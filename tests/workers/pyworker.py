@@ -16,6 +16,10 @@ the tests:
     --start-delay SECS   sleep before listening (a slow start)
     --notify             send READY=1 on NOTIFY_SOCKET once serving
     --handle-delay SECS  take this long to answer each request
+    --mark-listening DIR create DIR/<pid> just before it starts serving
+    --watchdog-ping      send WATCHDOG=1 every WATCHDOG_USEC/3 (sd_notify watchdog)
+    --fd N               serve on fd N even if LISTEN_PID is not this process (started by a
+                         wrapper that did not exec)
 """
 import argparse
 import os
@@ -35,6 +39,9 @@ def parse_args():
     p.add_argument("--start-delay", type=float, default=0.0)
     p.add_argument("--notify", action="store_true")
     p.add_argument("--handle-delay", type=float, default=0.0)
+    p.add_argument("--mark-listening")
+    p.add_argument("--watchdog-ping", action="store_true")
+    p.add_argument("--fd", type=int)
     return p.parse_args()
 
 
@@ -48,11 +55,16 @@ def sd_notify(message):
         s.sendto(message.encode(), addr)
 
 
-def listening_socket():
-    if os.environ.get("LISTEN_FDS") and os.environ.get("LISTEN_PID") == str(os.getpid()):
+def listening_socket(fd):
+    if fd is not None:
+        sock = socket.socket(fileno=fd)
+    elif os.environ.get("LISTEN_FDS"):
+        if os.environ.get("LISTEN_PID") != str(os.getpid()):
+            sys.exit("LISTEN_FDS is meant for pid %s, not this process: exec the worker, or pass --fd 3"
+                     % os.environ.get("LISTEN_PID"))
         sock = socket.socket(fileno=3)
     else:
-        sock = socket.create_server(("127.0.0.1", int(os.environ.get("PORT", "8080"))), reuse_port=True)
+        sock = socket.create_server(("127.0.0.1", int(os.environ.get("PORT", "8080"))))
     # Non-blocking accept: another process sharing the socket may take the connection that
     # woke us, and a blocking accept would then hang until the next one.
     sock.setblocking(False)
@@ -103,12 +115,23 @@ def main():
     if args.start_delay:
         time.sleep(args.start_delay)
     Handler.delay = args.handle_delay
-    server = Server(listening_socket())
+    server = Server(listening_socket(args.fd))
     if not args.ignore_term:
         # shutdown() waits for serve_forever(), so it must run on another thread.
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     if args.notify:
         sd_notify("READY=1\nSTATUS=serving")
+    if args.watchdog_ping:
+        interval = int(os.environ["WATCHDOG_USEC"]) / 3e6
+
+        def ping():
+            while True:
+                sd_notify("WATCHDOG=1")
+                time.sleep(interval)
+
+        threading.Thread(target=ping, daemon=True).start()
+    if args.mark_listening:
+        open(os.path.join(args.mark_listening, str(os.getpid())), "w").close()
     server.serve_forever(poll_interval=0.05)
     server.server_close()
 

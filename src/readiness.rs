@@ -1,0 +1,952 @@
+//! Readiness by observation (`--ready auto`): is a worker actually waiting for connections on
+//! one of its listening sockets? Answered from /proc alone, cheaply enough to ask every ~50 ms
+//! while a worker starts.
+//!
+//! This module owns the detection only: [`socket_inodes`] names the launcher's listening sockets
+//! by inode, [`groups_members`] lists the processes of a worker's process group, and [`probe`]
+//! looks at those processes and answers [`Probe::Waiting`] (with the [`Evidence`]),
+//! [`Probe::NotYet`], or [`Probe::Unknown`] when /proc cannot tell (the caller then falls back to
+//! `--ready-delay`). What counts as waiting, for a process holding one of the sockets (under any
+//! fd number: servers may dup them):
+//! - **accept**: a thread blocked in `accept`/`accept4` on that fd
+//!   (`/proc/PID/task/TID/syscall`: syscall number, then the arguments);
+//! - **epoll**: the fd registered for reading (`EPOLLIN`) in one of the process's epoll sets
+//!   (`/proc/PID/fdinfo/EPFD`, lines `tfd: 3 events: 19 data: .. pos:0 ino:2edd7 sdev:9`). A
+//!   registration is enough: an event loop that registered its listener serves it as soon as it
+//!   polls, whatever it is doing at the instant of the probe;
+//! - **poll/ppoll, select/pselect6**: a thread blocked in one of them with that fd in its read
+//!   set. The set lives in the worker's memory: it is read from `/proc/PID/mem` at the syscall's
+//!   pointer argument, and trusted only if the thread is still in the same call afterwards.
+//!
+//! Limits:
+//! - Syscall numbers are known for x86_64 (accept 43, accept4 288, poll 7, ppoll 271, select 23,
+//!   pselect6 270) and the asm-generic arches aarch64, riscv64 and loongarch64 (accept 202,
+//!   accept4 242, ppoll 73, pselect6 72). Elsewhere only epoll is seen; a process seen through
+//!   nothing else is [`Probe::Unknown`]. A 32-bit (ia32) worker on x86_64 reports ia32 syscall
+//!   numbers, which are not decoded: only its epoll sets are seen.
+//! - `/proc/PID/fd`, `fdinfo`, `syscall` and `mem` need ptrace access to the worker (same uid and
+//!   a permissive Yama scope, or CAP_SYS_PTRACE): without it the answer is Unknown.
+//! - A process that holds one of the sockets and an io_uring instance, and shows no other sign
+//!   of waiting, is Unknown: io_uring's pending accepts and polls are not in /proc.
+//! - A thread that waits on the socket through an epoll set is seen by the registration, not by
+//!   the wait: a worker that registers its listener long before it first polls is ready early.
+//! - A worker that ignores the inherited sockets and listens on sockets of its own is never
+//!   waiting on ours (NotYet until `--ready-timeout`).
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use nix::sys::signal::kill;
+use nix::unistd::{getpgid, Pid};
+
+/// What /proc says about a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Some process of the worker waits for connections on one of its listening sockets.
+    Waiting(Evidence),
+    /// None does (yet).
+    NotYet,
+    /// /proc cannot tell; why, in a few words (to be logged once before falling back to the
+    /// delay).
+    Unknown(String),
+}
+
+/// Which process waits on which of its fds, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    pub pid: i32,
+    /// The fd number in that process (any dup of a listening socket).
+    pub fd: RawFd,
+    pub via: Via,
+}
+
+/// How a process waits for connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Thread `tid` is blocked in `syscall` (`accept` or `accept4`) on the fd.
+    Accept { tid: i32, syscall: &'static str },
+    /// Thread `tid` is blocked in `syscall` (`poll` or `ppoll`) with the fd in its set, for reading.
+    Poll { tid: i32, syscall: &'static str },
+    /// Thread `tid` is blocked in `syscall` (`select` or `pselect6`) with the fd in its read set.
+    Select { tid: i32, syscall: &'static str },
+    /// The fd is registered for reading in the epoll set `epfd` of the process.
+    Epoll { epfd: RawFd },
+}
+
+impl fmt::Display for Evidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Evidence { pid, fd, via } = self;
+        match via {
+            Via::Accept { tid, syscall } => write!(f, "pid {pid} (thread {tid}) is blocked in {syscall} on fd {fd}"),
+            Via::Poll { tid, syscall } | Via::Select { tid, syscall } => {
+                write!(f, "pid {pid} (thread {tid}) is blocked in {syscall} with fd {fd} in its read set")
+            }
+            Via::Epoll { epfd } => write!(f, "pid {pid} has fd {fd} in its epoll set (fd {epfd}) for reading"),
+        }
+    }
+}
+
+/// The socket inode numbers of the launcher's listening fds (`st_ino`, as /proc shows them in
+/// `socket:[INODE]`). Fails if an fd is not open or not a socket.
+pub fn socket_inodes(fds: &[RawFd]) -> io::Result<Vec<u64>> {
+    fds.iter()
+        .map(|fd| {
+            // stat() of /proc/self/fd/N is fstat(N) (the link resolves to the open file itself),
+            // without borrowing a RawFd unsafely.
+            let meta = fs::metadata(format!("/proc/self/fd/{fd}"))?;
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a socket")));
+            }
+            Ok(meta.ino())
+        })
+        .collect()
+}
+
+/// The pids of every process in process group `pgid` (a worker and whatever it started, unless
+/// they moved to groups of their own): each pid listed in /proc whose `getpgid(2)` is `pgid`
+/// (the pgrp field of /proc/PID/stat, at a fraction of the cost of formatting that file).
+/// Processes that vanish during the scan are left out.
+///
+/// `pgid` itself (the worker, which lives until the launcher reaps it) is always in the list,
+/// even when /proc does not show it (not mounted, hidepid): [`probe`] then says Unknown rather
+/// than NotYet. (The launcher uses the batch form, [`groups_members`].)
+#[cfg(test)]
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    groups_members(&[pgid]).pop().unwrap_or_default()
+}
+
+/// The members of each of `pgids`' process groups (in that order), from one scan of /proc: for several
+/// starting workers at once, this costs one scan instead of one per worker.
+pub fn groups_members(pgids: &[i32]) -> Vec<Vec<i32>> {
+    let mut members: Vec<Vec<i32>> = pgids.iter().map(|&pgid| vec![pgid]).collect();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for pid in dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+            if pgids.contains(&pid) {
+                continue; // a leader: listed already
+            }
+            let Ok(pgrp) = getpgid(Some(Pid::from_raw(pid))) else { continue };
+            for (i, _) in pgids.iter().enumerate().filter(|(_, &g)| g == pgrp.as_raw()) {
+                members[i].push(pid);
+            }
+        }
+    }
+    for m in &mut members {
+        m.sort_unstable();
+    }
+    members
+}
+
+/// Is any process of `pids` (a worker's group members: see [`groups_members`]) waiting for
+/// connections on one of the sockets `inodes` (see [`socket_inodes`])?
+///
+/// Waiting wins over Unknown, Unknown over NotYet: one process that cannot be read makes the
+/// answer Unknown unless another one is seen waiting. Processes that are gone (or exit during
+/// the probe) are skipped.
+pub fn probe(pids: &[i32], inodes: &[u64]) -> Probe {
+    if inodes.is_empty() {
+        return Probe::Unknown("no listening socket to look for".into());
+    }
+    let mut unknown = None;
+    for &pid in pids {
+        match probe_pid(pid, inodes) {
+            Ok(Some(evidence)) => return Probe::Waiting(evidence),
+            Ok(None) | Err(Fail::Gone) => {}
+            Err(Fail::CantTell(why)) => {
+                unknown.get_or_insert(why);
+            }
+        }
+    }
+    unknown.map_or(Probe::NotYet, Probe::Unknown)
+}
+
+/// Why one process gave no answer.
+#[derive(Debug)]
+enum Fail {
+    /// It does not exist (any more), or is a zombie: not a process to look at.
+    Gone,
+    /// It exists but /proc cannot tell.
+    CantTell(String),
+}
+
+fn fail(e: &io::Error, what: &str) -> Fail {
+    match e.raw_os_error() {
+        Some(libc::ENOENT | libc::ESRCH) => Fail::Gone,
+        Some(libc::EACCES | libc::EPERM) => {
+            Fail::CantTell(format!("cannot read {what}: permission denied (it needs ptrace access to the worker)"))
+        }
+        _ => Fail::CantTell(format!("cannot read {what}: {e}")),
+    }
+}
+
+/// One process: Ok(Some) if it waits on one of `inodes`, Ok(None) if it does not.
+fn probe_pid(pid: i32, inodes: &[u64]) -> Result<Option<Evidence>, Fail> {
+    let fd_dir = format!("/proc/{pid}/fd");
+    let entries = fs::read_dir(&fd_dir).map_err(|e| match fail(&e, &fd_dir) {
+        Fail::Gone => gone_or_hidden(pid),
+        other => other,
+    })?;
+    // Our sockets among its fds (fd, inode), its epoll sets, and whether it has an io_uring.
+    let mut ours: Vec<(RawFd, u64)> = Vec::new();
+    let mut epolls: Vec<RawFd> = Vec::new();
+    let mut uring = false;
+    for entry in entries {
+        let Ok(entry) = entry else { continue };
+        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else { continue };
+        // Unreadable link: the fd was closed meanwhile.
+        let Ok(target) = fs::read_link(entry.path()) else { continue };
+        let target = target.as_os_str().as_bytes();
+        if let Some(ino) = socket_link_inode(target) {
+            if inodes.contains(&ino) {
+                ours.push((fd, ino));
+            }
+        } else if target == b"anon_inode:[eventpoll]" {
+            epolls.push(fd);
+        } else if target == b"anon_inode:[io_uring]" {
+            uring = true;
+        }
+    }
+    if ours.is_empty() {
+        return Ok(None);
+    }
+
+    let mut cant_tell = None;
+    for epfd in epolls {
+        let path = format!("/proc/{pid}/fdinfo/{epfd}");
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => match fail(&e, &path) {
+                Fail::Gone => continue, // closed meanwhile, or the process is gone
+                Fail::CantTell(why) => {
+                    cant_tell.get_or_insert(why);
+                    continue;
+                }
+            },
+        };
+        // The registration must still name the fd that holds our socket: epoll keeps an entry
+        // until the *file* is released, and the launcher holds the file, so an fd the worker
+        // closed may linger in its set.
+        let registered = parse_epoll_fdinfo(&text)
+            .into_iter()
+            .find(|t| t.events & (libc::EPOLLIN | libc::EPOLLRDNORM) as u32 != 0 && ours.contains(&(t.fd, t.ino)));
+        if let Some(t) = registered {
+            return Ok(Some(Evidence { pid, fd: t.fd, via: Via::Epoll { epfd } }));
+        }
+    }
+
+    if !SYSCALLS_KNOWN {
+        return Err(Fail::CantTell(format!(
+            "syscall numbers of this architecture ({}) are not known; only epoll sets are seen",
+            std::env::consts::ARCH
+        )));
+    }
+    let task_dir = format!("/proc/{pid}/task");
+    let tasks = fs::read_dir(&task_dir).map_err(|e| fail(&e, &task_dir))?;
+    let mut mem = None;
+    for task in tasks {
+        let Ok(task) = task else { continue };
+        let Some(tid) = task.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        match probe_thread(pid, tid, &ours, &mut mem) {
+            Ok(Some(evidence)) => return Ok(Some(evidence)),
+            Ok(None) | Err(Fail::Gone) => {}
+            Err(Fail::CantTell(why)) => {
+                cant_tell.get_or_insert(why);
+            }
+        }
+    }
+    if let Some(why) = cant_tell {
+        return Err(Fail::CantTell(why));
+    }
+    if uring {
+        return Err(Fail::CantTell(format!(
+            "pid {pid} uses io_uring, whose pending accepts and polls /proc does not show"
+        )));
+    }
+    Ok(None)
+}
+
+/// /proc/PID has no such entry: the process is gone, unless it is alive and /proc does not
+/// show it (no /proc mounted, or hidepid).
+fn gone_or_hidden(pid: i32) -> Fail {
+    if Path::new(&format!("/proc/{pid}")).exists() {
+        return Fail::Gone; // a zombie, or exiting right now
+    }
+    match kill(Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {
+            Fail::CantTell(format!("pid {pid} is alive but not in /proc (/proc not mounted, or mounted with hidepid?)"))
+        }
+        Err(_) => Fail::Gone,
+    }
+}
+
+/// `socket:[12345]` -> 12345.
+fn socket_link_inode(link: &[u8]) -> Option<u64> {
+    let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// One registration of an epoll set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EpollTarget {
+    fd: RawFd,
+    events: u32,
+    ino: u64,
+}
+
+/// The registrations listed in an epoll fd's fdinfo, one per line
+/// `tfd: %8d events: %8x data: %16llx  pos:%lli ino:%lx sdev:%x` (events and ino in hex).
+/// Keys may be followed by their value after a space or not; unknown keys are ignored.
+fn parse_epoll_fdinfo(text: &str) -> Vec<EpollTarget> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("tfd:")?;
+            let (mut fd, mut events, mut ino) = (None, None, None);
+            let mut pending = Some("tfd");
+            for token in rest.split_ascii_whitespace() {
+                let (key, value) = match pending.take() {
+                    Some(key) => (key, token),
+                    None => match token.strip_suffix(':') {
+                        Some(key) => {
+                            pending = Some(key);
+                            continue;
+                        }
+                        None => match token.split_once(':') {
+                            Some(kv) => kv,
+                            None => continue,
+                        },
+                    },
+                };
+                match key {
+                    "tfd" => fd = value.parse().ok(),
+                    "events" => events = u32::from_str_radix(value, 16).ok(),
+                    "ino" => ino = u64::from_str_radix(value, 16).ok(),
+                    _ => {}
+                }
+            }
+            Some(EpollTarget { fd: fd?, events: events?, ino: ino? })
+        })
+        .collect()
+}
+
+/// What a thread is doing, from /proc/PID/task/TID/syscall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Syscall {
+    /// On a CPU: not waiting.
+    Running,
+    /// Blocked, but not in a system call (e.g. stopped, or in a page fault).
+    Outside,
+    /// Blocked in system call `nr` with these arguments.
+    In { nr: libc::c_long, args: [u64; 6] },
+}
+
+/// `running`, `-1 SP PC`, or `NR ARG1 .. ARG6 SP PC` (NR decimal, the rest 0x-hex).
+fn parse_syscall(text: &str) -> Option<Syscall> {
+    let mut fields = text.split_ascii_whitespace();
+    let first = fields.next()?;
+    if first == "running" {
+        return Some(Syscall::Running);
+    }
+    let nr: libc::c_long = first.parse().ok()?;
+    if nr < 0 {
+        return Some(Syscall::Outside);
+    }
+    let mut args = [0u64; 6];
+    for arg in &mut args {
+        let field = fields.next()?;
+        *arg = u64::from_str_radix(field.strip_prefix("0x").unwrap_or(field), 16).ok()?;
+    }
+    Some(Syscall::In { nr, args })
+}
+
+/// The kinds of blocking system call that can wait for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Accept,
+    Poll,
+    Select,
+}
+
+#[cfg(target_arch = "x86_64")]
+const SYSCALLS_KNOWN: bool = true;
+#[cfg(target_arch = "x86_64")]
+fn wait_syscall(nr: libc::c_long) -> Option<(Wait, &'static str)> {
+    Some(match nr {
+        43 => (Wait::Accept, "accept"),
+        288 => (Wait::Accept, "accept4"),
+        7 => (Wait::Poll, "poll"),
+        271 => (Wait::Poll, "ppoll"),
+        23 => (Wait::Select, "select"),
+        270 => (Wait::Select, "pselect6"),
+        _ => return None,
+    })
+}
+
+/// The asm-generic table (no poll, no select: only their p-variants).
+#[cfg(any(target_arch = "aarch64", target_arch = "riscv64", target_arch = "loongarch64"))]
+const SYSCALLS_KNOWN: bool = true;
+#[cfg(any(target_arch = "aarch64", target_arch = "riscv64", target_arch = "loongarch64"))]
+fn wait_syscall(nr: libc::c_long) -> Option<(Wait, &'static str)> {
+    Some(match nr {
+        202 => (Wait::Accept, "accept"),
+        242 => (Wait::Accept, "accept4"),
+        73 => (Wait::Poll, "ppoll"),
+        72 => (Wait::Select, "pselect6"),
+        _ => return None,
+    })
+}
+
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64",
+    target_arch = "loongarch64"
+)))]
+const SYSCALLS_KNOWN: bool = false;
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64",
+    target_arch = "loongarch64"
+)))]
+fn wait_syscall(_nr: libc::c_long) -> Option<(Wait, &'static str)> {
+    None
+}
+
+/// The raw text of /proc/PID/task/TID/syscall.
+fn read_syscall(pid: i32, tid: i32) -> Result<String, Fail> {
+    let path = format!("/proc/{pid}/task/{tid}/syscall");
+    fs::read_to_string(&path).map_err(|e| match fail(&e, &path) {
+        // The thread is there but the file is not: a kernel without it.
+        Fail::Gone if Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => {
+            Fail::CantTell(format!("{path} does not exist (kernel without CONFIG_HAVE_ARCH_TRACEHOOK?)"))
+        }
+        other => other,
+    })
+}
+
+/// One thread of `pid`: is it blocked in a call that waits on one of `ours`?
+fn probe_thread(pid: i32, tid: i32, ours: &[(RawFd, u64)], mem: &mut Option<File>) -> Result<Option<Evidence>, Fail> {
+    let text = read_syscall(pid, tid)?;
+    let call = parse_syscall(&text)
+        .ok_or_else(|| Fail::CantTell(format!("unexpected /proc/{pid}/task/{tid}/syscall: {}", text.trim())))?;
+    let Syscall::In { nr, args } = call else { return Ok(None) };
+    let Some((wait, syscall)) = wait_syscall(nr) else { return Ok(None) };
+    let is_ours = |fd: RawFd| ours.iter().any(|&(f, _)| f == fd);
+    if wait == Wait::Accept {
+        let fd = args[0] as i32;
+        return Ok(is_ours(fd).then_some(Evidence { pid, fd, via: Via::Accept { tid, syscall } }));
+    }
+
+    // poll/select: the fd set is in the worker's memory.
+    let mem = match mem {
+        Some(file) => file,
+        None => {
+            let path = format!("/proc/{pid}/mem");
+            mem.insert(File::open(&path).map_err(|e| fail(&e, &path))?)
+        }
+    };
+    let found = match wait {
+        Wait::Poll => pollfds_for_reading(mem, args[0], args[1], &is_ours),
+        _ => select_read_set(mem, args[0], args[1], ours),
+    };
+    // Trust what was read only if the thread is still in the very same call (same arguments,
+    // stack and program counter): else the memory may already hold something else.
+    let still = read_syscall(pid, tid)? == text;
+    match found {
+        _ if !still => Ok(None),
+        Ok(Some(fd)) => {
+            let via = if wait == Wait::Poll { Via::Poll { tid, syscall } } else { Via::Select { tid, syscall } };
+            Ok(Some(Evidence { pid, fd, via }))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => Err(match fail(&e, &format!("/proc/{pid}/mem")) {
+            Fail::Gone => Fail::Gone,
+            Fail::CantTell(why) => Fail::CantTell(format!("{why} (the {syscall} set of thread {tid})")),
+        }),
+    }
+}
+
+/// Read exactly `buf.len()` bytes of the process's memory at `addr + offset`.
+fn read_mem(mem: &File, addr: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let at = addr.checked_add(offset).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+    mem.read_exact_at(buf, at)
+}
+
+/// `struct pollfd { int fd; short events; short revents; }`
+const POLLFD_SIZE: usize = 8;
+/// Pollfds read per chunk (nfds is bounded by RLIMIT_NOFILE; this bounds the buffer).
+const POLLFD_CHUNK: usize = 4096;
+
+/// The first fd of ours in the pollfd array at `addr` (`nfds` entries) that is polled for
+/// reading.
+fn pollfds_for_reading(mem: &File, addr: u64, nfds: u64, is_ours: &dyn Fn(RawFd) -> bool) -> io::Result<Option<RawFd>> {
+    let reading = (libc::POLLIN | libc::POLLRDNORM) as u16;
+    let mut buf = vec![0u8; POLLFD_SIZE * POLLFD_CHUNK.min(nfds as usize)];
+    let mut done = 0u64;
+    while done < nfds {
+        let n = (nfds - done).min(POLLFD_CHUNK as u64) as usize;
+        let chunk = &mut buf[..n * POLLFD_SIZE];
+        read_mem(mem, addr, done * POLLFD_SIZE as u64, chunk)?;
+        for entry in chunk.chunks_exact(POLLFD_SIZE) {
+            let fd = i32::from_ne_bytes([entry[0], entry[1], entry[2], entry[3]]);
+            let events = u16::from_ne_bytes([entry[4], entry[5]]);
+            if events & reading != 0 && is_ours(fd) {
+                return Ok(Some(fd));
+            }
+        }
+        done += n as u64;
+    }
+    Ok(None)
+}
+
+/// The first fd of ours set in the `fd_set` at `readfds` (an array of `unsigned long` bitmaps)
+/// whose first `nfds` bits count; a null `readfds` is an empty set.
+fn select_read_set(mem: &File, nfds: u64, readfds: u64, ours: &[(RawFd, u64)]) -> io::Result<Option<RawFd>> {
+    const WORD: usize = std::mem::size_of::<libc::c_ulong>();
+    let nfds = nfds as i32; // the kernel takes an int
+    if readfds == 0 {
+        return Ok(None);
+    }
+    for &(fd, _) in ours {
+        if fd >= nfds {
+            continue;
+        }
+        let bit = fd as usize;
+        let mut word = [0u8; WORD];
+        read_mem(mem, readfds, (bit / (WORD * 8) * WORD) as u64, &mut word)?;
+        if libc::c_ulong::from_ne_bytes(word) & (1 << (bit % (WORD * 8))) != 0 {
+            return Ok(Some(fd));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use nix::sys::signal::{killpg, Signal};
+
+    // ---- parsers ----
+
+    #[test]
+    fn parses_epoll_fdinfo() {
+        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t17\nino:\t1038\n\
+            tfd:        3 events:       19 data:     7fc000000003  pos:0 ino:42b7a sdev:9\n\
+            tfd:       11 events:        4 data:                b  pos:0 ino:2edd7 sdev:f\n\
+            tfd:12 events:1 data:0 pos:0 ino:ff sdev:9 extra: 7\n";
+        assert_eq!(
+            parse_epoll_fdinfo(text),
+            vec![
+                EpollTarget { fd: 3, events: 0x19, ino: 0x42b7a },
+                EpollTarget { fd: 11, events: 0x4, ino: 0x2edd7 },
+                EpollTarget { fd: 12, events: 0x1, ino: 0xff },
+            ]
+        );
+        assert_eq!(parse_epoll_fdinfo("pos:\t0\nflags:\t02\n"), vec![]);
+        assert_eq!(parse_epoll_fdinfo("tfd: 3 events: zz ino:1\n"), vec![]);
+    }
+
+    #[test]
+    fn parses_syscall_lines() {
+        assert_eq!(parse_syscall("running\n"), Some(Syscall::Running));
+        assert_eq!(parse_syscall("-1 0x7ffd7c0cd168 0x7fc330328f63\n"), Some(Syscall::Outside));
+        assert_eq!(
+            parse_syscall("288 0x3 0x7ffd7c0cd1a0 0x7ffd7c0cd194 0x80000 0x0 0x0 0x7ffd7c0cd168 0x7fc330328f63\n"),
+            Some(Syscall::In { nr: 288, args: [3, 0x7ffd7c0cd1a0, 0x7ffd7c0cd194, 0x80000, 0, 0] })
+        );
+        assert_eq!(parse_syscall(""), None);
+        assert_eq!(parse_syscall("7 0x1 0x2\n"), None);
+    }
+
+    #[test]
+    fn parses_socket_links() {
+        assert_eq!(socket_link_inode(b"socket:[191959]"), Some(191959));
+        assert_eq!(socket_link_inode(b"anon_inode:[eventpoll]"), None);
+        assert_eq!(socket_link_inode(b"/tmp/socket:[1]"), None);
+    }
+
+    #[test]
+    fn syscall_numbers_match_libc() {
+        #[cfg(target_arch = "x86_64")]
+        let table = [
+            (libc::SYS_accept, "accept"),
+            (libc::SYS_accept4, "accept4"),
+            (libc::SYS_poll, "poll"),
+            (libc::SYS_ppoll, "ppoll"),
+            (libc::SYS_select, "select"),
+            (libc::SYS_pselect6, "pselect6"),
+        ];
+        #[cfg(not(target_arch = "x86_64"))]
+        let table = [
+            (libc::SYS_accept, "accept"),
+            (libc::SYS_accept4, "accept4"),
+            (libc::SYS_ppoll, "ppoll"),
+            (libc::SYS_pselect6, "pselect6"),
+        ];
+        for (nr, name) in table {
+            assert_eq!(wait_syscall(nr).map(|w| w.1), Some(name));
+        }
+        assert_eq!(wait_syscall(libc::SYS_read), None);
+    }
+
+    #[test]
+    fn socket_inodes_match_proc_links_and_reject_non_sockets() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let inodes = socket_inodes(&[l.as_raw_fd()]).unwrap();
+        let link = fs::read_link(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap();
+        assert_eq!(link.to_str().unwrap(), format!("socket:[{}]", inodes[0]));
+        let file = File::open("/proc/self/stat").unwrap();
+        let e = socket_inodes(&[l.as_raw_fd(), file.as_raw_fd()]).unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert!(socket_inodes(&[-1]).is_err());
+    }
+
+    #[test]
+    fn gone_processes_are_not_yet_and_no_sockets_is_unknown() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        assert_eq!(probe(&[pid], &[1]), Probe::NotYet);
+        assert_eq!(probe(&[], &[1]), Probe::NotYet);
+        assert!(matches!(probe(&[std::process::id() as i32], &[]), Probe::Unknown(_)));
+    }
+
+    // ---- real workers ----
+
+    /// A worker in its own process group, given `listener` as fd 3; SIGKILLed with its whole
+    /// group (and reaped) when dropped, whatever the test's outcome.
+    struct Worker {
+        child: Child,
+        what: String,
+    }
+
+    impl Worker {
+        /// Run `argv` with the socket as fd 3 (via stdin: no fd of the test process loses its
+        /// CLOEXEC, so concurrent tests' children inherit nothing). `wrapped`: under an `sh`
+        /// that stays the group leader and waits for it.
+        fn start(listener: &TcpListener, wrapped: bool, argv: &[&str]) -> Worker {
+            let sock: OwnedFd = listener.try_clone().expect("dup the listener").into();
+            let script = if wrapped {
+                r#"exec 3<&0 0</dev/null; "$@"; exit $?"#
+            } else {
+                r#"exec 3<&0 0</dev/null; LISTEN_FDS=1 LISTEN_PID=$$ exec "$@""#
+            };
+            let child = Command::new("sh")
+                .args(["-c", script, "sh"])
+                .args(argv)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .stdin(Stdio::from(sock))
+                .stdout(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("spawn the worker");
+            Worker { child, what: argv.join(" ") }
+        }
+
+        fn pid(&self) -> i32 {
+            self.child.id() as i32
+        }
+
+        fn probe(&self, inodes: &[u64]) -> Probe {
+            probe(&group_members(self.pid()), inodes)
+        }
+
+        fn assert_alive(&mut self) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{}: exited early: {status}", self.what);
+            }
+        }
+
+        /// Probe every 20 ms until Waiting; the number of NotYet answers before it.
+        fn wait_waiting(&mut self, inodes: &[u64], timeout: Duration) -> (Evidence, usize) {
+            let deadline = Instant::now() + timeout;
+            let mut not_yet = 0;
+            loop {
+                match self.probe(inodes) {
+                    Probe::Waiting(e) => {
+                        eprintln!("{}: {e} (after {not_yet} NotYet)", self.what);
+                        return (e, not_yet);
+                    }
+                    Probe::Unknown(why) => panic!("{}: unknown: {why}", self.what),
+                    Probe::NotYet => not_yet += 1,
+                }
+                self.assert_alive();
+                assert!(Instant::now() < deadline, "{}: not waiting after {timeout:?}", self.what);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
+        /// Wait (bounded) until `cond` holds for this worker.
+        fn wait_until(&mut self, what: &str, mut cond: impl FnMut(&Worker) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !cond(self) {
+                self.assert_alive();
+                assert!(Instant::now() < deadline, "{}: never {what}", self.what);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            let _ = killpg(Pid::from_raw(self.pid()), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+
+    fn listener() -> (TcpListener, Vec<u64>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let inodes = socket_inodes(&[l.as_raw_fd()]).expect("inode");
+        (l, inodes)
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(15);
+
+    /// Start `argv`, wait until it is Waiting, and return how it was seen.
+    fn detect(argv: &[&str]) -> Evidence {
+        let (l, inodes) = listener();
+        let mut w = Worker::start(&l, false, argv);
+        let (e, _) = w.wait_waiting(&inodes, TIMEOUT);
+        assert_eq!(e.pid, w.pid(), "{e}");
+        e
+    }
+
+    fn py(code: &str) -> Evidence {
+        detect(&["python3", "-c", code])
+    }
+
+    #[test]
+    fn python_blocking_accept() {
+        let e = py("import socket; s = socket.socket(fileno=3); s.accept()");
+        assert_eq!(e.fd, 3);
+        assert!(matches!(e.via, Via::Accept { syscall: "accept4", .. }), "{e}");
+    }
+
+    #[test]
+    fn python_accept_on_a_dup() {
+        let e = py("import os, socket; fd = os.dup(3); os.close(3); socket.socket(fileno=fd).accept()");
+        assert_ne!(e.fd, 3);
+        assert!(matches!(e.via, Via::Accept { .. }), "{e}");
+    }
+
+    #[test]
+    fn python_accept_in_a_thread() {
+        let e = py("import socket, threading, time\n\
+                    s = socket.socket(fileno=3)\n\
+                    threading.Thread(target=s.accept, daemon=True).start()\n\
+                    time.sleep(60)");
+        assert!(matches!(e.via, Via::Accept { tid, .. } if tid != e.pid), "{e}");
+    }
+
+    #[test]
+    fn python_select() {
+        let e = py("import select, socket; s = socket.socket(fileno=3); select.select([s], [], [])");
+        // glibc's select() is the pselect6 system call.
+        assert!(matches!(e.via, Via::Select { .. }), "{e}");
+    }
+
+    #[test]
+    fn python_poll() {
+        let e = py("import select, socket\n\
+                    p = select.poll(); p.register(3, select.POLLIN); p.poll()");
+        assert!(matches!(e.via, Via::Poll { syscall: "poll", .. }), "{e}");
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn raw_select_syscall() {
+        // select(2) itself (23), not glibc's pselect6, with a higher fd in the set too.
+        let e = py("import ctypes, os\n\
+                    fd = os.dup2(3, 70)\n\
+                    bits = (ctypes.c_ulong * 2)()\n\
+                    bits[0] = 1 << 3; bits[1] = 1 << (70 - 64)\n\
+                    ctypes.CDLL(None, use_errno=True).syscall(23, 71, ctypes.byref(bits), None, None, None)");
+        assert!(matches!(e.via, Via::Select { syscall: "select", .. }), "{e}");
+    }
+
+    #[test]
+    fn ppoll_via_ctypes() {
+        let e = py("import ctypes, os\n\
+                    class P(ctypes.Structure):\n    _fields_ = [('fd', ctypes.c_int), ('events', ctypes.c_short), ('revents', ctypes.c_short)]\n\
+                    r, w = os.pipe()\n\
+                    fds = (P * 2)(P(r, 1, 0), P(3, 1, 0))\n\
+                    ctypes.CDLL(None).ppoll(fds, 2, None, None)");
+        assert!(matches!(e.via, Via::Poll { syscall: "ppoll", .. }), "{e}");
+        assert_eq!(e.fd, 3);
+    }
+
+    #[test]
+    fn python_asyncio_epoll() {
+        let e = py("import asyncio, socket\n\
+                    async def main():\n    srv = await asyncio.start_server(lambda r, w: None, sock=socket.socket(fileno=3))\n    await srv.serve_forever()\n\
+                    asyncio.run(main())");
+        assert!(matches!(e.via, Via::Epoll { .. }), "{e}");
+    }
+
+    /// GET / on `l` and read the reply's first line.
+    fn answer(l: &TcpListener) -> String {
+        let mut s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply.lines().next().unwrap_or("").to_string()
+    }
+
+    #[test]
+    fn node_epoll_and_it_answers() {
+        let (l, inodes) = listener();
+        let mut w = Worker::start(&l, false, &["node", "tests/workers/node-fd.js"]);
+        let (e, _) = w.wait_waiting(&inodes, TIMEOUT);
+        assert!(matches!(e.via, Via::Epoll { .. }), "{e}");
+        assert_eq!(answer(&l), "HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn late_listener_is_not_yet_then_waiting() {
+        // The repo's Python worker (http.server: poll) sleeps 1 s before it serves.
+        let (l, inodes) = listener();
+        let started = Instant::now();
+        let mut w = Worker::start(&l, false, &["python3", "tests/workers/pyworker.py", "--start-delay", "1"]);
+        let (e, not_yet) = w.wait_waiting(&inodes, TIMEOUT);
+        assert!(started.elapsed() >= Duration::from_secs(1), "waiting before its start delay: {e}");
+        assert!(not_yet > 0);
+        assert!(matches!(e.via, Via::Poll { .. }), "{e}");
+        assert_eq!(answer(&l), "HTTP/1.1 200 OK");
+    }
+
+    /// Probe for `window` and require NotYet every time.
+    fn stays_not_yet(w: &mut Worker, inodes: &[u64], window: Duration) {
+        let until = Instant::now() + window;
+        while Instant::now() < until {
+            assert_eq!(w.probe(inodes), Probe::NotYet, "{}", w.what);
+            w.assert_alive();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn holds(pid: i32, inode: u64) -> bool {
+        let want = format!("socket:[{inode}]");
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.flatten().any(|e| fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == want.as_str())))
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn never_accepting_stays_not_yet() {
+        let (l, inodes) = listener();
+        let mut w = Worker::start(&l, false, &["sleep", "30"]);
+        w.wait_until("sleeping with the socket", |w| {
+            fs::read_to_string(format!("/proc/{}/comm", w.pid())).is_ok_and(|c| c.trim() == "sleep")
+                && holds(w.pid(), inodes[0])
+        });
+        stays_not_yet(&mut w, &inodes, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn waiting_on_other_things_stays_not_yet() {
+        // Holds the socket, but: epoll has it for writing only, poll and select wait on a pipe
+        // (select with the socket in its write set), and one thread accepts on another socket.
+        let (l, inodes) = listener();
+        let code = "import os, select, socket, threading\n\
+                    r, w = os.pipe()\n\
+                    other = socket.create_server(('127.0.0.1', 0))\n\
+                    ep = select.epoll(); ep.register(r, select.EPOLLIN); ep.register(3, select.EPOLLOUT)\n\
+                    p = select.poll(); p.register(r, select.POLLIN); p.register(3, select.POLLOUT)\n\
+                    for f in (lambda: select.select([r], [3], []), lambda: ep.poll(), other.accept):\n    threading.Thread(target=f, daemon=True).start()\n\
+                    p.poll()";
+        let mut w = Worker::start(&l, false, &["python3", "-c", code]);
+        let pid = w.pid();
+        w.wait_until("blocked in its 4 threads", |_| {
+            let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+            let calls: Vec<_> = tasks
+                .flatten()
+                .filter_map(|t| fs::read_to_string(t.path().join("syscall")).ok())
+                .filter_map(|s| parse_syscall(&s))
+                .collect();
+            // poll, select and accept: the decoded ones; the fourth is in epoll_wait.
+            let decoded = calls.iter().filter(|c| matches!(c, Syscall::In { nr, .. } if wait_syscall(*nr).is_some()));
+            calls.len() == 4 && decoded.count() == 3
+        });
+        stays_not_yet(&mut w, &inodes, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn sh_wrapper_child_found_through_the_group() {
+        let (l, inodes) = listener();
+        let mut w =
+            Worker::start(&l, true, &["python3", "-c", "import socket; s = socket.socket(fileno=3); s.accept()"]);
+        let (e, _) = w.wait_waiting(&inodes, TIMEOUT);
+        assert_ne!(e.pid, w.pid(), "the wrapper itself does not accept: {e}");
+        assert!(group_members(w.pid()).contains(&e.pid));
+        let both = groups_members(&[w.pid(), std::process::id() as i32]);
+        assert_eq!(both[0], group_members(w.pid()));
+        assert!(both[0].len() >= 2 && both[0].contains(&w.pid()), "{both:?}");
+        assert!(!both[1].contains(&w.pid()) && both[1].contains(&(std::process::id() as i32)), "{both:?}");
+        assert!(matches!(e.via, Via::Accept { .. }), "{e}");
+        // The wrapper alone (it holds the socket too, blocked in wait4) is not waiting.
+        assert_eq!(probe(&[w.pid()], &inodes), Probe::NotYet);
+    }
+
+    #[test]
+    fn unreadable_proc_is_unknown() {
+        // As another user, a root worker's /proc/PID/fd is unreadable. Runs the helper test
+        // below in a copy of this test binary as nobody.
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to run a probe as another user");
+            return;
+        }
+        let (l, inodes) = listener();
+        let mut w = Worker::start(&l, false, &["python3", "-c", "import socket; socket.socket(fileno=3).accept()"]);
+        w.wait_waiting(&inodes, TIMEOUT);
+        // A copy nobody can run wherever the checkout lives (e.g. under a private /root).
+        let exe = std::env::temp_dir().join(format!("reuse-launch-readiness-test-{}", std::process::id()));
+        fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        let _remove = RemoveOnDrop(exe.clone());
+        let out = Command::new(&exe)
+            .args(["--exact", "readiness::tests::probe_as_nobody_helper", "--ignored", "--nocapture"])
+            .env("READINESS_TEST_PID", w.pid().to_string())
+            .env("READINESS_TEST_INODE", inodes[0].to_string())
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        let line = text.lines().find(|l| l.starts_with("Unknown as expected")).unwrap_or_default();
+        eprintln!("as nobody: {line}");
+        assert!(line.contains("permission denied"), "{text}");
+    }
+
+    struct RemoveOnDrop(std::path::PathBuf);
+
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    #[ignore = "run by unreadable_proc_is_unknown as another user"]
+    fn probe_as_nobody_helper() {
+        let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        let (Some(pid), Some(inode)) = (var("READINESS_TEST_PID"), var("READINESS_TEST_INODE")) else { return };
+        let pids = group_members(pid as i32);
+        assert_eq!(pids, vec![pid as i32]);
+        match probe(&pids, &[inode]) {
+            Probe::Unknown(why) => eprintln!("Unknown as expected: {why}"),
+            other => panic!("expected Unknown as nobody, got {other:?}"),
+        }
+    }
+}

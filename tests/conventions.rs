@@ -1,0 +1,203 @@
+//! Integration tests of the conventions the launcher speaks (issue 4), checked from outside:
+//! readiness seen in /proc (`--ready auto`), the worker watchdog, sd_notify to the launcher's own
+//! service manager, and running workers as another user.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// The launcher with 2 workers on a free loopback port, then `args`.
+fn start(args: &[&str]) -> Launcher {
+    Launcher::start(&[&["-n", "2", "-b", "127.0.0.1:0"], args].concat())
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("reuse-launch-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Every worker the launcher called ready must already have been listening: the worker marks
+/// `DIR/<pid>` just before it serves, after a 1.5 s start. (With `--ready delay` and the default
+/// 1 s this fails: the marks come too late.)
+#[test]
+fn ready_auto_waits_until_the_worker_listens() {
+    let marks = temp_dir("marks");
+    let dir = marks.to_str().unwrap();
+    let l = start(&["--ready", "auto", "--", "python3", PYWORKER, "--start-delay", "1.5", "--mark-listening", dir]);
+    l.wait_for("all 2 workers ready", secs(30));
+    l.signal(libc::SIGUSR2);
+    l.wait_for("roll gen 2 done", secs(30));
+    let ready: Vec<(i32, usize, u64)> =
+        l.log().lines().filter(|line| line.contains(") ready after")).map(parse_worker).collect();
+    assert_eq!(ready.len(), 4, "{}", l.log());
+    for (pid, slot, gen) in ready {
+        // The line was logged before we read it; the mark was made before the worker could be
+        // seen waiting. A missing mark means "ready" came before the worker listened.
+        assert!(marks.join(pid.to_string()).exists(), "worker {slot} gen {gen} (pid {pid}) ready before it listened");
+    }
+    std::fs::remove_dir_all(marks).unwrap();
+}
+
+/// A shell wrapper that starts the server as its child (no exec): the child's wait counts.
+#[test]
+fn ready_auto_sees_through_a_shell_wrapper() {
+    let script = format!("python3 {PYWORKER} --start-delay 0.5 --fd 3; exit 0");
+    let l = Launcher::start(&["-n", "1", "-b", "127.0.0.1:0", "--ready", "auto", "--", "sh", "-c", &script]);
+    l.wait_for("all 1 workers ready", secs(30));
+    l.poll_answers(secs(10), |r| !r.is_empty());
+}
+
+#[test]
+fn a_worker_that_stops_pinging_the_watchdog_is_restarted() {
+    // Slot 0 pings, slot 1 does not: slot 1 is restarted again and again, slot 0 never.
+    let script = format!(
+        "if [ \"$REUSE_LAUNCH_SLOT\" = 0 ]; then exec python3 {PYWORKER} --notify --watchdog-ping; \
+         else exec python3 {PYWORKER} --notify; fi"
+    );
+    let l = start(&["--ready", "notify", "--watchdog", "600ms", "--", "sh", "-c", &script]);
+    l.wait_for("all 2 workers ready", secs(20));
+    let slot0 = l.latest_pid(0);
+    l.wait_for_nth("sent no WATCHDOG=1 for 600ms; restarting it", 3, secs(30));
+    let log = l.log();
+    assert!(log.lines().filter(|x| x.contains("sent no WATCHDOG")).all(|x| x.contains("worker 1 ")), "{log}");
+    assert_eq!(l.latest_pid(0), slot0, "the pinging worker was restarted:\n{log}");
+    // The worker sees the watchdog contract, like under systemd.
+    let env = std::fs::read(format!("/proc/{slot0}/environ")).unwrap();
+    let env = String::from_utf8_lossy(&env);
+    assert!(env.contains("WATCHDOG_USEC=600000\0") && env.contains(&format!("WATCHDOG_PID={slot0}\0")), "{env}");
+}
+
+/// Collects the launcher's sd_notify messages, as systemd would for a Type=notify service.
+struct FakeSystemd {
+    sock: UnixDatagram,
+    path: std::path::PathBuf,
+    got: Vec<String>,
+}
+
+impl FakeSystemd {
+    fn new() -> FakeSystemd {
+        let path = std::env::temp_dir().join(format!("reuse-launch-notify-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        FakeSystemd { sock, path, got: Vec::new() }
+    }
+
+    /// Wait for a message containing `needle`; returns it.
+    fn expect(&mut self, needle: &str, l: &Launcher) -> String {
+        let mut buf = [0u8; 4096];
+        let found = wait_until(secs(30), || {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                self.got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            self.got.iter().any(|m| m.contains(needle))
+        });
+        assert!(found, "no sd_notify message with {needle:?}; got {:?}\nlog:\n{}", self.got, l.log());
+        self.got.iter().find(|m| m.contains(needle)).unwrap().clone()
+    }
+}
+
+impl Drop for FakeSystemd {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn the_launcher_reports_to_its_service_manager() {
+    let mut systemd = FakeSystemd::new();
+    let mut l = Launcher::spawn(
+        Command::new(BIN)
+            .args(["-n", "2", "-b", "127.0.0.1:0", "--ready-delay", "200ms", "--", "python3", PYWORKER])
+            .env("NOTIFY_SOCKET", &systemd.path),
+    );
+    l.wait_listening();
+    let ready = systemd.expect("READY=1", &l);
+    assert!(ready.contains(&format!("MAINPID={}", l.pid())), "{ready}");
+    systemd.expect("STATUS=2/2 workers ready, gen 1", &l);
+    // Workers must not talk to the launcher's service manager directly.
+    let env = std::fs::read(format!("/proc/{}/environ", l.latest_pid(0))).unwrap();
+    assert!(!String::from_utf8_lossy(&env).contains(systemd.path.to_str().unwrap()));
+
+    l.signal(libc::SIGUSR2);
+    let reloading = systemd.expect("RELOADING=1", &l);
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    systemd.expect("rolling to gen 2", &l);
+    systemd.expect("STATUS=2/2 workers ready, gen 2", &l);
+    let after = systemd.got.iter().position(|m| m.contains("RELOADING=1")).unwrap();
+    l.wait_for("roll gen 2 done", secs(20));
+    assert!(
+        wait_until(secs(10), || {
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = systemd.sock.recv(&mut buf) {
+                systemd.got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            systemd.got[after..].iter().any(|m| m == "READY=1")
+        }),
+        "no READY=1 after the roll: {:?}",
+        systemd.got
+    );
+
+    l.signal(libc::SIGTERM);
+    systemd.expect("STOPPING=1", &l);
+    assert_eq!(l.exit_code(secs(20)), 0);
+}
+
+fn uid_of(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn workers_run_as_the_given_user_on_sockets_bound_by_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (CI runs as root): it checks that workers drop to --user nobody");
+    }
+    // The machine's python3 may live under /root (pyenv), out of nobody's reach: use Debian's.
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("a python3 outside /root (apt-get install python3)");
+    let l = start(&["--ready-delay", "200ms", "--user", "nobody", "--", python, PYWORKER]);
+    l.wait_for("all 2 workers ready", secs(20));
+    let seen = l.poll_answers(secs(20), |r| distinct(r).len() >= 2);
+    for r in distinct(&seen) {
+        assert_eq!(uid_of(r.pid), 65534, "worker {} runs as uid {}", r.pid, uid_of(r.pid));
+        let env = String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/environ", r.pid)).unwrap()).into_owned();
+        assert!(env.contains("USER=nobody\0"), "{env}");
+    }
+    assert_eq!(uid_of(l.pid()), 0, "the launcher itself stays root");
+}
+
+#[test]
+fn a_user_the_launcher_cannot_become_is_refused_before_anything_starts() {
+    // As nobody, switching workers to root is impossible: a clear error, exit 1, no worker.
+    let mut l = Launcher::spawn(
+        Command::new("setpriv").args(["--reuid", "65534", "--regid", "65534", "--clear-groups", BIN]).args([
+            "-n",
+            "1",
+            "-b",
+            "127.0.0.1:0",
+            "--user",
+            "root",
+            "--",
+            "sleep",
+            "100",
+        ]),
+    );
+    assert_eq!(l.exit_code(secs(10)), 1);
+    assert!(l.log().contains("cannot run workers as user 'root'"), "{}", l.log());
+    assert!(l.started().is_empty());
+
+    let mut l = Launcher::spawn(Command::new(BIN).args(["--user", "no-such-user-xyz", "--", "sleep", "1"]));
+    assert_eq!(l.exit_code(secs(10)), 1);
+    assert!(l.log().contains("no such user 'no-such-user-xyz'"), "{}", l.log());
+}
