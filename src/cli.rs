@@ -63,9 +63,15 @@ pub struct Args {
     #[arg(short = 'b', long = "bind", env = "REUSE_LAUNCH_BIND", value_delimiter = ',', value_name = "ADDR")]
     pub bind: Vec<String>,
 
-    /// How connections are spread: `reuseport` (one socket per slot) or `shared` (one socket).
+    /// How connections are spread: `reuseport` (one socket per slot), `shared` (one socket),
+    /// `round-robin` (the launcher accepts and forwards, for comparison) or `self` (workers
+    /// bind PORT themselves with SO_REUSEPORT).
     #[arg(long, env = "REUSE_LAUNCH_MODE", default_value = "reuseport", value_name = "MODE")]
     pub mode: String,
+
+    /// With --mode round-robin: forwarding threads (auto: half the CPUs, at least 1).
+    #[arg(long, env = "REUSE_LAUNCH_PROXY_THREADS", default_value = "auto", value_name = "N|auto")]
+    pub proxy_threads: String,
 
     /// listen() backlog of every socket (default: net.core.somaxconn).
     #[arg(long, env = "REUSE_LAUNCH_BACKLOG", value_name = "N")]
@@ -135,6 +141,7 @@ pub struct Config {
     pub workers: usize,
     pub binds: Vec<BindSpec>,
     pub mode: Mode,
+    pub proxy_threads: usize,
     pub backlog: i32,
     pub grace: Duration,
     pub stop_signal: Signal,
@@ -182,6 +189,13 @@ impl Config {
             binds.push(spec);
         }
         let mode = Mode::parse(&args.mode).map_err(|e| usage("--mode", &args.mode, e))?;
+        let proxy_threads = match args.proxy_threads.as_str() {
+            "auto" => std::thread::available_parallelism().map(|n| n.get().div_ceil(2)).unwrap_or(1),
+            t => match t.parse::<usize>() {
+                Ok(n) if (1..=256).contains(&n) => n,
+                _ => return Err(usage("--proxy-threads", t, "expected a number from 1 to 256 or 'auto'")),
+            },
+        };
         let backlog = match &args.backlog {
             Some(b) => match b.parse::<i32>() {
                 Ok(n) if n > 0 => n,
@@ -224,6 +238,7 @@ impl Config {
             return Err(usage("--group", args.group.as_deref().unwrap_or(""), "needs --user as well"));
         }
         Ok(Config {
+            proxy_threads,
             watchdog,
             user: args.user,
             group: args.group,

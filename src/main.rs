@@ -12,6 +12,7 @@
 
 mod cli;
 mod notify;
+mod proxy;
 mod readiness;
 mod roll;
 mod socket;

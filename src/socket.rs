@@ -1,5 +1,6 @@
-//! Listening sockets: bind specs, the per-slot SO_REUSEPORT group or the one shared socket,
-//! and which fds each slot's worker receives.
+//! Listening sockets: bind specs, the per-slot SO_REUSEPORT group, the one shared socket, or
+//! round-robin mode's public socket plus per-slot private loopback sockets; and which fds each
+//! slot's worker receives.
 //!
 //! The launcher binds everything before any worker starts and keeps every socket open for its
 //! whole life ([`Listeners`] is dropped only when the launcher exits). Reason: closing a
@@ -59,6 +60,12 @@ pub enum Mode {
     Reuseport,
     /// One socket per bind, handed to every worker: one accept queue.
     Shared,
+    /// The launcher accepts on the public socket and forwards each connection to the next
+    /// worker, which listens on a private loopback socket of its slot (see `proxy`).
+    RoundRobin,
+    /// The launcher binds nothing: each worker binds PORT itself with SO_REUSEPORT. A worker's
+    /// exit then closes its socket and resets the connections queued on it.
+    SelfBind,
 }
 
 impl Mode {
@@ -66,7 +73,9 @@ impl Mode {
         match s {
             "reuseport" => Ok(Mode::Reuseport),
             "shared" => Ok(Mode::Shared),
-            _ => Err("expected 'reuseport' or 'shared'".into()),
+            "round-robin" => Ok(Mode::RoundRobin),
+            "self" => Ok(Mode::SelfBind),
+            _ => Err("expected 'reuseport', 'shared', 'round-robin' or 'self'".into()),
         }
     }
 }
@@ -76,6 +85,8 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Reuseport => "reuseport",
             Mode::Shared => "shared",
+            Mode::RoundRobin => "round-robin",
+            Mode::SelfBind => "self",
         })
     }
 }
@@ -86,8 +97,11 @@ pub struct Listeners {
     binds: Vec<BindSpec>,
     /// The bound address of each bind (port 0 resolved to the real port).
     local: Vec<SocketAddr>,
-    /// Reuseport: `sockets[slot * binds + bind]`. Shared: `sockets[bind]`.
+    /// Reuseport and round-robin: `sockets[slot * binds + bind]` (round-robin: the private
+    /// loopback sockets). Shared: `sockets[bind]`. Self: none.
     sockets: Vec<Socket>,
+    /// Round-robin: the public sockets the launcher accepts on, until the proxy takes them.
+    public: Vec<Socket>,
 }
 
 /// A bind failure, naming the address and the cause.
@@ -120,6 +134,7 @@ impl Listeners {
             local.push(probe.local_addr().map_err(|err| BindError { addr: b.addr, err })?);
         }
         let mut sockets = Vec::new();
+        let mut public = Vec::new();
         match mode {
             Mode::Reuseport => {
                 for _slot in 0..slots {
@@ -133,8 +148,18 @@ impl Listeners {
                     sockets.push(listen_socket(*addr, false, backlog)?);
                 }
             }
+            Mode::RoundRobin => {
+                for addr in &local {
+                    public.push(listen_socket(*addr, false, backlog)?);
+                }
+                let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+                for _ in 0..slots * binds.len() {
+                    sockets.push(listen_socket(loopback, false, backlog)?);
+                }
+            }
+            Mode::SelfBind => {}
         }
-        Ok(Listeners { mode, binds: binds.to_vec(), local, sockets })
+        Ok(Listeners { mode, binds: binds.to_vec(), local, sockets, public })
     }
 
     /// Serve sockets the launcher inherited (systemd socket activation) instead of binding.
@@ -157,8 +182,18 @@ impl Listeners {
             .map(|((_, name), addr)| BindSpec { name: name.clone(), addr: *addr })
             .collect();
         let sockets: Vec<Socket> = inherited.into_iter().map(|(s, _)| s).collect();
-        let shared =
-            |sockets| Ok(Listeners { mode: Mode::Shared, binds: binds.clone(), local: local.clone(), sockets });
+        let shared = |sockets| {
+            Ok(Listeners {
+                mode: Mode::Shared,
+                binds: binds.clone(),
+                local: local.clone(),
+                sockets,
+                public: Vec::new(),
+            })
+        };
+        if mode == Mode::RoundRobin || mode == Mode::SelfBind {
+            return Err(format!("--mode {mode} cannot serve inherited sockets (LISTEN_FDS): use reuseport or shared"));
+        }
         if mode == Mode::Shared || slots == 1 {
             return shared(sockets);
         }
@@ -185,7 +220,7 @@ impl Listeners {
         }
         let mut ordered = sockets;
         ordered.extend(all);
-        Ok(Listeners { mode: Mode::Reuseport, binds, local, sockets: ordered })
+        Ok(Listeners { mode: Mode::Reuseport, binds, local, sockets: ordered, public: Vec::new() })
     }
 
     pub fn mode(&self) -> Mode {
@@ -201,18 +236,33 @@ impl Listeners {
     }
 
     pub fn socket_count(&self) -> usize {
-        self.sockets.len()
+        self.sockets.len() + self.public.len()
+    }
+
+    /// Round-robin mode: the public sockets, for the proxy (which keeps them for the
+    /// launcher's life).
+    pub fn take_public(&mut self) -> Vec<std::net::TcpListener> {
+        std::mem::take(&mut self.public).into_iter().map(Into::into).collect()
+    }
+
+    /// Round-robin mode: slot `slot`'s private addresses, one per bind.
+    pub fn private_addrs(&self, slot: usize) -> Vec<SocketAddr> {
+        let n = self.binds.len();
+        self.sockets[slot * n..slot * n + n]
+            .iter()
+            .filter_map(|s| s.local_addr().ok().and_then(|a| a.as_socket()))
+            .collect()
     }
 
     /// One member of each bind's reuseport group (the program attached through it governs the
-    /// whole group) and the group's size; empty in shared mode.
+    /// whole group) and the group's size; empty in the other modes.
     pub fn groups(&self) -> Vec<(RawFd, usize)> {
         match self.mode {
             Mode::Reuseport => {
                 let slots = self.sockets.len() / self.binds.len();
                 (0..self.binds.len()).map(|b| (self.sockets[b].as_raw_fd(), slots)).collect()
             }
-            Mode::Shared => Vec::new(),
+            Mode::Shared | Mode::RoundRobin | Mode::SelfBind => Vec::new(),
         }
     }
 
@@ -220,8 +270,9 @@ impl Listeners {
     pub fn fds_for_slot(&self, slot: usize) -> Vec<RawFd> {
         let n = self.binds.len();
         let base = match self.mode {
-            Mode::Reuseport => slot * n,
+            Mode::Reuseport | Mode::RoundRobin => slot * n,
             Mode::Shared => 0,
+            Mode::SelfBind => return Vec::new(),
         };
         self.sockets[base..base + n].iter().map(|s| s.as_raw_fd()).collect()
     }

@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -32,9 +33,10 @@ use signal_hook::consts::signal::*;
 
 use crate::cli::{Config, Ready};
 use crate::notify::{NotifyHub, Upstream};
+use crate::proxy::Proxy;
 use crate::readiness;
 use crate::roll::{Action, Input, Roll, WorkerId};
-use crate::socket::Listeners;
+use crate::socket::{Listeners, Mode};
 use crate::spawn::{self, env_entry, Identity, Placeholders, Program, Spec};
 use crate::steer;
 
@@ -119,8 +121,10 @@ pub struct Supervisor {
     rx: Receiver<Event>,
     shutdown: Option<Shutdown>,
     all_ready_logged: bool,
-    /// The slots the reuseport groups currently send new connections to (None: all).
+    /// The slots new connections currently go to (None: all), by BPF steering in reuseport
+    /// mode or by the forwarder in round-robin mode.
     steered: Option<Vec<usize>>,
+    proxy: Option<Proxy>,
     identity: Option<Identity>,
     /// The launcher's own service manager (systemd), if it gave us NOTIFY_SOCKET.
     upstream: Option<Upstream>,
@@ -138,7 +142,7 @@ impl Supervisor {
     /// that no SIGCHLD can be missed.
     pub fn new(
         cfg: Config,
-        listeners: Listeners,
+        mut listeners: Listeners,
         program: Program,
         identity: Option<Identity>,
     ) -> Result<Supervisor, Fatal> {
@@ -156,19 +160,28 @@ impl Supervisor {
         }
         let mut base_env: Vec<CString> =
             spawn::inherited_env().into_iter().map(|(k, v)| env_entry(&k.to_string_lossy(), v)).collect();
-        let names: Vec<&str> = listeners.names().collect();
-        base_env.push(env_entry("LISTEN_FDS", names.len().to_string()));
-        base_env.push(env_entry("LISTEN_FDNAMES", names.join(":")));
         base_env.push(env_entry("PORT", listeners.local_addrs()[0].port().to_string()));
         base_env.push(env_entry("REUSE_LAUNCH_PID", std::process::id().to_string()));
-        // The same sockets in the forms other launchers' libraries read.
-        let starter: Vec<String> =
-            listeners.local_addrs().iter().enumerate().map(|(i, a)| format!("{a}={}", 3 + i)).collect();
-        base_env.push(env_entry("SERVER_STARTER_PORT", starter.join(";")));
-        base_env.push(env_entry("EINHORN_FD_COUNT", names.len().to_string()));
-        for i in 0..names.len() {
-            base_env.push(env_entry(&format!("EINHORN_FD_{i}"), (3 + i).to_string()));
+        if listeners.mode() != Mode::SelfBind {
+            let names: Vec<&str> = listeners.names().collect();
+            base_env.push(env_entry("LISTEN_FDS", names.len().to_string()));
+            base_env.push(env_entry("LISTEN_FDNAMES", names.join(":")));
+            // The same sockets in the forms other launchers' libraries read.
+            let starter: Vec<String> =
+                listeners.local_addrs().iter().enumerate().map(|(i, a)| format!("{a}={}", 3 + i)).collect();
+            base_env.push(env_entry("SERVER_STARTER_PORT", starter.join(";")));
+            base_env.push(env_entry("EINHORN_FD_COUNT", names.len().to_string()));
+            for i in 0..names.len() {
+                base_env.push(env_entry(&format!("EINHORN_FD_{i}"), (3 + i).to_string()));
+            }
         }
+        let proxy = match listeners.mode() {
+            Mode::RoundRobin => Some(
+                Proxy::start(listeners.take_public(), cfg.proxy_threads)
+                    .map_err(|e| Fatal(format!("cannot start the round-robin forwarder: {e}")))?,
+            ),
+            _ => None,
+        };
         if let Some(id) = &identity {
             base_env.retain(|e| !["USER=", "LOGNAME=", "HOME="].iter().any(|k| e.as_bytes().starts_with(k.as_bytes())));
             base_env.push(env_entry("USER", &id.name));
@@ -207,6 +220,7 @@ impl Supervisor {
             shutdown: None,
             all_ready_logged: false,
             steered: None,
+            proxy,
             identity,
             upstream,
             last_status: String::new(),
@@ -313,10 +327,15 @@ impl Supervisor {
         let fds = self.listeners.fds_for_slot(slot);
         let port = self.listeners.local_addrs()[0].port();
         let argv = self.program.argv(&Placeholders { fds: &fds, port, slot });
-        let pid_vars: &[&str] =
-            if self.cfg.watchdog.is_some() { &["LISTEN_PID", "WATCHDOG_PID"] } else { &["LISTEN_PID"] };
+        let mut pid_vars = Vec::with_capacity(2);
+        if self.listeners.mode() != Mode::SelfBind {
+            pid_vars.push("LISTEN_PID");
+        }
+        if self.cfg.watchdog.is_some() {
+            pid_vars.push("WATCHDOG_PID");
+        }
         let creds = self.identity.as_ref().map(|i| &i.creds);
-        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars, creds };
+        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, creds };
         let pid = match spawn::spawn(&self.program, &spec) {
             Ok(pid) => pid,
             Err(e) => {
@@ -664,19 +683,38 @@ impl Supervisor {
         }
     }
 
-    /// Send new connections only to slots with a ready worker (see `steer`).
+    /// The slots that should take new connections: those with a ready worker, except a slot
+    /// whose worker is being replaced by a roll (unless no other slot could serve).
+    fn serving_slots(&self) -> Vec<usize> {
+        let ready = |s: usize| self.workers.values().any(|w| w.slot == s && w.state == State::Ready);
+        let rolling = |s: usize| self.workers.values().any(|w| w.slot == s && w.candidate);
+        let all: Vec<usize> = (0..self.slots.len()).filter(|s| ready(*s)).collect();
+        let settled: Vec<usize> = all.iter().copied().filter(|s| !rolling(*s)).collect();
+        if settled.is_empty() {
+            all
+        } else {
+            settled
+        }
+    }
+
+    /// Send new connections only to the serving slots: BPF steering of the reuseport groups
+    /// (see `steer`), or the forwarder's backend list in round-robin mode.
     fn steer(&mut self) {
         let groups = self.listeners.groups();
-        if groups.is_empty() {
+        if groups.is_empty() && self.proxy.is_none() {
             return;
         }
-        let serving: Vec<usize> = (0..self.slots.len())
-            .filter(|s| self.workers.values().any(|w| w.slot == *s && w.state == State::Ready))
-            .collect();
+        let serving = self.serving_slots();
         let all = serving.is_empty() || serving.len() == self.slots.len();
-        let wanted = if all { None } else { Some(serving) };
+        let wanted = if all && self.proxy.is_none() { None } else { Some(serving) };
         if wanted == self.steered {
             return;
+        }
+        if let Some(proxy) = &self.proxy {
+            let slots = wanted.clone().unwrap_or_default();
+            let per_slot: Vec<Vec<SocketAddr>> = slots.iter().map(|s| self.listeners.private_addrs(*s)).collect();
+            let binds = self.listeners.local_addrs().len();
+            proxy.set_backends((0..binds).map(|b| per_slot.iter().map(|a| a[b]).collect()).collect());
         }
         for (member, size) in groups {
             if let Err(e) = steer::apply(member, wanted.as_deref().unwrap_or(&[]), size) {
@@ -684,13 +722,16 @@ impl Supervisor {
                 return;
             }
         }
+        let partial = wanted.as_ref().is_some_and(|s| s.len() < self.slots.len());
         match &wanted {
-            Some(s) if self.all_ready_logged => {
-                log::info!("new connections go to slots {s:?} only (the others have no ready worker)")
+            Some(s) if partial && self.all_ready_logged => {
+                log::info!(
+                    "new connections go to slots {s:?} only (the others have no ready worker or are being replaced)"
+                )
             }
-            Some(s) => log::debug!("new connections go to slots {s:?} only"),
-            None if self.all_ready_logged && self.shutdown.is_none() => log::info!("new connections go to every slot"),
-            None => {}
+            Some(s) if partial => log::debug!("new connections go to slots {s:?} only"),
+            _ if self.all_ready_logged && self.shutdown.is_none() => log::info!("new connections go to every slot"),
+            _ => {}
         }
         self.steered = wanted;
     }

@@ -20,6 +20,7 @@ the tests:
     --watchdog-ping      send WATCHDOG=1 every WATCHDOG_USEC/3 (sd_notify watchdog)
     --fd N               serve on fd N even if LISTEN_PID is not this process (started by a
                          wrapper that did not exec)
+    --bind-self          bind 127.0.0.1:PORT itself with SO_REUSEPORT (reuse-launch --mode self)
 """
 import argparse
 import os
@@ -42,6 +43,7 @@ def parse_args():
     p.add_argument("--mark-listening")
     p.add_argument("--watchdog-ping", action="store_true")
     p.add_argument("--fd", type=int)
+    p.add_argument("--bind-self", action="store_true")
     return p.parse_args()
 
 
@@ -55,8 +57,10 @@ def sd_notify(message):
         s.sendto(message.encode(), addr)
 
 
-def listening_socket(fd):
-    if fd is not None:
+def listening_socket(fd, bind_self):
+    if bind_self:
+        sock = socket.create_server(("127.0.0.1", int(os.environ["PORT"])), reuse_port=True)
+    elif fd is not None:
         sock = socket.socket(fileno=fd)
     elif os.environ.get("LISTEN_FDS"):
         if os.environ.get("LISTEN_PID") != str(os.getpid()):
@@ -115,7 +119,7 @@ def main():
     if args.start_delay:
         time.sleep(args.start_delay)
     Handler.delay = args.handle_delay
-    server = Server(listening_socket(args.fd))
+    server = Server(listening_socket(args.fd, args.bind_self))
     if not args.ignore_term:
         # shutdown() waits for serve_forever(), so it must run on another thread.
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
