@@ -1,4 +1,5 @@
-//! Steering a SO_REUSEPORT group away from slots that cannot serve, with classic BPF.
+//! Steering a SO_REUSEPORT group away from slots that cannot serve, with classic BPF; and
+//! noticing slots that stopped accepting ([`StallWatch`]).
 //!
 //! Without a program the kernel hashes every new connection over all sockets of the group, so a
 //! slot whose worker is crash-looping, still starting, or gone swallows its share of new
@@ -23,6 +24,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
@@ -98,9 +100,121 @@ pub fn apply(member: RawFd, serving: &[usize], group_size: usize) -> io::Result<
     }
 }
 
+/// A listening socket's accept-queue length (`tcpi_unacked` of TCP_INFO on a listener).
+pub fn queue_len(listener: RawFd) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket we own with a valid buffer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(info.tcpi_unacked)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Notices slots whose worker has stopped taking connections (SIGSTOPped, deadlocked, stuck in
+/// a long GC) from their accept queues, sampled every [`StallWatch::EVERY`].
+///
+/// A slot is stalled when its queue has stayed non-empty for [`StallWatch::AFTER`] while some
+/// other slot's queue is empty at the same moment: the others keep up and this one does not.
+/// (When every queue stays full the machine is simply overloaded: nobody is singled out.) It
+/// is back as soon as its queue is empty again, i.e. its worker accepted everything waiting.
+/// Excluding a stalled slot from new connections bounds the damage to what was already queued
+/// on it; a busy-but-alive slot is excluded the same way, which also trims the long tail of
+/// hash-based balancing.
+#[derive(Debug, Default)]
+pub struct StallWatch {
+    /// Per slot: since when its queue has been non-empty at every sample.
+    busy_since: Vec<Option<Instant>>,
+    stalled: Vec<bool>,
+}
+
+impl StallWatch {
+    pub const EVERY: Duration = Duration::from_millis(100);
+    pub const AFTER: Duration = Duration::from_millis(500);
+
+    pub fn new(slots: usize) -> StallWatch {
+        StallWatch { busy_since: vec![None; slots], stalled: vec![false; slots] }
+    }
+
+    /// Take one sample (`queues[slot]`, None where it could not be read). Returns the slots
+    /// that changed state, with their new state.
+    pub fn observe(&mut self, now: Instant, queues: &[Option<u32>]) -> Vec<(usize, bool)> {
+        let mut changed = Vec::new();
+        let someone_keeps_up = queues.contains(&Some(0));
+        for (slot, q) in queues.iter().enumerate() {
+            let busy = matches!(q, Some(n) if *n > 0);
+            let since = if busy { *self.busy_since[slot].get_or_insert(now) } else { now };
+            if !busy {
+                self.busy_since[slot] = None;
+            }
+            let stalled = if self.stalled[slot] {
+                busy
+            } else {
+                busy && someone_keeps_up && now.duration_since(since) >= Self::AFTER
+            };
+            if stalled != self.stalled[slot] {
+                self.stalled[slot] = stalled;
+                changed.push((slot, stalled));
+            }
+        }
+        changed
+    }
+
+    pub fn is_stalled(&self, slot: usize) -> bool {
+        self.stalled[slot]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stall_needs_a_persistent_queue_while_another_slot_keeps_up() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut w = StallWatch::new(3);
+        assert!(w.observe(ms(0), &[Some(3), Some(0), Some(1)]).is_empty());
+        // Slot 2 drained in between: its busy time starts over.
+        assert!(w.observe(ms(300), &[Some(5), Some(0), Some(0)]).is_empty());
+        assert_eq!(w.observe(ms(500), &[Some(9), Some(0), Some(2)]), vec![(0, true)]);
+        assert!(w.is_stalled(0) && !w.is_stalled(2));
+        // Still waiting: no news. Then it drained: back.
+        assert!(w.observe(ms(600), &[Some(9), Some(0), Some(2)]).is_empty());
+        assert_eq!(w.observe(ms(700), &[Some(0), Some(0), Some(0)]), vec![(0, false)]);
+    }
+
+    #[test]
+    fn an_overloaded_machine_singles_out_nobody() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        w.observe(t0, &[Some(4), Some(4)]);
+        assert!(w.observe(t0 + Duration::from_secs(5), &[Some(8), Some(7)]).is_empty());
+        // Unreadable queues count as not busy and not keeping up.
+        assert!(w.observe(t0 + Duration::from_secs(6), &[Some(8), None]).is_empty());
+    }
+
+    #[test]
+    fn queue_length_of_a_real_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
+        assert_eq!(queue_len(fd).unwrap(), 0);
+        let _c: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap()).collect();
+        assert_eq!(queue_len(fd).unwrap(), 3);
+        l.accept().unwrap();
+        assert_eq!(queue_len(fd).unwrap(), 2);
+    }
     use std::collections::HashMap;
     use std::net::{SocketAddr, TcpStream};
     use std::os::fd::AsRawFd;

@@ -38,7 +38,7 @@ use crate::readiness;
 use crate::roll::{Action, Input, Roll, WorkerId};
 use crate::socket::{Listeners, Mode};
 use crate::spawn::{self, env_entry, Identity, Placeholders, Program, Spec};
-use crate::steer;
+use crate::steer::{self, StallWatch};
 
 /// Something the loop must react to.
 #[derive(Debug)]
@@ -125,6 +125,8 @@ pub struct Supervisor {
     /// mode or by the forwarder in round-robin mode.
     steered: Option<Vec<usize>>,
     proxy: Option<Proxy>,
+    /// Reuseport and round-robin with several slots: accept queues sampled for stalled workers.
+    stalls: Option<(StallWatch, Instant)>,
     identity: Option<Identity>,
     /// The launcher's own service manager (systemd), if it gave us NOTIFY_SOCKET.
     upstream: Option<Upstream>,
@@ -203,6 +205,8 @@ impl Supervisor {
             }
             _ => None,
         };
+        let stalls = (matches!(listeners.mode(), Mode::Reuseport | Mode::RoundRobin) && cfg.workers > 1)
+            .then(|| (StallWatch::new(cfg.workers), Instant::now()));
         let upstream = Upstream::from_env();
         let ping = upstream.as_ref().and_then(|_| launcher_watchdog()).map(|every| (every, Instant::now()));
         let slots = (0..cfg.workers).map(|_| Slot { gen: 1, ..Slot::default() }).collect();
@@ -220,6 +224,7 @@ impl Supervisor {
             shutdown: None,
             all_ready_logged: false,
             steered: None,
+            stalls,
             proxy,
             identity,
             upstream,
@@ -246,6 +251,7 @@ impl Supervisor {
                 return Err(e);
             }
             if self.shutdown.is_some() && self.workers.is_empty() {
+                self.reap_orphans();
                 log::info!("all workers stopped; exiting");
                 return Ok(());
             }
@@ -445,10 +451,22 @@ impl Supervisor {
         }
     }
 
+    /// Before exiting: reap whatever descendants were re-parented to the launcher (they were
+    /// killed with their worker's group), waiting up to 2 s for the last ones to die, so that
+    /// nothing is handed over to init.
     fn reap_orphans(&mut self) {
-        while let Ok(s) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            if s == WaitStatus::StillAlive {
-                break;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    log::warn!("some processes re-parented to the launcher are still running at exit");
+                    return;
+                }
+                Ok(s) => log::debug!("reaped orphan: {s:?}"),
+                Err(_) => return, // ECHILD: no child left
             }
         }
     }
@@ -509,6 +527,11 @@ impl Supervisor {
         }
         let actions = self.roll.step(Input::Ready(id), now);
         self.apply(actions);
+    }
+
+    /// Once, when every slot first has a ready worker and new connections are routed to them
+    /// all: the log line, and READY=1 to the service manager.
+    fn announce_ready(&mut self) {
         if !self.all_ready_logged && self.ready_count() == self.cfg.workers {
             self.all_ready_logged = true;
             log::info!("all {} workers ready", self.cfg.workers);
@@ -612,7 +635,9 @@ impl Supervisor {
         let actions = self.roll.step(Input::Tick, now);
         self.apply(actions);
         self.reconcile(now)?;
+        self.watch_queues(now);
         self.steer();
+        self.announce_ready();
         self.report_status();
         Ok(())
     }
@@ -684,16 +709,56 @@ impl Supervisor {
     }
 
     /// The slots that should take new connections: those with a ready worker, except a slot
-    /// whose worker is being replaced by a roll (unless no other slot could serve).
+    /// whose worker is being replaced or has stopped accepting (unless that leaves no slot).
     fn serving_slots(&self) -> Vec<usize> {
         let ready = |s: usize| self.workers.values().any(|w| w.slot == s && w.state == State::Ready);
-        let rolling = |s: usize| self.workers.values().any(|w| w.slot == s && w.candidate);
+        // Being replaced: a new worker is starting there, or the old one is draining. Keeping
+        // new connections away until the old worker has exited means it cannot accept one
+        // after its stop signal (servers that close accepted-but-unread connections on
+        // shutdown, such as uvicorn, would drop it).
+        let rolling = |s: usize| {
+            self.workers.values().any(|w| w.slot == s && (w.candidate || matches!(w.state, State::Stopping { .. })))
+        };
+        let stalled = |s: usize| self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s));
         let all: Vec<usize> = (0..self.slots.len()).filter(|s| ready(*s)).collect();
-        let settled: Vec<usize> = all.iter().copied().filter(|s| !rolling(*s)).collect();
-        if settled.is_empty() {
+        let preferred: Vec<usize> = all.iter().copied().filter(|s| !rolling(*s) && !stalled(*s)).collect();
+        if preferred.is_empty() {
             all
         } else {
-            settled
+            preferred
+        }
+    }
+
+    /// Sample every slot's accept queue (every `StallWatch::EVERY`) and log stalls.
+    fn watch_queues(&mut self, now: Instant) {
+        let Some((watch, next)) = &mut self.stalls else { return };
+        if now < *next || self.workers.is_empty() {
+            return;
+        }
+        *next = now + StallWatch::EVERY;
+        let queues: Vec<Option<u32>> = (0..self.slots.len())
+            .map(|s| {
+                let lens = self.listeners.fds_for_slot(s).into_iter().map(steer::queue_len);
+                lens.collect::<std::io::Result<Vec<u32>>>().ok().and_then(|v| v.into_iter().max())
+            })
+            .collect();
+        for (slot, stalled) in watch.observe(now, &queues) {
+            let who = self
+                .workers
+                .values()
+                .filter(|w| w.slot == slot && w.state == State::Ready)
+                .map(label)
+                .next()
+                .unwrap_or_else(|| format!("worker {slot}"));
+            if stalled {
+                log::warn!(
+                    "{who} left {} connections waiting for {:?} while others kept up; new connections go elsewhere until it catches up",
+                    queues[slot].unwrap_or(0),
+                    StallWatch::AFTER
+                );
+            } else {
+                log::info!("{who} accepts again");
+            }
         }
     }
 
@@ -706,7 +771,7 @@ impl Supervisor {
         }
         let serving = self.serving_slots();
         let all = serving.is_empty() || serving.len() == self.slots.len();
-        let wanted = if all && self.proxy.is_none() { None } else { Some(serving) };
+        let wanted = if all && self.proxy.is_none() { None } else { Some(serving.clone()) };
         if wanted == self.steered {
             return;
         }
@@ -723,15 +788,16 @@ impl Supervisor {
             }
         }
         let partial = wanted.as_ref().is_some_and(|s| s.len() < self.slots.len());
-        match &wanted {
-            Some(s) if partial && self.all_ready_logged => {
-                log::info!(
-                    "new connections go to slots {s:?} only (the others have no ready worker or are being replaced)"
-                )
-            }
-            Some(s) if partial => log::debug!("new connections go to slots {s:?} only"),
-            _ if self.all_ready_logged && self.shutdown.is_none() => log::info!("new connections go to every slot"),
-            _ => {}
+        if !self.all_ready_logged || self.shutdown.is_some() {
+            log::debug!("new connections go to slots {wanted:?} (None: all)");
+        } else if serving.is_empty() {
+            log::warn!("no worker is ready: new connections wait until one is");
+        } else if partial {
+            log::info!(
+                "new connections go to slots {serving:?} only (the others have no ready worker, are being replaced or stalled)"
+            );
+        } else {
+            log::info!("new connections go to every slot");
         }
         self.steered = wanted;
     }
@@ -780,6 +846,7 @@ impl Supervisor {
         let slots = self.slots.iter().filter_map(|s| s.respawn_at);
         let watchdogs = self.workers.values().filter_map(|w| w.watchdog_at);
         let ping = self.ping.map(|p| p.1);
+        let sample = self.stalls.as_ref().filter(|_| !self.workers.is_empty()).map(|(_, next)| *next);
         let probe = match self.cfg.ready {
             Ready::Auto(_) if self.slot_inodes.is_some() => self
                 .workers
@@ -788,7 +855,7 @@ impl Supervisor {
                 .then(|| self.next_probe.unwrap_or_else(Instant::now)),
             _ => None,
         };
-        workers.chain(slots).chain(watchdogs).chain(self.roll.deadline()).chain(ping).chain(probe).min()
+        workers.chain(slots).chain(watchdogs).chain(self.roll.deadline()).chain(ping).chain(probe).chain(sample).min()
     }
 }
 

@@ -115,7 +115,11 @@ fn term_stops_every_worker_and_exits_zero() {
     l.signal(libc::SIGTERM);
     assert_eq!(l.exit_code(secs(20)), 0, "{}", l.log());
     assert!(workers.iter().all(|p| !p.alive()));
-    assert_eq!(members_of(&pids, before), Vec::<i32>::new(), "processes left in the workers' groups");
+    let left: Vec<String> = members_of(&pids, before)
+        .into_iter()
+        .map(|p| format!("{p}: {:?}", std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default()))
+        .collect();
+    assert!(left.is_empty(), "processes left in the workers' groups: {left:?}\n{}", l.log());
 }
 
 #[test]
@@ -181,7 +185,8 @@ fn usage_errors_exit_2_with_the_flag_named() {
 
 #[test]
 fn workers_that_exit_at_once_make_the_launcher_give_up() {
-    let mut l = launch(&["-n", "2", "--max-start-failures", "3"], &py(&["--exit", "3"]));
+    // A long ready delay: they must not count as ready even on a slow, loaded machine.
+    let mut l = launch(&["-n", "2", "--max-start-failures", "3", "--ready-delay", "20s"], &py(&["--exit", "3"]));
     assert_eq!(l.exit_code(secs(30)), 1);
     let log = l.log();
     assert!(log.contains("giving up") && log.contains("exited with status 3"), "{log}");

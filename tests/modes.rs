@@ -72,8 +72,10 @@ fn round_robin_spreads_evenly_and_skips_a_dead_slot() {
     // Once the flag file exists, slot 2 cannot start again: it crash-loops.
     let flag = std::env::temp_dir().join(format!("reuse-launch-rr-broken-{}", std::process::id()));
     let _ = std::fs::remove_file(&flag);
-    let script =
-        format!("[ \"$REUSE_LAUNCH_SLOT\" = 2 ] && [ -e {} ] && exit 1; exec python3 {PYWORKER}", flag.display());
+    let script = format!(
+        "[ \"$REUSE_LAUNCH_SLOT\" = 2 ] && [ -e {} ] && exit 1; exec python3 {PYWORKER} --notify",
+        flag.display()
+    );
     let l = Launcher::start(&[
         "-n",
         "3",
@@ -81,8 +83,8 @@ fn round_robin_spreads_evenly_and_skips_a_dead_slot() {
         "127.0.0.1:0",
         "--mode",
         "round-robin",
-        "--ready-delay",
-        "300ms",
+        "--ready",
+        "notify",
         "--",
         "sh",
         "-c",
@@ -93,7 +95,7 @@ fn round_robin_spreads_evenly_and_skips_a_dead_slot() {
     let seen = l.poll_answers(secs(20), |r| r.len() >= 30);
     for slot in ["0", "1", "2"] {
         let n = seen.iter().filter(|r| r.slot == slot).count();
-        assert_eq!(n, 10, "slot {slot} got {n} of 30: {seen:?}");
+        assert_eq!(n, 10, "slot {slot} got {n} of 30: {seen:?}\n{}", l.log());
     }
     // Slot 2 dies for good: it leaves the rotation, and no request is sent to its queue
     // (one that were would hang: nobody will ever accept there).
@@ -108,4 +110,62 @@ fn round_robin_spreads_evenly_and_skips_a_dead_slot() {
     std::fs::remove_file(&flag).unwrap();
     assert!(after.iter().all(|r| r.slot != "2"), "{after:?}");
     assert_eq!(after.iter().filter(|r| r.slot == "0").count(), 10, "{after:?}");
+}
+
+/// A SIGSTOPped worker's slot would take its share of new connections forever. The launcher
+/// sees its queue stay full while the other slot keeps up, stops sending it new connections,
+/// and the ones already queued there are served once the worker resumes: none is lost.
+fn stopped_worker_is_bypassed_and_loses_nothing(mode: &str) {
+    let l = Launcher::start(&[
+        "-n",
+        "2",
+        "-b",
+        "127.0.0.1:0",
+        "--mode",
+        mode,
+        "--ready-delay",
+        "200ms",
+        "--",
+        "python3",
+        PYWORKER,
+    ]);
+    l.wait_for("all 2 workers ready", secs(20));
+    let stopped = l.latest_pid(1);
+    // SAFETY: kill(2) on a worker pid this test's launcher started.
+    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    let mut pending = Vec::new();
+    let port = l.port();
+    let noticed = wait_until(secs(20), || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+        pending.push(s);
+        l.count(&format!("(pid {stopped}, gen 1) left")) > 0
+    });
+    assert!(noticed, "{mode}: the stopped worker was not noticed\n{}", l.log());
+    l.wait_for("new connections go to slots [0] only", secs(10));
+    for i in 0..20 {
+        let r =
+            get(port).unwrap_or_else(|e| panic!("{mode}: request {i} after the stall was noticed: {e}\n{}", l.log()));
+        assert_eq!(r.slot, "0");
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped, libc::SIGCONT) };
+    l.wait_for(&format!("(pid {stopped}, gen 1) accepts again"), secs(10));
+    for (i, mut s) in pending.into_iter().enumerate() {
+        let mut text = String::new();
+        s.set_read_timeout(Some(secs(10))).unwrap();
+        std::io::Read::read_to_string(&mut s, &mut text)
+            .unwrap_or_else(|e| panic!("{mode}: queued request {i} lost: {e}"));
+        assert!(text.starts_with("HTTP/1.1 200"), "{mode}: queued request {i}: {text:?}");
+    }
+}
+
+#[test]
+fn reuseport_bypasses_a_stopped_worker() {
+    stopped_worker_is_bypassed_and_loses_nothing("reuseport");
+}
+
+#[test]
+fn round_robin_bypasses_a_stopped_worker() {
+    stopped_worker_is_bypassed_and_loses_nothing("round-robin");
 }

@@ -15,6 +15,27 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_reuse-launch");
 pub const PYWORKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workers/pyworker.py");
 
+/// PATH for launchers under test: the directory of the real python3 first. A version manager's
+/// `python3` shim (pyenv: a bash script that runs more bash) costs hundreds of milliseconds per
+/// worker start and forks helpers inside the worker's group; the tests are about the launcher.
+pub fn test_path() -> String {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let real = Command::new("python3")
+            .args(["-c", "import os, sys; print(os.path.dirname(os.path.realpath(sys.executable)))"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        match real {
+            Some(dir) if !dir.is_empty() => format!("{dir}:{path}"),
+            _ => path,
+        }
+    })
+    .clone()
+}
+
 /// Poll `cond` every 20 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
@@ -58,7 +79,8 @@ impl Launcher {
 
     /// Start without waiting for anything (for start-up failures).
     pub fn spawn(cmd: &mut Command) -> Launcher {
-        cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped());
+        cmd.env("RUST_LOG", "info").env("PATH", test_path()).stdin(Stdio::null()).stdout(Stdio::inherit());
+        cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start reuse-launch");
         let lines: Lines = Arc::default();
         let stderr = child.stderr.take().unwrap();
@@ -321,10 +343,15 @@ pub fn uptime_ticks() -> u64 {
     (secs * unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64) as u64
 }
 
-/// Processes in one of the process groups `groups` (worker pids lead their own groups) that
-/// started before `before` (uptime ticks): a later one only reuses a freed group id.
+/// Live (not zombie) processes in one of the process groups `groups` (worker pids lead their
+/// own groups) that started before `before` (uptime ticks): a later one only reuses a freed
+/// group id.
 pub fn members_of(groups: &[i32], before: u64) -> Vec<i32> {
-    processes().into_iter().filter(|p| groups.contains(&p.pgrp) && p.start < before).map(|p| p.pid).collect()
+    processes()
+        .into_iter()
+        .filter(|p| groups.contains(&p.pgrp) && p.start < before && p.state != "Z")
+        .map(|p| p.pid)
+        .collect()
 }
 
 pub fn secs(n: u64) -> Duration {
