@@ -201,3 +201,53 @@ fn a_user_the_launcher_cannot_become_is_refused_before_anything_starts() {
     assert_eq!(l.exit_code(secs(10)), 1);
     assert!(l.log().contains("no such user 'no-such-user-xyz'"), "{}", l.log());
 }
+
+/// In a container the launcher is PID 1: it must reap every orphan and stop cleanly on TERM.
+/// `unshare --pid --fork` gives it a pid namespace of its own, as a container runtime does.
+#[test]
+fn runs_as_pid_1_of_a_pid_namespace() {
+    // Each worker leaves an orphan that the launcher, as init of the namespace, must reap.
+    let script = format!("(sleep 0.2 &); exec python3 {PYWORKER}");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", BIN]);
+    cmd.args(["-n", "2", "-b", "127.0.0.1:0", "--ready-delay", "300ms", "--", "sh", "-c", &script]);
+    let mut l = Launcher::spawn(&mut cmd);
+    l.own_pid_namespace = true;
+    l.wait_listening();
+    l.wait_for("all 2 workers ready", secs(20));
+    // The launcher as seen from here: unshare's child. Inside its namespace it is pid 1.
+    let unshare = l.pid();
+    let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).unwrap();
+    let launcher: i32 = children.split_whitespace().next().expect("unshare's child").parse().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{launcher}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert!(nspid.ends_with("\t1"), "the launcher is not pid 1 in its namespace: {nspid}");
+    l.poll_answers(secs(20), |r| distinct(r).len() >= 2);
+    let zombies = || processes().into_iter().filter(|p| p.ppid == launcher && p.state == "Z").count();
+    let orphans_gone = || processes().into_iter().filter(|p| p.ppid == launcher).count() == 2;
+    assert!(wait_until(secs(10), || zombies() == 0 && orphans_gone()), "orphans not reaped: {:?}", processes());
+    // SAFETY: kill(2) on the launcher this test started (through unshare).
+    unsafe { libc::kill(launcher, libc::SIGTERM) };
+    assert_eq!(l.exit_code(secs(20)), 0, "{}", l.log());
+    assert!(l.log().contains("all workers stopped; exiting"));
+}
+
+/// The shipped unit files parse: `systemd-analyze verify`, with the launcher's real path.
+#[test]
+fn the_example_systemd_units_verify() {
+    let dir = temp_dir("units");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/examples");
+    for ext in ["service", "socket"] {
+        let text = std::fs::read_to_string(format!("{examples}/reuse-launch.{ext}")).unwrap();
+        let text = text.replace("/usr/local/bin/reuse-launch", BIN).replace("/usr/local/bin/my-server", "/bin/true");
+        std::fs::write(dir.join(format!("reuse-launch-example.{ext}")), text).unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(["service", "socket"].map(|e| dir.join(format!("reuse-launch-example.{e}"))))
+        .output()
+        .expect("systemd-analyze (apt-get install systemd; scripts/test-deps does)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("reuse-launch-example"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

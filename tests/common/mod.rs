@@ -67,6 +67,9 @@ pub struct Launcher {
     exit: Option<ExitStatus>,
     /// The first listening address the launcher logged (None until `wait_listening`).
     pub addr: Option<SocketAddr>,
+    /// The launcher runs in its own pid namespace: the pids in its log are not ours, so Drop
+    /// must not signal them (the namespace dies with the launcher anyway).
+    pub own_pid_namespace: bool,
 }
 
 impl Launcher {
@@ -96,7 +99,7 @@ impl Launcher {
             buf.lock().unwrap().eof = true;
             cv.notify_all();
         });
-        Launcher { child, lines, exit: None, addr: None }
+        Launcher { child, lines, exit: None, addr: None, own_pid_namespace: false }
     }
 
     pub fn pid(&self) -> i32 {
@@ -223,6 +226,9 @@ impl Drop for Launcher {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.own_pid_namespace {
+            return;
+        }
         for (pid, _, _) in self.started() {
             // SAFETY: kill(2) on process groups of workers this test's launcher started.
             unsafe { libc::kill(-pid, libc::SIGKILL) };
