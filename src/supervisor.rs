@@ -38,7 +38,7 @@ use crate::readiness;
 use crate::roll::{Action, Input, Roll, WorkerId};
 use crate::socket::{Listeners, Mode};
 use crate::spawn::{self, env_entry, Identity, Placeholders, Program, Spec};
-use crate::steer::{self, StallWatch};
+use crate::steer::{self, Sample, StallWatch};
 
 /// Something the loop must react to.
 #[derive(Debug)]
@@ -742,7 +742,20 @@ impl Supervisor {
                 lens.collect::<std::io::Result<Vec<u32>>>().ok().and_then(|v| v.into_iter().max())
             })
             .collect();
-        for (slot, stalled) in watch.observe(now, &queues) {
+        // CPU time only where something waits (rare): all processes of the slot's workers.
+        let samples: Vec<Sample> = queues
+            .iter()
+            .enumerate()
+            .map(|(slot, &queue)| {
+                let cpu = matches!(queue, Some(n) if n > 0).then(|| {
+                    let leaders: Vec<i32> =
+                        self.workers.values().filter(|w| w.slot == slot).map(|w| w.pid.as_raw()).collect();
+                    steer::cpu_ticks(&readiness::groups_members(&leaders).concat())
+                });
+                Sample { queue, cpu: cpu.flatten() }
+            })
+            .collect();
+        for (slot, stalled) in watch.observe(now, &samples) {
             let who = self
                 .workers
                 .values()
