@@ -11,8 +11,8 @@
  * the response. Routes: `/` answers "hello from pid N"; `/cpu` runs a busy loop of 1e7
  * iterations first; anything else is 404. Every response has an `X-Pid` header.
  * The listening socket is watched with EPOLLEXCLUSIVE, so workers sharing one socket do not
- * all wake for every connection. Prints `ready pid=N` on stderr once listening; SIGTERM or
- * SIGINT make it exit 0.
+ * all wake for every connection, and each wake-up accepts one connection. Prints
+ * `ready pid=N` on stderr once listening; SIGTERM or SIGINT make it exit 0.
  *
  * Build: gcc -O2 -Wall -Wextra -o hello-c hello.c
  */
@@ -267,17 +267,14 @@ static void watch(int epfd, int op, struct conn *c, unsigned events) {
     if (epoll_ctl(epfd, op, c->fd, &ev) < 0) die("epoll_ctl");
 }
 
-static void accept_all(int epfd, int listener) {
-    for (;;) {
-        int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            return; /* EAGAIN, or EMFILE and friends: try again on the next wake-up */
-        }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        watch(epfd, EPOLL_CTL_ADD, conn_new(fd), EPOLLIN | EPOLLRDHUP);
-    }
+/* One connection per wake-up (nginx's default, `multi_accept off`): a worker sharing one
+ * socket with others does not drain the whole queue for itself. */
+static void accept_one(int epfd, int listener) {
+    int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return; /* EAGAIN (another worker took it), ECONNABORTED, EMFILE...: next wake-up */
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    watch(epfd, EPOLL_CTL_ADD, conn_new(fd), EPOLLIN | EPOLLRDHUP);
 }
 
 /* One readiness event on a client connection. */
@@ -322,7 +319,7 @@ int main(void) {
         for (int i = 0; i < n; i++) {
             struct conn *c = events[i].data.ptr;
             if (c == &listen_conn) {
-                accept_all(epfd, listener);
+                accept_one(epfd, listener);
             } else {
                 on_conn_event(epfd, c, events[i].events);
             }
