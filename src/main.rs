@@ -92,6 +92,7 @@ fn main() -> ExitCode {
             listeners.socket_count()
         );
     }
+    spawn::raise_fd_limit();
     let result = supervisor::Supervisor::new(config, listeners, program, identity).and_then(|s| s.run());
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,10 @@
 //! on the public sockets (EPOLLEXCLUSIVE), connect to the next serving slot's private address
 //! (one shared round-robin counter), and copy bytes both ways with edge-triggered non-blocking
 //! reads and writes through a fixed 16 KiB buffer per direction. Half-closes are forwarded
-//! (shutdown(SHUT_WR) once a side's EOF has been flushed); an error on either side closes both.
+//! (shutdown(SHUT_WR) once a side's EOF has been flushed); an error ends only the direction it
+//! happened in, so a worker's answer still reaches a client whose upload it refused. Each
+//! connection costs the launcher two fds (main raises the soft RLIMIT_NOFILE to the hard
+//! limit); out of fds, a thread pauses accepting for a moment rather than spin.
 //!
 //! The supervisor owns the backend list: [`Proxy::set_backends`] after every change in which
 //! slots serve. A slot being rolled gets no new connections until its new worker took over.
@@ -20,11 +23,14 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use socket2::{Domain, Socket, Type};
 
 const BUF: usize = 16 * 1024;
+/// How long accepting pauses when the launcher is out of file descriptors.
+const PAUSE: Duration = Duration::from_millis(100);
 /// Epoll data of the public listeners: `LISTENER + bind index`.
 const LISTENER: u64 = u64::MAX - 1024;
 
@@ -60,7 +66,16 @@ impl Proxy {
             let (shared, public) = (shared.clone(), public.clone());
             let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
             std::thread::Builder::new().name(format!("proxy-{i}")).spawn(move || {
-                let mut w = Forwarder { epoll, public, shared, conns: Vec::new(), free: Vec::new(), version: 0 };
+                let mut w = Forwarder {
+                    epoll,
+                    public,
+                    shared,
+                    conns: Vec::new(),
+                    free: Vec::new(),
+                    version: 0,
+                    listening: false,
+                    paused_until: None,
+                };
                 if let Err(e) = w.run() {
                     log::error!("round-robin forwarding thread {i} stopped: {e}");
                 }
@@ -76,15 +91,18 @@ impl Proxy {
     }
 }
 
-/// One forwarded connection: the client side and the worker side.
+/// One forwarded connection: side 0 is the client, side 1 the worker.
 struct Conn {
     sides: [TcpStream; 2],
+    /// The worker side's non-blocking connect has completed.
+    connected: bool,
     /// bufs[i]: bytes read from side i, not yet written to the other side (start, end).
     bufs: [Box<[u8; BUF]>; 2],
     pending: [(usize, usize); 2],
-    /// Side i has sent EOF (and it was forwarded once its buffer drained).
+    /// Side i has sent EOF.
     eof: [bool; 2],
-    shut: [bool; 2],
+    /// The direction from side i is finished: its EOF was passed on, or an error ended it.
+    done: [bool; 2],
 }
 
 enum Step {
@@ -99,20 +117,26 @@ struct Forwarder {
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
     version: u64,
+    listening: bool,
+    /// Accepting is paused (out of fds) until then.
+    paused_until: Option<Instant>,
 }
 
 impl Forwarder {
     fn run(&mut self) -> io::Result<()> {
         let mut events = vec![EpollEvent::empty(); 256];
-        let mut listening = false;
         loop {
+            // Listen while some slot serves on every bind and accepting is not paused.
             let version = self.shared.version.load(Ordering::Acquire);
-            if version != self.version {
+            let resume = self.paused_until.is_some_and(|t| Instant::now() >= t);
+            if version != self.version || resume {
                 self.version = version;
-                let any = self.backends().iter().all(|b| !b.is_empty());
-                if any != listening {
-                    self.listen(any)?;
-                    listening = any;
+                if resume {
+                    self.paused_until = None;
+                }
+                let want = self.paused_until.is_none() && self.backends().iter().all(|b| !b.is_empty());
+                if want != self.listening {
+                    self.listen(want)?;
                 }
             }
             // Wake up now and then to notice backend changes while idle or paused.
@@ -124,7 +148,7 @@ impl Forwarder {
             for ev in &events[..n] {
                 let data = ev.data();
                 if data >= LISTENER {
-                    self.accept((data - LISTENER) as usize);
+                    self.accept((data - LISTENER) as usize)?;
                 } else {
                     self.pump((data / 2) as usize);
                 }
@@ -136,7 +160,11 @@ impl Forwarder {
         self.shared.backends.read().expect("backends lock").clone()
     }
 
-    fn listen(&self, on: bool) -> io::Result<()> {
+    fn listen(&mut self, on: bool) -> io::Result<()> {
+        if on == self.listening {
+            return Ok(());
+        }
+        self.listening = on;
         for (i, l) in self.public.iter().enumerate() {
             if on {
                 let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
@@ -148,26 +176,36 @@ impl Forwarder {
         Ok(())
     }
 
-    fn accept(&mut self, bind: usize) {
+    /// Accept what is waiting on public socket `bind` and forward each connection to the next
+    /// serving slot. Accepts nothing while no slot serves: connections wait in the queue.
+    fn accept(&mut self, bind: usize) -> io::Result<()> {
         let backends = self.backends();
+        let list = &backends[bind];
+        if list.is_empty() {
+            return Ok(());
+        }
         for _ in 0..64 {
             let client = match self.public[bind].accept() {
                 Ok((c, _)) => c,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of fds: stop accepting for a moment instead of spinning on the queue.
+                    log::warn!("round-robin: cannot accept ({e}); pausing for {PAUSE:?}");
+                    self.listen(false)?;
+                    self.paused_until = Some(Instant::now() + PAUSE);
+                    return Ok(());
+                }
                 Err(e) => {
                     log::debug!("accept: {e}");
-                    return;
+                    return Ok(());
                 }
             };
-            let list = &backends[bind];
-            if list.is_empty() {
-                return; // dropped: no serving slot any more
-            }
             let target = list[self.shared.next.fetch_add(1, Ordering::Relaxed) % list.len()];
             if let Err(e) = self.open(client, target) {
-                log::debug!("cannot forward a connection to {target}: {e}");
+                log::warn!("round-robin: cannot forward a connection to {target}: {e}");
             }
         }
+        Ok(())
     }
 
     fn open(&mut self, client: TcpStream, target: SocketAddr) -> io::Result<()> {
@@ -176,17 +214,18 @@ impl Forwarder {
         let backend = Socket::new(Domain::for_address(target), Type::STREAM.cloexec(), None)?;
         backend.set_nonblocking(true)?;
         backend.set_tcp_nodelay(true)?;
-        match backend.connect(&target.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        let connected = match backend.connect(&target.into()) {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => false,
             Err(e) => return Err(e),
-        }
+        };
         let conn = Conn {
             sides: [client, backend.into()],
+            connected,
             bufs: [Box::new([0; BUF]), Box::new([0; BUF])],
             pending: [(0, 0); 2],
             eof: [false; 2],
-            shut: [false; 2],
+            done: [false; 2],
         };
         let id = match self.free.pop() {
             Some(id) => {
@@ -201,7 +240,10 @@ impl Forwarder {
         let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
         let conn = self.conns[id].as_ref().expect("just stored");
         for (side, s) in conn.sides.iter().enumerate() {
-            self.epoll.add(s.as_fd(), EpollEvent::new(flags, (id * 2 + side) as u64))?;
+            if let Err(e) = self.epoll.add(s.as_fd(), EpollEvent::new(flags, (id * 2 + side) as u64)) {
+                self.release(id);
+                return Err(e.into());
+            }
         }
         // The client may have sent its request already: edge-triggered, so read it now.
         self.pump(id);
@@ -211,10 +253,16 @@ impl Forwarder {
     fn pump(&mut self, id: usize) {
         let Some(conn) = self.conns.get_mut(id).and_then(|c| c.as_mut()) else { return };
         if let Step::Closed = conn.pump() {
+            self.release(id);
+        }
+    }
+
+    /// Forget connection `id`: out of the epoll set, both sockets closed.
+    fn release(&mut self, id: usize) {
+        if let Some(conn) = self.conns[id].take() {
             for s in &conn.sides {
                 let _ = self.epoll.delete(s.as_fd());
             }
-            self.conns[id] = None;
             self.free.push(id);
         }
     }
@@ -223,16 +271,16 @@ impl Forwarder {
 impl Conn {
     /// Move bytes both ways until nothing moves; Closed when the connection is finished.
     fn pump(&mut self) -> Step {
-        loop {
-            let mut moved = false;
-            for from in 0..2 {
-                let to = 1 - from;
-                match self.transfer(from, to) {
-                    Ok(m) => moved |= m,
-                    Err(_) => return Step::Closed,
-                }
+        if !self.connected {
+            match self.sides[1].take_error() {
+                Ok(None) if self.sides[1].peer_addr().is_err() => {} // still connecting
+                Ok(None) => self.connected = true,
+                _ => return Step::Closed, // the connect failed: nothing can be forwarded
             }
-            if self.shut[0] && self.shut[1] {
+        }
+        loop {
+            let moved = self.transfer(0, 1) | self.transfer(1, 0);
+            if self.done == [true, true] {
                 return Step::Closed;
             }
             if !moved {
@@ -241,41 +289,58 @@ impl Conn {
         }
     }
 
-    /// One round of reading from `from` and writing to `to`. Ok(true) if anything happened.
-    fn transfer(&mut self, from: usize, to: usize) -> io::Result<bool> {
+    /// One round of reading from side `from` and writing to side `to`; true if anything
+    /// happened. An error ends only this direction: the other may still carry, say, the
+    /// worker's answer to a client whose upload it refused.
+    fn transfer(&mut self, from: usize, to: usize) -> bool {
+        if self.done[from] {
+            return false;
+        }
         let mut moved = false;
         if self.pending[from] == (0, 0) && !self.eof[from] {
             match (&self.sides[from]).read(&mut self.bufs[from][..]) {
                 Ok(0) => self.eof[from] = true,
                 Ok(n) => self.pending[from] = (0, n),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
-                Err(e) => return Err(e),
+                Err(_) => return self.end(from, to),
             }
             moved = self.eof[from] || self.pending[from] != (0, 0);
         }
+        // The worker side takes nothing before its connect completes (it wakes us then).
+        let writable = to == 0 || self.connected;
         let (start, end) = self.pending[from];
-        if start < end {
+        if start < end && writable {
             match (&self.sides[to]).write(&self.bufs[from][start..end]) {
                 Ok(n) => {
                     self.pending[from].0 += n;
+                    if self.pending[from].0 == end {
+                        self.pending[from] = (0, 0);
+                    }
                     moved = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {} // connect still in progress
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
-                Err(e) => return Err(e),
-            }
-            if self.pending[from].0 == end {
-                self.pending[from] = (0, 0);
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(_) => return self.end(from, to),
             }
         }
-        if self.eof[from] && self.pending[from] == (0, 0) && !self.shut[from] {
+        if self.eof[from] && self.pending[from] == (0, 0) && writable {
             // Everything `from` sent has been delivered: pass its EOF on.
             let _ = self.sides[to].shutdown(Shutdown::Write);
-            self.shut[from] = true;
+            self.done[from] = true;
             moved = true;
         }
-        Ok(moved)
+        moved
+    }
+
+    /// End the direction from `from` to `to` after an error: drop what is buffered, read no
+    /// more from `from`, and tell `to` that nothing more comes.
+    fn end(&mut self, from: usize, to: usize) -> bool {
+        self.done[from] = true;
+        self.pending[from] = (0, 0);
+        let _ = self.sides[from].shutdown(Shutdown::Read);
+        if to == 0 || self.connected {
+            let _ = self.sides[to].shutdown(Shutdown::Write);
+        }
+        true
     }
 }
 

@@ -139,26 +139,28 @@ impl Listeners {
             Mode::Reuseport => {
                 for _slot in 0..slots {
                     for addr in &local {
-                        sockets.push(listen_socket(*addr, true, backlog)?);
+                        sockets.push(bound_socket(*addr, true)?);
                     }
                 }
             }
             Mode::Shared => {
                 for addr in &local {
-                    sockets.push(listen_socket(*addr, false, backlog)?);
+                    sockets.push(bound_socket(*addr, false)?);
                 }
             }
             Mode::RoundRobin => {
                 for addr in &local {
-                    public.push(listen_socket(*addr, false, backlog)?);
+                    public.push(bound_socket(*addr, false)?);
                 }
                 let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
                 for _ in 0..slots * binds.len() {
-                    sockets.push(listen_socket(loopback, false, backlog)?);
+                    sockets.push(bound_socket(loopback, false)?);
                 }
             }
             Mode::SelfBind => {}
         }
+        // Everything is bound; only now start listening, so a failure above left no queue.
+        listen_all(public.iter().chain(&sockets), backlog)?;
         Ok(Listeners { mode, binds: binds.to_vec(), local, sockets, public })
     }
 
@@ -207,7 +209,7 @@ impl Listeners {
         let mut all = Vec::with_capacity(slots * sockets.len());
         for slot in 1..slots {
             for addr in &local {
-                match listen_socket(*addr, true, backlog) {
+                match bound_socket(*addr, true) {
                     Ok(s) => all.push(s),
                     Err(e) => {
                         log::warn!(
@@ -218,6 +220,8 @@ impl Listeners {
                 }
             }
         }
+        // All bound: join the group (listen) only now, in slot order after the inherited one.
+        listen_all(&all, backlog).map_err(|e| e.to_string())?;
         let mut ordered = sockets;
         ordered.extend(all);
         Ok(Listeners { mode: Mode::Reuseport, binds, local, sockets: ordered, public: Vec::new() })
@@ -333,7 +337,9 @@ fn check_listening_tcp(fd: RawFd) -> Result<(), String> {
     Ok(())
 }
 
-fn listen_socket(addr: SocketAddr, reuseport: bool, backlog: i32) -> Result<Socket, BindError> {
+/// A socket bound to `addr` but not listening yet: until listen() nothing can queue on it, so
+/// dropping it after a later failure loses no connection.
+fn bound_socket(addr: SocketAddr, reuseport: bool) -> Result<Socket, BindError> {
     let e = |err| BindError { addr, err };
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(e)?;
     sock.set_reuse_address(true).map_err(e)?;
@@ -341,8 +347,16 @@ fn listen_socket(addr: SocketAddr, reuseport: bool, backlog: i32) -> Result<Sock
         sock.set_reuse_port(true).map_err(e)?;
     }
     sock.bind(&addr.into()).map_err(e)?;
-    sock.listen(backlog).map_err(e)?;
     Ok(sock)
+}
+
+/// listen() on every socket, in order (a reuseport group indexes its members in listen order).
+fn listen_all<'a>(sockets: impl IntoIterator<Item = &'a Socket>, backlog: i32) -> Result<(), BindError> {
+    for sock in sockets {
+        let addr = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(([0, 0, 0, 0], 0).into());
+        sock.listen(backlog).map_err(|err| BindError { addr, err })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,14 +5,16 @@
 //! and exec the child only makes async-signal-safe system calls on memory it already has:
 //! it never allocates. In the child, in order:
 //! 1. `setpgid(0, 0)`: the worker leads its own process group (stop signals go to the group);
-//! 2. `PR_SET_PDEATHSIG = SIGKILL`, then a check that the launcher is still its parent. The
-//!    death signal fires when the *thread* that forked exits, so workers are only ever forked
-//!    from the supervisor loop on the launcher's main thread, which lives as long as the
-//!    launcher: the signal, notify and helper threads may come and go without killing workers;
-//! 3. every signal disposition back to default and an empty signal mask;
-//! 4. the slot's listening sockets moved to fds 3, 4, ... (without CLOEXEC); every other fd
+//! 2. every signal disposition back to default, an empty signal mask, and the fd limit the
+//!    launcher started with;
+//! 3. the slot's listening sockets moved to fds 3, 4, ... (without CLOEXEC); every other fd
 //!    above them is marked CLOEXEC, so the worker sees 0-2 and its own sockets, nothing else;
-//! 5. with `--user`: supplementary groups, gid, uid dropped (and checked);
+//! 4. with `--user`: supplementary groups, gid, uid dropped (and checked);
+//! 5. `PR_SET_PDEATHSIG = SIGKILL` (after 4: a credential change clears it), then a check that
+//!    the launcher is still its parent. The death signal fires when the *thread* that forked
+//!    exits, so workers are only ever forked from the supervisor loop on the launcher's main
+//!    thread, which lives as long as the launcher: the signal, notify and helper threads may
+//!    come and go without killing workers;
 //! 6. `LISTEN_PID` (and `WATCHDOG_PID`) written with the child's own pid into buffers prepared
 //!    by the parent;
 //! 7. `execve`. A failure is reported to the parent through a CLOEXEC pipe (errno, 4 bytes),
@@ -97,6 +99,26 @@ fn check_executable(path: &Path) -> Result<(), (String, u8)> {
         Err(e) => Err((e.to_string(), 126)),
         Ok(m) if m.is_dir() => Err(("is a directory".into(), 126)),
         Ok(_) => access(path, AccessFlags::X_OK).map_err(|_| ("permission denied (not executable)".into(), 126)),
+    }
+}
+
+/// The launcher's RLIMIT_NOFILE as it started, before [`raise_fd_limit`]: workers get it back.
+static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raise the launcher's soft limit on open fds to the hard limit (the round-robin forwarder
+/// holds two fds per connection). Workers are given the original limit back before exec.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let _ = ORIGINAL_NOFILE.set(lim);
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        if lim.rlim_cur < lim.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            log::debug!("cannot raise RLIMIT_NOFILE: {}", io::Error::last_os_error());
+        }
     }
 }
 
@@ -213,6 +235,8 @@ struct ChildCtx {
     npid: usize,
     /// uid, gid, supplementary groups (pointer, count).
     creds: Option<(libc::uid_t, libc::gid_t, *const libc::gid_t, usize)>,
+    /// RLIMIT_NOFILE to restore (the launcher raised its own).
+    nofile: Option<libc::rlimit>,
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
@@ -257,6 +281,7 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
         pid_slots,
         npid: spec.pid_vars.len(),
         creds: spec.creds.map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
+        nofile: ORIGINAL_NOFILE.get().copied(),
         path: program.path.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
@@ -307,14 +332,7 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
             libc::_exit(127)
         };
         libc::setpgid(0, 0);
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-            fail(ctx.pipe_w);
-        }
-        if libc::getppid() != ctx.parent {
-            // The launcher died before PDEATHSIG was armed.
-            libc::_exit(1);
-        }
-        for sig in 1..libc::SIGRTMAX() {
+        for sig in 1..=libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }
@@ -322,6 +340,9 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if let Some(lim) = &ctx.nofile {
+            libc::setrlimit(libc::RLIMIT_NOFILE, lim);
+        }
 
         // Move everything we still need above the target range first, then dup2 into 3.. .
         let nfds = ctx.nfds;
@@ -361,6 +382,15 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
                 *libc::__errno_location() = libc::EPERM;
                 fail(pipe);
             }
+        }
+
+        // Armed after the credential change, which clears it (commit_creds).
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            fail(pipe);
+        }
+        if libc::getppid() != ctx.parent {
+            // The launcher died before PDEATHSIG was armed.
+            libc::_exit(1);
         }
 
         // The pid variables: write our pid's decimal digits into the prepared buffers.

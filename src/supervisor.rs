@@ -90,6 +90,9 @@ struct Worker {
     was_ready: bool,
     /// With --watchdog: restart unless a WATCHDOG=1 arrives before this (armed once ready).
     watchdog_at: Option<Instant>,
+    /// Stopped because it failed (not ready in time, missed its watchdog): its exit counts
+    /// against its slot like a crash.
+    fault: bool,
 }
 
 #[derive(Debug, Default)]
@@ -97,7 +100,7 @@ struct Slot {
     gen: u64,
     quick_deaths: u32,
     start_failures: u32,
-    delay: Duration,
+    /// When to start the slot's next worker, once it has none (None: at once).
     respawn_at: Option<Instant>,
     last_failure: String,
 }
@@ -309,7 +312,7 @@ impl Supervisor {
                 }
                 ("WATCHDOG", "trigger") => {
                     log::warn!("{label} asked to be restarted (WATCHDOG=trigger)");
-                    self.stop(id, Instant::now());
+                    self.stop_faulty(id, Instant::now());
                 }
                 ("STOPPING", "1") => log::info!("{label} says it is stopping"),
                 ("STATUS", status) => log::info!("{label} status: {status}"),
@@ -358,7 +361,17 @@ impl Supervisor {
             Ready::Auto(_) | Ready::Notify => None,
         };
         let state = State::Starting { ready_at, deadline: now + self.cfg.ready_timeout };
-        let w = Worker { slot, gen, pid, started: now, state, candidate, was_ready: false, watchdog_at: None };
+        let w = Worker {
+            slot,
+            gen,
+            pid,
+            started: now,
+            state,
+            candidate,
+            was_ready: false,
+            watchdog_at: None,
+            fault: false,
+        };
         log::info!("{} started", label(&w));
         self.workers.insert(id, w);
         Ok(id)
@@ -370,9 +383,19 @@ impl Supervisor {
         if matches!(w.state, State::Stopping { .. }) {
             return;
         }
-        let _ = killpg(w.pid, self.cfg.stop_signal);
+        signal_worker(w.pid, self.cfg.stop_signal);
         w.state = State::Stopping { kill_at: now + self.cfg.grace, killed: false };
+        w.watchdog_at = None;
         log::info!("{} stopping ({})", label(w), self.cfg.stop_signal.as_str());
+    }
+
+    /// Stop a worker that failed (ready timeout, watchdog): its exit then counts against its
+    /// slot (backoff, --max-start-failures) like a crash.
+    fn stop_faulty(&mut self, id: WorkerId, now: Instant) {
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.fault = true;
+        }
+        self.stop(id, now);
     }
 
     fn stop_all(&mut self, how: Shutdown) {
@@ -396,7 +419,7 @@ impl Supervisor {
             Shutdown::Immediate => {
                 log::info!("killing {} workers", self.workers.len());
                 for w in self.workers.values_mut() {
-                    let _ = killpg(w.pid, Signal::SIGKILL);
+                    signal_worker(w.pid, Signal::SIGKILL);
                     w.state = State::Stopping { kill_at: now, killed: true };
                 }
             }
@@ -410,7 +433,7 @@ impl Supervisor {
     /// For fatal exits: SIGKILL every worker and wait for each, so nothing is left behind.
     fn kill_all_and_reap(&mut self) {
         for (id, w) in std::mem::take(&mut self.workers) {
-            let _ = killpg(w.pid, Signal::SIGKILL);
+            signal_worker(w.pid, Signal::SIGKILL);
             let _ = waitpid(w.pid, None);
             if let Some(hub) = &self.notify {
                 hub.close(id);
@@ -486,28 +509,29 @@ impl Supervisor {
         }
         let actions = self.roll.step(Input::Exited { worker: id, how: how.clone() }, now);
         self.apply(actions);
-        if expected || w.candidate || self.shutdown.is_some() {
+        if (expected && !w.fault) || w.candidate || self.shutdown.is_some() {
             return;
         }
         let lived = now.duration_since(w.started);
-        self.record_failure(w.slot, lived, w.was_ready, format!("{} {how}", label(&w)));
+        self.record_failure(w.slot, now, lived, w.was_ready, format!("{} {how}", label(&w)));
     }
 
-    /// Account one unexpected death (or failed start) of `slot`'s worker for backoff and give-up.
-    fn record_failure(&mut self, slot: usize, lived: Duration, was_ready: bool, what: String) {
+    /// Account one unexpected death (or failed start) of `slot`'s worker for backoff and give-up,
+    /// and schedule the slot's next worker.
+    fn record_failure(&mut self, slot: usize, now: Instant, lived: Duration, was_ready: bool, what: String) {
         let s = &mut self.slots[slot];
         if lived >= STABLE_AFTER {
             s.quick_deaths = 0;
         }
-        s.delay = backoff(s.quick_deaths);
+        let delay = backoff(s.quick_deaths);
         s.quick_deaths += 1;
         if !was_ready {
             s.start_failures += 1;
         }
         s.last_failure = what;
-        s.respawn_at = None;
-        if s.delay > Duration::ZERO {
-            log::info!("worker {slot} restarts in {:?} ({} quick exits in a row)", s.delay, s.quick_deaths);
+        s.respawn_at = Some(now + delay);
+        if delay > Duration::ZERO {
+            log::info!("worker {slot} restarts in {delay:?} ({} quick exits in a row)", s.quick_deaths);
         }
     }
 
@@ -604,7 +628,7 @@ impl Supervisor {
                 State::Starting { deadline, .. } if now >= deadline && !w.candidate => timed_out.push(*id),
                 State::Stopping { kill_at, killed: false } if now >= kill_at => {
                     log::warn!("{} still running after {:?}; sending SIGKILL", label(w), self.cfg.grace);
-                    let _ = killpg(w.pid, Signal::SIGKILL);
+                    signal_worker(w.pid, Signal::SIGKILL);
                     w.state = State::Stopping { kill_at, killed: true };
                 }
                 _ => {}
@@ -618,13 +642,13 @@ impl Supervisor {
             if let Some(w) = self.workers.get(&id) {
                 log::warn!("{} not ready within {:?}; stopping it", label(w), self.cfg.ready_timeout);
             }
-            self.stop(id, now);
+            self.stop_faulty(id, now);
         }
         for id in missed {
             if let (Some(w), Some(every)) = (self.workers.get(&id), self.cfg.watchdog) {
                 log::warn!("{} sent no WATCHDOG=1 for {every:?}; restarting it", label(w));
             }
-            self.stop(id, now);
+            self.stop_faulty(id, now);
         }
         if let Some((every, at)) = self.ping {
             if now >= at {
@@ -742,17 +766,22 @@ impl Supervisor {
                 lens.collect::<std::io::Result<Vec<u32>>>().ok().and_then(|v| v.into_iter().max())
             })
             .collect();
-        // CPU time only where something waits (rare): all processes of the slot's workers.
+        // CPU time only where something waits (rare): all processes of those slots' workers,
+        // found with one scan of /proc.
+        let leaders: Vec<(usize, i32)> = self
+            .workers
+            .values()
+            .filter(|w| matches!(queues[w.slot], Some(n) if n > 0))
+            .map(|w| (w.slot, w.pid.as_raw()))
+            .collect();
+        let members = readiness::groups_members(&leaders.iter().map(|l| l.1).collect::<Vec<_>>());
         let samples: Vec<Sample> = queues
             .iter()
             .enumerate()
             .map(|(slot, &queue)| {
-                let cpu = matches!(queue, Some(n) if n > 0).then(|| {
-                    let leaders: Vec<i32> =
-                        self.workers.values().filter(|w| w.slot == slot).map(|w| w.pid.as_raw()).collect();
-                    steer::cpu_ticks(&readiness::groups_members(&leaders).concat())
-                });
-                Sample { queue, cpu: cpu.flatten() }
+                let pids: Vec<i32> =
+                    leaders.iter().zip(&members).filter(|(l, _)| l.0 == slot).flat_map(|(_, m)| m.clone()).collect();
+                Sample { queue, cpu: steer::cpu_ticks(&pids) }
             })
             .collect();
         for (slot, stalled) in watch.observe(now, &samples) {
@@ -836,7 +865,7 @@ impl Supervisor {
                 s.respawn_at = None;
                 continue;
             }
-            let at = *s.respawn_at.get_or_insert(now + s.delay);
+            let at = *s.respawn_at.get_or_insert(now);
             if now < at {
                 continue;
             }
@@ -844,7 +873,7 @@ impl Supervisor {
             let gen = s.gen;
             if let Err(e) = self.spawn(slot, gen, false) {
                 log::error!("cannot start '{}' for worker {slot}: {e}", self.program.display);
-                self.record_failure(slot, Duration::ZERO, false, format!("worker {slot} could not start: {e}"));
+                self.record_failure(slot, now, Duration::ZERO, false, format!("worker {slot} could not start: {e}"));
             }
         }
         Ok(())
@@ -857,7 +886,7 @@ impl Supervisor {
             _ => None,
         });
         let slots = self.slots.iter().filter_map(|s| s.respawn_at);
-        let watchdogs = self.workers.values().filter_map(|w| w.watchdog_at);
+        let watchdogs = self.workers.values().filter(|w| w.state == State::Ready).filter_map(|w| w.watchdog_at);
         let ping = self.ping.map(|p| p.1);
         let sample = self.stalls.as_ref().filter(|_| !self.workers.is_empty()).map(|(_, next)| *next);
         let probe = match self.cfg.ready {
@@ -870,6 +899,13 @@ impl Supervisor {
         };
         workers.chain(slots).chain(watchdogs).chain(self.roll.deadline()).chain(ping).chain(probe).chain(sample).min()
     }
+}
+
+/// Signal a worker's process group, and the worker itself in case it left the group (setsid):
+/// its pid cannot be reused before the launcher reaps it.
+fn signal_worker(pid: Pid, sig: Signal) {
+    let _ = killpg(pid, sig);
+    let _ = nix::sys::signal::kill(pid, sig);
 }
 
 fn label(w: &Worker) -> String {

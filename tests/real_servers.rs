@@ -435,7 +435,8 @@ fn launcher_ready_waits_for_every_worker_and_for_the_whole_roll() {
     // One ready worker of two: not READY yet.
     l.wait_for("worker 0 (pid", secs(10));
     l.wait_for(&format!("worker 0 (pid {}, gen 1) ready", l.latest_pid(0)), secs(20));
-    rx.recv(Duration::ZERO);
+    // The status the launcher sends at the end of that same step: a READY=1 would come first.
+    rx.wait_for("STATUS=1/2 workers ready, gen 1", 0, secs(10));
     assert!(!rx.has(0, "READY=1"), "READY=1 with 1 of 2 workers ready: {:?}", rx.got);
     std::fs::write(gate_of(1), "").unwrap();
     let ready = rx.wait_for("READY=1", 0, secs(20));
@@ -447,7 +448,8 @@ fn launcher_ready_waits_for_every_worker_and_for_the_whole_roll() {
     l.signal(libc::SIGUSR2);
     let reloading = rx.wait_for("RELOADING=1", ready + 1, secs(10));
     l.wait_for("roll gen 2: slot 0 ready (1/2)", secs(20));
-    rx.recv(Duration::ZERO);
+    // Sent in the step that retired slot 0's old worker, after any READY=1 of that step.
+    rx.wait_for("STATUS=2/2 workers ready, gen 2, rolling to gen 2", reloading + 1, secs(10));
     assert!(!rx.has(reloading + 1, "READY=1"), "READY=1 in the middle of a roll: {:?}", rx.got);
     std::fs::write(gate_of(1), "").unwrap();
     let rolled = rx.wait_for("READY=1", reloading + 1, secs(20));

@@ -224,15 +224,19 @@ impl Launcher {
 
 impl Drop for Launcher {
     fn drop(&mut self) {
+        // The launcher's current workers are its children (unreaped, so their pids are theirs):
+        // kill their whole groups first, then the launcher. Pids of workers that already exited
+        // may have been reused by now (pid_max is small here): they are left alone.
+        let launcher = self.pid();
+        if !self.own_pid_namespace && self.exit.is_none() {
+            let workers: Vec<i32> = self.started().iter().map(|w| w.0).collect();
+            for p in processes().into_iter().filter(|p| p.ppid == launcher && workers.contains(&p.pid)) {
+                // SAFETY: kill(2) on the process group of a live worker of this test's launcher.
+                unsafe { libc::kill(-p.pid, libc::SIGKILL) };
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if self.own_pid_namespace {
-            return;
-        }
-        for (pid, _, _) in self.started() {
-            // SAFETY: kill(2) on process groups of workers this test's launcher started.
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
-        }
     }
 }
 
