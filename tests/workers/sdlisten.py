@@ -23,6 +23,12 @@ from pyworker import Server
 SD_LISTEN_FDS_START = 3
 
 
+
+def say(line):
+    """One line to stderr in a single write: lines of several workers sharing the launcher's
+    stderr must not interleave (print() writes the text and the newline separately)."""
+    os.write(2, (line + "\n").encode())
+
 def adopt_with_libsystemd():
     try:
         lib = ctypes.CDLL("libsystemd.so.0")
@@ -43,12 +49,12 @@ def adopt_with_libsystemd():
     # Non-blocking accept, as in pyworker.py: another process may take the connection first.
     sock.setblocking(False)
     host, port = sock.getsockname()[:2]
-    print(f"sdlisten: libsystemd sd_listen_fds(0) = {n}; fd {fd} listens on {host}:{port}", file=sys.stderr)
+    say(f"sdlisten: libsystemd sd_listen_fds(0) = {n}; fd {fd} listens on {host}:{port}")
     return sock
 
 
 def refuse(why):
-    print(f"sdlisten: refusing to start: {why}", file=sys.stderr)
+    say(f"sdlisten: refusing to start: {why}")
     sys.exit(3)
 
 
