@@ -123,6 +123,9 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
 /// The members of each of `pgids`' process groups (in that order), from one scan of /proc: for several
 /// starting workers at once, this costs one scan instead of one per worker.
 pub fn groups_members(pgids: &[i32]) -> Vec<Vec<i32>> {
+    if pgids.is_empty() {
+        return Vec::new(); // nothing to look for: no scan of /proc
+    }
     let mut members: Vec<Vec<i32>> = pgids.iter().map(|&pgid| vec![pgid]).collect();
     if let Ok(dir) = fs::read_dir("/proc") {
         for pid in dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
