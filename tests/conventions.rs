@@ -44,6 +44,24 @@ fn ready_auto_waits_until_the_worker_listens() {
     std::fs::remove_dir_all(marks).unwrap();
 }
 
+/// The same with node (libuv: the socket is seen in an epoll set) starting 1.5 s late.
+#[test]
+fn ready_auto_waits_for_a_slow_node_worker() {
+    let marks = temp_dir("node-marks");
+    let node_fd = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workers/node-fd.js");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["-n", "2", "-b", "127.0.0.1:0", "--ready", "auto", "--", "node", node_fd]);
+    cmd.env("START_DELAY_MS", "1500").env("MARK_DIR", &marks);
+    let mut l = Launcher::spawn(&mut cmd);
+    l.wait_listening();
+    l.wait_for("all 2 workers ready", secs(30));
+    for (pid, slot, _) in l.log().lines().filter(|x| x.contains(") ready after")).map(parse_worker) {
+        assert!(marks.join(pid.to_string()).exists(), "node worker {slot} (pid {pid}) ready before it listened");
+    }
+    l.poll_answers(secs(10), |r| distinct(r).len() >= 2);
+    std::fs::remove_dir_all(marks).unwrap();
+}
+
 /// A shell wrapper that starts the server as its child (no exec): the child's wait counts.
 #[test]
 fn ready_auto_sees_through_a_shell_wrapper() {

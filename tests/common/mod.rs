@@ -224,11 +224,15 @@ impl Launcher {
 
 impl Drop for Launcher {
     fn drop(&mut self) {
-        // The launcher's current workers are its children (unreaped, so their pids are theirs):
-        // kill their whole groups first, then the launcher. Pids of workers that already exited
-        // may have been reused by now (pid_max is small here): they are left alone.
+        // Freeze the launcher first: once its workers die it would respawn them at once, and a
+        // respawned worker's children would outlive it (PDEATHSIG covers only the worker
+        // itself). Then kill the current workers' whole groups (they are its unreaped children,
+        // so the pids are theirs; pids of workers that exited earlier may have been reused and
+        // are left alone), then the launcher.
         let launcher = self.pid();
         if !self.own_pid_namespace && self.exit.is_none() {
+            // SAFETY: kill(2) on the launcher this test started and has not reaped.
+            unsafe { libc::kill(launcher, libc::SIGSTOP) };
             let workers: Vec<i32> = self.started().iter().map(|w| w.0).collect();
             for p in processes().into_iter().filter(|p| p.ppid == launcher && workers.contains(&p.pid)) {
                 // SAFETY: kill(2) on the process group of a live worker of this test's launcher.

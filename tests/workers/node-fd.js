@@ -25,10 +25,16 @@ const server = http.createServer((req, res) => {
   res.end(body);
 });
 
-server.listen({ fd: 3 }, () => {
-  const { address, port } = server.address();
-  console.error(`node-fd: node ${process.version} listens on fd 3 (${address}:${port})`);
-});
+// Test knobs: START_DELAY_MS waits before listening (a slow start); MARK_DIR gets a file named
+// after the pid just before listen(), i.e. before the socket can be in libuv's epoll set.
+function listen() {
+  if (process.env.MARK_DIR) require('fs').writeFileSync(`${process.env.MARK_DIR}/${process.pid}`, '');
+  server.listen({ fd: 3 }, () => {
+    const { address, port } = server.address();
+    console.error(`node-fd: node ${process.version} listens on fd 3 (${address}:${port})`);
+  });
+}
+setTimeout(listen, Number(process.env.START_DELAY_MS || 0));
 
 process.on('SIGTERM', () => {
   closing = true;
