@@ -25,6 +25,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Why the launcher stops: the message (already logged when empty) and the exit code.
+struct Failure(String, u8);
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format(|buf, record| {
@@ -35,54 +38,34 @@ fn main() -> ExitCode {
             writeln!(buf, "reuse-launch: {level}{}", record.args())
         })
         .init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message, code)) => {
+            if !message.is_empty() {
+                eprintln!("reuse-launch: {message}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
 
+fn run() -> Result<(), Failure> {
     let args = cli::Args::parse();
-    let config = match cli::Config::from_args(args, std::env::var("PORT").ok()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("reuse-launch: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let program = match spawn::Program::resolve(&config.command) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("reuse-launch: {e}");
-            return ExitCode::from(e.exit_code);
-        }
-    };
-    let identity = match &config.user {
-        Some(user) => match spawn::resolve_identity(user, config.group.as_deref()) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                eprintln!("reuse-launch: {e}");
-                return ExitCode::from(1);
-            }
-        },
-        None => None,
-    };
-    let listeners = match socket::inherited() {
-        Err(e) => {
-            eprintln!("reuse-launch: {e}");
-            return ExitCode::from(1);
-        }
-        Ok(Some(sockets)) => {
+    let config = cli::Config::from_args(args, std::env::var("PORT").ok()).map_err(|e| Failure(e.to_string(), 2))?;
+    let program = spawn::Program::resolve(&config.command).map_err(|e| Failure(e.to_string(), e.exit_code))?;
+    let identity = config
+        .user
+        .as_deref()
+        .map(|user| spawn::resolve_identity(user, config.group.as_deref()))
+        .transpose()
+        .map_err(|e| Failure(e, 1))?;
+    let listeners = match socket::inherited().map_err(|e| Failure(e, 1))? {
+        Some(sockets) => {
             log::info!("using {} listening sockets inherited from the service manager (LISTEN_FDS)", sockets.len());
-            match socket::Listeners::adopt(sockets, config.mode, config.workers, config.backlog) {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("reuse-launch: {e}");
-                    return ExitCode::from(1);
-                }
-            }
+            socket::Listeners::adopt(sockets, config.mode, config.workers, config.backlog).map_err(|e| Failure(e, 1))?
         }
-        Ok(None) => match socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("reuse-launch: {e}");
-                return ExitCode::from(1);
-            }
-        },
+        None => socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog)
+            .map_err(|e| Failure(e.to_string(), 1))?,
     };
     for addr in listeners.local_addrs() {
         log::info!(
@@ -93,12 +76,8 @@ fn main() -> ExitCode {
         );
     }
     spawn::raise_fd_limit();
-    let result = supervisor::Supervisor::new(config, listeners, program, identity).and_then(|s| s.run());
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            ExitCode::from(1)
-        }
-    }
+    supervisor::Supervisor::new(config, listeners, program, identity).and_then(|s| s.run()).map_err(|e| {
+        log::error!("{e}");
+        Failure(String::new(), 1)
+    })
 }
