@@ -6,12 +6,12 @@
 //! the value and what was expected, and map to exit code 2 in `main`.
 
 use std::ffi::OsString;
-use std::fmt;
 use std::time::Duration;
 
 use clap::Parser;
 use nix::sys::signal::Signal;
 
+use crate::error::Error;
 use crate::socket::{BindSpec, Mode};
 
 const AFTER_HELP: &str = "\
@@ -154,28 +154,14 @@ pub struct Config {
     pub command: Vec<OsString>,
 }
 
-/// A usage error: the flag, the value given, and what was expected.
-#[derive(Debug, PartialEq, Eq)]
-pub struct UsageError {
-    pub flag: &'static str,
-    pub value: String,
-    pub expected: String,
-}
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid {} '{}': {}", self.flag, self.value, self.expected)
-    }
-}
-
-fn usage(flag: &'static str, value: &str, expected: impl Into<String>) -> UsageError {
-    UsageError { flag, value: value.to_string(), expected: expected.into() }
+fn usage(flag: &'static str, value: &str, expected: impl Into<String>) -> Error {
+    Error::usage(flag, value, expected)
 }
 
 impl Config {
     /// Validate raw flags. `port_env` is the launcher's own `PORT` variable, used for the
     /// default bind address.
-    pub fn from_args(args: Args, port_env: Option<String>) -> Result<Config, UsageError> {
+    pub fn from_args(args: Args, port_env: Option<String>) -> Result<Config, Error> {
         let workers = parse_workers(&args.workers)?;
         let mut binds = Vec::new();
         let bind_texts = if args.bind.is_empty() {
@@ -256,7 +242,7 @@ impl Config {
     }
 }
 
-fn parse_workers(s: &str) -> Result<usize, UsageError> {
+fn parse_workers(s: &str) -> Result<usize, Error> {
     if s == "auto" {
         return Ok(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     }
@@ -353,16 +339,23 @@ mod tests {
         assert_eq!(c.binds[0].addr.to_string(), "0.0.0.0:8080");
     }
 
+    fn flag_of(e: Error) -> &'static str {
+        match e {
+            Error::Usage { flag, .. } => flag,
+            other => panic!("not a usage error: {other}"),
+        }
+    }
+
     #[test]
     fn bad_values_are_named() {
         let e = Config::from_args(args(&["--grace", "soon"]), None).unwrap_err();
-        assert_eq!(e.flag, "--grace");
+        assert_eq!(flag_of(e), "--grace");
         let e = Config::from_args(args(&["--ready", "maybe"]), None).unwrap_err();
-        assert_eq!(e.flag, "--ready");
+        assert_eq!(flag_of(e), "--ready");
         let e = Config::from_args(args(&["-b", "nohost"]), None).unwrap_err();
-        assert_eq!(e.flag, "--bind");
+        assert_eq!(flag_of(e), "--bind");
         let e = Config::from_args(args(&["--mode", "magic"]), None).unwrap_err();
-        assert_eq!(e.flag, "--mode");
+        assert_eq!(flag_of(e), "--mode");
     }
 
     #[test]

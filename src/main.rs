@@ -11,6 +11,10 @@
 //! ```
 
 mod cli;
+mod command;
+mod contract;
+mod error;
+mod event;
 mod notify;
 mod proxy;
 mod readiness;
@@ -19,14 +23,15 @@ mod socket;
 mod spawn;
 mod steer;
 mod supervisor;
+mod upstream;
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Why the launcher stops: the message (already logged when empty) and the exit code.
-struct Failure(String, u8);
+use error::Error;
+use supervisor::{RealOs, Supervisor};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
@@ -40,32 +45,25 @@ fn main() -> ExitCode {
         .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(message, code)) => {
-            if !message.is_empty() {
-                eprintln!("reuse-launch: {message}");
-            }
-            ExitCode::from(code)
+        Err(e) => {
+            eprintln!("reuse-launch: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn run() -> Result<(), Failure> {
+fn run() -> Result<(), Error> {
     let args = cli::Args::parse();
-    let config = cli::Config::from_args(args, std::env::var("PORT").ok()).map_err(|e| Failure(e.to_string(), 2))?;
-    let program = spawn::Program::resolve(&config.command).map_err(|e| Failure(e.to_string(), e.exit_code))?;
-    let identity = config
-        .user
-        .as_deref()
-        .map(|user| spawn::resolve_identity(user, config.group.as_deref()))
-        .transpose()
-        .map_err(|e| Failure(e, 1))?;
-    let listeners = match socket::inherited().map_err(|e| Failure(e, 1))? {
+    let config = cli::Config::from_args(args, std::env::var("PORT").ok())?;
+    let program = command::Program::resolve(&config.command)?;
+    let identity =
+        config.user.as_deref().map(|user| command::resolve_identity(user, config.group.as_deref())).transpose()?;
+    let listeners = match socket::inherited()? {
         Some(sockets) => {
             log::info!("using {} listening sockets inherited from the service manager (LISTEN_FDS)", sockets.len());
-            socket::Listeners::adopt(sockets, config.mode, config.workers, config.backlog).map_err(|e| Failure(e, 1))?
+            socket::Listeners::adopt(sockets, config.mode, config.workers, config.backlog)?
         }
-        None => socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog)
-            .map_err(|e| Failure(e.to_string(), 1))?,
+        None => socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog)?,
     };
     for addr in listeners.local_addrs() {
         log::info!(
@@ -76,8 +74,7 @@ fn run() -> Result<(), Failure> {
         );
     }
     spawn::raise_fd_limit();
-    supervisor::Supervisor::new(config, listeners, program, identity).and_then(|s| s.run()).map_err(|e| {
-        log::error!("{e}");
-        Failure(String::new(), 1)
-    })
+    let supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
+    event::start_signal_thread(supervisor.sender())?;
+    supervisor.run()
 }

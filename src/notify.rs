@@ -1,6 +1,6 @@
-//! sd_notify both ways: the receiver for workers (`--ready notify`, `--watchdog`): one datagram
-//! socket per worker, read by one thread that turns messages into supervisor events; and
-//! [`Upstream`], the launcher's own messages to whoever started it with NOTIFY_SOCKET (systemd).
+//! The sd_notify receiver for workers (`--ready notify`, `--watchdog`): one datagram socket per
+//! worker, read by one thread that turns messages into supervisor events. (The launcher's own
+//! messages to its service manager are `upstream`'s.)
 //!
 //! Each worker gets its own socket (abstract namespace, `NOTIFY_SOCKET=@reuse-launch/...`), so a
 //! message is attributed by the socket it arrived on: any process of the worker's tree that
@@ -24,8 +24,7 @@ use crossbeam_channel::Sender;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
 
-use crate::roll::WorkerId;
-use crate::supervisor::Event;
+use crate::event::{Event, WorkerId};
 
 type Sockets = Arc<Mutex<HashMap<WorkerId, Arc<UnixDatagram>>>>;
 
@@ -128,41 +127,6 @@ fn receive(fd: RawFd, allowed: &[u32]) -> Option<Vec<(String, String)>> {
         return Some(Vec::new());
     }
     Some(parse(&buf[..len]))
-}
-
-/// The launcher's own sd_notify channel to its supervisor (systemd `Type=notify`), when it was
-/// started with NOTIFY_SOCKET. Sending is best effort: a failure is logged once.
-pub struct Upstream {
-    sock: UnixDatagram,
-    addr: SocketAddr,
-    failed: std::cell::Cell<bool>,
-}
-
-impl Upstream {
-    /// From the launcher's NOTIFY_SOCKET (a path, or `@name` for the abstract namespace).
-    pub fn from_env() -> Option<Upstream> {
-        let value = std::env::var("NOTIFY_SOCKET").ok().filter(|v| !v.is_empty())?;
-        let addr = match value.strip_prefix('@') {
-            Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
-            None => SocketAddr::from_pathname(&value),
-        };
-        let made = addr.and_then(|addr| Ok((UnixDatagram::unbound()?, addr)));
-        match made {
-            Ok((sock, addr)) => Some(Upstream { sock, addr, failed: Default::default() }),
-            Err(e) => {
-                log::warn!("cannot use NOTIFY_SOCKET={value}: {e}");
-                None
-            }
-        }
-    }
-
-    pub fn send(&self, message: &str) {
-        if let Err(e) = self.sock.send_to_addr(message.as_bytes(), &self.addr) {
-            if !self.failed.replace(true) {
-                log::warn!("cannot notify the service manager: {e}");
-            }
-        }
-    }
 }
 
 /// Parse an sd_notify datagram: newline-separated `KEY=VALUE` assignments.

@@ -17,8 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-/// The supervisor's id of one worker process (never reused within a launcher's life).
-pub type WorkerId = u64;
+use crate::event::WorkerId;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {

@@ -15,6 +15,8 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::error::Error;
+
 /// One `--bind`: an address and the name it gets in LISTEN_FDNAMES.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BindSpec {
@@ -105,33 +107,25 @@ pub struct Listeners {
 }
 
 /// A bind failure, naming the address and the cause.
-#[derive(Debug)]
-pub struct BindError {
-    pub addr: SocketAddr,
-    pub err: io::Error,
-}
-
-impl fmt::Display for BindError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let cause = match self.err.raw_os_error() {
-            Some(libc::EADDRINUSE) => "address already in use (another process listens there)".to_string(),
-            Some(libc::EACCES) => "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".to_string(),
-            Some(libc::EADDRNOTAVAIL) => "address not available on this machine".to_string(),
-            _ => self.err.to_string(),
-        };
-        write!(f, "failed to bind {}: {}", self.addr, cause)
-    }
+fn bind_error(addr: SocketAddr, err: io::Error) -> Error {
+    let cause = match err.raw_os_error() {
+        Some(libc::EADDRINUSE) => "address already in use (another process listens there)".to_string(),
+        Some(libc::EACCES) => "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".to_string(),
+        Some(libc::EADDRNOTAVAIL) => "address not available on this machine".to_string(),
+        _ => err.to_string(),
+    };
+    Error::Failed(format!("failed to bind {addr}: {cause}"))
 }
 
 impl Listeners {
     /// Bind and listen on every socket the configuration needs.
-    pub fn bind(binds: &[BindSpec], mode: Mode, slots: usize, backlog: i32) -> Result<Listeners, BindError> {
+    pub fn bind(binds: &[BindSpec], mode: Mode, slots: usize, backlog: i32) -> Result<Listeners, Error> {
         let mut local = Vec::with_capacity(binds.len());
         // Resolve port 0 and detect "in use" first with a plain socket: a SO_REUSEPORT bind
         // would silently join a group some other process of this user already listens in.
         for b in binds {
-            let probe = TcpListener::bind(b.addr).map_err(|err| BindError { addr: b.addr, err })?;
-            local.push(probe.local_addr().map_err(|err| BindError { addr: b.addr, err })?);
+            let probe = TcpListener::bind(b.addr).map_err(|err| bind_error(b.addr, err))?;
+            local.push(probe.local_addr().map_err(|err| bind_error(b.addr, err))?);
         }
         let mut sockets = Vec::new();
         let mut public = Vec::new();
@@ -168,15 +162,15 @@ impl Listeners {
     /// In reuseport mode the inherited sockets become slot 0's and every other slot gets a new
     /// socket in the same group, which needs SO_REUSEPORT on the inherited socket (`ReusePort=yes`
     /// in the .socket unit) and the same user as its creator; otherwise they are served shared.
-    pub fn adopt(
-        inherited: Vec<(Socket, String)>,
-        mode: Mode,
-        slots: usize,
-        backlog: i32,
-    ) -> Result<Listeners, String> {
+    pub fn adopt(inherited: Vec<(Socket, String)>, mode: Mode, slots: usize, backlog: i32) -> Result<Listeners, Error> {
         let mut local = Vec::new();
         for (s, _) in &inherited {
-            local.push(s.local_addr().ok().and_then(|a| a.as_socket()).ok_or("inherited socket has no inet address")?);
+            local.push(
+                s.local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .ok_or_else(|| Error::Failed("inherited socket has no inet address".into()))?,
+            );
         }
         let binds: Vec<BindSpec> = inherited
             .iter()
@@ -194,7 +188,9 @@ impl Listeners {
             })
         };
         if mode == Mode::RoundRobin || mode == Mode::SelfBind {
-            return Err(format!("--mode {mode} cannot serve inherited sockets (LISTEN_FDS): use reuseport or shared"));
+            return Err(Error::Failed(format!(
+                "--mode {mode} cannot serve inherited sockets (LISTEN_FDS): use reuseport or shared"
+            )));
         }
         if mode == Mode::Shared || slots == 1 {
             return shared(sockets);
@@ -221,7 +217,7 @@ impl Listeners {
             }
         }
         // All bound: join the group (listen) only now, in slot order after the inherited one.
-        listen_all(&all, backlog).map_err(|e| e.to_string())?;
+        listen_all(&all, backlog)?;
         let mut ordered = sockets;
         ordered.extend(all);
         Ok(Listeners { mode: Mode::Reuseport, binds, local, sockets: ordered, public: Vec::new() })
@@ -285,12 +281,12 @@ impl Listeners {
 /// The sockets systemd-style socket activation passed to this process (LISTEN_PID is ours,
 /// LISTEN_FDS=n: fds 3..3+n), each checked to be a listening TCP socket; None when there are none.
 /// They are made CLOEXEC: workers get them only through the slot fds.
-pub fn inherited() -> Result<Option<Vec<(Socket, String)>>, String> {
+pub fn inherited() -> Result<Option<Vec<(Socket, String)>>, Error> {
     let (Ok(pid), Ok(count)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else { return Ok(None) };
     if pid != std::process::id().to_string() {
         return Ok(None);
     }
-    let count: usize = count.parse().map_err(|_| format!("LISTEN_FDS='{count}' is not a number"))?;
+    let count: usize = count.parse().map_err(|_| Error::Failed(format!("LISTEN_FDS='{count}' is not a number")))?;
     if count == 0 {
         return Ok(None);
     }
@@ -298,11 +294,12 @@ pub fn inherited() -> Result<Option<Vec<(Socket, String)>>, String> {
     let mut out = Vec::new();
     for i in 0..count {
         let fd = 3 + i as RawFd;
-        check_listening_tcp(fd).map_err(|why| format!("inherited fd {fd} (LISTEN_FDS={count}) {why}"))?;
+        check_listening_tcp(fd)
+            .map_err(|why| Error::Failed(format!("inherited fd {fd} (LISTEN_FDS={count}) {why}")))?;
         // SAFETY: the fd was handed to this process by its parent per LISTEN_FDS and checked
         // above; nothing else in the launcher owns it.
         let sock = unsafe { Socket::from_raw_fd(fd) };
-        sock.set_cloexec(true).map_err(|e| format!("inherited fd {fd}: {e}"))?;
+        sock.set_cloexec(true).map_err(|e| Error::Failed(format!("inherited fd {fd}: {e}")))?;
         let name = match names.get(i).filter(|n| !n.is_empty() && *n != "unknown") {
             Some(n) => n.clone(),
             None if i == 0 => "http".to_string(),
@@ -339,8 +336,8 @@ fn check_listening_tcp(fd: RawFd) -> Result<(), String> {
 
 /// A socket bound to `addr` but not listening yet: until listen() nothing can queue on it, so
 /// dropping it after a later failure loses no connection.
-fn bound_socket(addr: SocketAddr, reuseport: bool) -> Result<Socket, BindError> {
-    let e = |err| BindError { addr, err };
+fn bound_socket(addr: SocketAddr, reuseport: bool) -> Result<Socket, Error> {
+    let e = |err| bind_error(addr, err);
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(e)?;
     sock.set_reuse_address(true).map_err(e)?;
     if reuseport {
@@ -351,10 +348,10 @@ fn bound_socket(addr: SocketAddr, reuseport: bool) -> Result<Socket, BindError> 
 }
 
 /// listen() on every socket, in order (a reuseport group indexes its members in listen order).
-fn listen_all<'a>(sockets: impl IntoIterator<Item = &'a Socket>, backlog: i32) -> Result<(), BindError> {
+fn listen_all<'a>(sockets: impl IntoIterator<Item = &'a Socket>, backlog: i32) -> Result<(), Error> {
     for sock in sockets {
         let addr = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(([0, 0, 0, 0], 0).into());
-        sock.listen(backlog).map_err(|err| BindError { addr, err })?;
+        sock.listen(backlog).map_err(|err| bind_error(addr, err))?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! Starting one worker process: command resolution, the worker's fds and environment, and the
-//! fork/exec itself (the unsafe part of the launcher).
+//! Starting one worker process: the fork/exec itself, the unsafe part of the launcher. What to
+//! run comes from `command`, the environment from `contract`; this module only carries them
+//! into the child.
 //!
 //! Everything the child needs (argv, envp, the fd list) is built in the parent. Between fork
 //! and exec the child only makes async-signal-safe system calls on memory it already has:
@@ -20,87 +21,17 @@
 //! 7. `execve`. A failure is reported to the parent through a CLOEXEC pipe (errno, 4 bytes),
 //!    so the parent knows synchronously whether the exec happened.
 
-use std::ffi::{CString, OsStr, OsString};
-use std::fmt;
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
 
-use nix::unistd::{access, AccessFlags, Pid};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::unistd::Pid;
+
+use crate::command::{Credentials, Program};
 
 /// Most listening fds one worker can receive (fixed so the child needs no allocation).
 pub const MAX_FDS: usize = 64;
-
-/// A command resolved to an executable file, with argv ready for execve.
-pub struct Program {
-    pub display: String,
-    path: CString,
-    argv: Vec<CString>,
-}
-
-/// Why a command cannot be started; maps to the shell's exit codes 127 and 126.
-#[derive(Debug)]
-pub struct ResolveError {
-    pub command: String,
-    pub cause: String,
-    pub exit_code: u8,
-}
-
-impl fmt::Display for ResolveError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot run '{}': {}", self.command, self.cause)
-    }
-}
-
-impl Program {
-    /// Find `command[0]` as the shell would (a name with '/' is a path, else search PATH) and
-    /// check it can be executed.
-    pub fn resolve(command: &[OsString]) -> Result<Program, ResolveError> {
-        let name = &command[0];
-        let display = name.to_string_lossy().into_owned();
-        let err = |cause: &str, exit_code| ResolveError { command: display.clone(), cause: cause.into(), exit_code };
-        if name.is_empty() {
-            return Err(err("empty command", 127));
-        }
-        let path = if name.as_bytes().contains(&b'/') {
-            PathBuf::from(name)
-        } else {
-            let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-            let mut found = None;
-            let mut not_executable = None;
-            for dir in std::env::split_paths(&search) {
-                let candidate = dir.join(name);
-                if candidate.is_file() {
-                    if access(&candidate, AccessFlags::X_OK).is_ok() {
-                        found = Some(candidate);
-                        break;
-                    }
-                    not_executable.get_or_insert(candidate);
-                }
-            }
-            match (found, not_executable) {
-                (Some(p), _) => p,
-                (None, Some(p)) => p,
-                (None, None) => return Err(err("command not found in PATH", 127)),
-            }
-        };
-        check_executable(&path).map_err(|(cause, code)| err(&cause, code))?;
-        let cstr = |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| err("argument contains a NUL byte", 126));
-        let argv = command.iter().map(|a| cstr(a)).collect::<Result<Vec<_>, _>>()?;
-        let path = cstr(path.as_os_str())?;
-        Ok(Program { display, path, argv })
-    }
-}
-
-fn check_executable(path: &Path) -> Result<(), (String, u8)> {
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(("no such file".into(), 127)),
-        Err(e) => Err((e.to_string(), 126)),
-        Ok(m) if m.is_dir() => Err(("is a directory".into(), 126)),
-        Ok(_) => access(path, AccessFlags::X_OK).map_err(|_| ("permission denied (not executable)".into(), 126)),
-    }
-}
 
 /// The launcher's RLIMIT_NOFILE as it started, before [`raise_fd_limit`]: workers get it back.
 static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
@@ -108,109 +39,13 @@ static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock:
 /// Raise the launcher's soft limit on open fds to the hard limit (the round-robin forwarder
 /// holds two fds per connection). Workers are given the original limit back before exec.
 pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        let _ = ORIGINAL_NOFILE.set(lim);
-        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-        if lim.rlim_cur < lim.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            log::debug!("cannot raise RLIMIT_NOFILE: {}", io::Error::last_os_error());
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let _ = ORIGINAL_NOFILE.set(libc::rlimit { rlim_cur: soft, rlim_max: hard });
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            log::debug!("cannot raise RLIMIT_NOFILE: {e}");
         }
     }
-}
-
-/// Values for the placeholders a command's arguments may hold.
-pub struct Placeholders<'a> {
-    pub fds: &'a [RawFd],
-    pub port: u16,
-    pub slot: usize,
-}
-
-impl Program {
-    /// argv for one worker: `{fd}` (first listening fd), `{fds}` (all, comma-separated),
-    /// `{port}` (first bind's port) and `{slot}` replaced; anything else is left as written.
-    pub fn argv(&self, p: &Placeholders) -> Vec<CString> {
-        if !self.argv.iter().any(|a| a.as_bytes().contains(&b'{')) {
-            return self.argv.clone();
-        }
-        let fds: Vec<String> = (0..p.fds.len()).map(|i| (3 + i).to_string()).collect();
-        self.argv
-            .iter()
-            .map(|a| {
-                let text = String::from_utf8_lossy(a.as_bytes())
-                    .replace("{fds}", &fds.join(","))
-                    .replace("{fd}", "3")
-                    .replace("{port}", &p.port.to_string())
-                    .replace("{slot}", &p.slot.to_string());
-                CString::new(text).unwrap_or_else(|_| a.clone())
-            })
-            .collect()
-    }
-}
-
-/// Who a worker runs as (`--user`/`--group`), resolved in the parent.
-#[derive(Clone, Debug)]
-pub struct Credentials {
-    pub uid: libc::uid_t,
-    pub gid: libc::gid_t,
-    pub groups: Vec<libc::gid_t>,
-}
-
-/// The user workers run as, with what a login would set in their environment.
-#[derive(Clone, Debug)]
-pub struct Identity {
-    pub creds: Credentials,
-    pub name: String,
-    pub home: PathBuf,
-}
-
-/// Resolve `--user` (name or uid) and `--group` (name or gid; default the user's primary group).
-/// Refuses when the launcher could not switch to them (not root, and not already that user).
-pub fn resolve_identity(user: &str, group: Option<&str>) -> Result<Identity, String> {
-    use nix::unistd::{Gid, Group, Uid, User};
-    let found = match user.parse::<u32>() {
-        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
-        Err(_) => User::from_name(user),
-    };
-    let u = found.map_err(|e| format!("cannot look up user '{user}': {e}"))?;
-    let u = u.ok_or_else(|| format!("no such user '{user}'"))?;
-    let gid = match group {
-        None => u.gid,
-        Some(g) => {
-            let found = match g.parse::<u32>() {
-                Ok(gid) => Group::from_gid(Gid::from_raw(gid)),
-                Err(_) => Group::from_name(g),
-            };
-            found
-                .map_err(|e| format!("cannot look up group '{g}': {e}"))?
-                .ok_or_else(|| format!("no such group '{g}'"))?
-                .gid
-        }
-    };
-    let euid = nix::unistd::geteuid();
-    if !euid.is_root() && euid != u.uid {
-        return Err(format!(
-            "cannot run workers as user '{user}': the launcher runs as uid {euid}, and only root can switch users"
-        ));
-    }
-    let cname = CString::new(u.name.clone()).map_err(|_| format!("bad user name '{user}'"))?;
-    let groups = if euid.is_root() {
-        nix::unistd::getgrouplist(&cname, gid).map_err(|e| format!("cannot list the groups of '{user}': {e}"))?
-    } else {
-        vec![gid]
-    };
-    Ok(Identity {
-        creds: Credentials {
-            uid: u.uid.as_raw(),
-            gid: gid.as_raw(),
-            groups: groups.into_iter().map(|g| g.as_raw()).collect(),
-        },
-        name: u.name,
-        home: u.dir,
-    })
 }
 
 /// Everything one fork/exec needs besides the program.
@@ -282,7 +117,7 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
         npid: spec.pid_vars.len(),
         creds: spec.creds.map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
         nofile: ORIGINAL_NOFILE.get().copied(),
-        path: program.path.as_ptr(),
+        path: program.path().as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
     };
@@ -413,89 +248,5 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
 
         libc::execve(ctx.path, ctx.argv, ctx.envp);
         fail(pipe)
-    }
-}
-
-/// Build `KEY=VALUE` entries for execve.
-pub fn env_entry(key: &str, value: impl AsRef<OsStr>) -> CString {
-    let mut v = key.as_bytes().to_vec();
-    v.push(b'=');
-    v.extend_from_slice(value.as_ref().as_bytes());
-    CString::new(v).unwrap_or_else(|_| CString::new(format!("{key}=")).expect("no NUL in key"))
-}
-
-/// The launcher's environment minus what must not reach a worker: variables addressed to the
-/// launcher itself (LISTEN_*, NOTIFY_SOCKET), Node's cluster markers (a node worker that sees
-/// them believes it is a cluster worker), and the per-worker variables set anew for each one.
-pub fn inherited_env() -> Vec<(OsString, OsString)> {
-    const DROP: &[&str] = &[
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-        "NOTIFY_SOCKET",
-        "NODE_UNIQUE_ID",
-        "NODE_CHANNEL_FD",
-        "NODE_CHANNEL_SERIALIZATION_MODE",
-        "PORT",
-        "REUSE_LAUNCH_SLOT",
-        "REUSE_LAUNCH_GENERATION",
-        "REUSE_LAUNCH_PID",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-        "SERVER_STARTER_PORT",
-        "SERVER_STARTER_GENERATION",
-    ];
-    // EINHORN_FD_0, EINHORN_FD_1, ... are set anew too.
-    std::env::vars_os()
-        .filter(|(k, _)| !DROP.iter().any(|d| k == OsStr::new(d)) && !k.as_bytes().starts_with(b"EINHORN_FD_"))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resolve_finds_commands_and_classifies_failures() {
-        assert!(Program::resolve(&["sh".into()]).is_ok());
-        let e = Program::resolve(&["definitely-not-a-command-xyz".into()]).err().unwrap();
-        assert_eq!(e.exit_code, 127);
-        assert!(e.to_string().contains("definitely-not-a-command-xyz"));
-        use std::os::unix::fs::PermissionsExt;
-        let plain = std::env::temp_dir().join(format!("reuse-launch-plain-{}", std::process::id()));
-        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = Program::resolve(&[plain.clone().into()]).err().unwrap();
-        std::fs::remove_file(&plain).unwrap();
-        assert_eq!(e.exit_code, 126);
-        assert!(e.to_string().contains("not executable"), "{e}");
-        let e = Program::resolve(&["/tmp".into()]).err().unwrap();
-        assert_eq!(e.exit_code, 126);
-        let e = Program::resolve(&["./no/such/file".into()]).err().unwrap();
-        assert_eq!(e.exit_code, 127);
-    }
-
-    #[test]
-    fn placeholders_are_expanded_per_worker() {
-        let p =
-            Program::resolve(&["sh".into(), "--fd={fd}".into(), "{fds}:{port}:{slot}".into(), "{x}".into()]).unwrap();
-        let argv = p.argv(&Placeholders { fds: &[7, 8], port: 8080, slot: 2 });
-        let argv: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();
-        assert_eq!(argv, vec!["sh", "--fd=3", "3,4:8080:2", "{x}"]);
-    }
-
-    #[test]
-    fn identity_of_root_and_errors() {
-        let me = nix::unistd::geteuid();
-        let name = nix::unistd::User::from_uid(me).unwrap().unwrap().name;
-        let id = resolve_identity(&name, None).unwrap();
-        assert_eq!(id.creds.uid, me.as_raw());
-        assert!(resolve_identity("no-such-user-xyz", None).unwrap_err().contains("no such user 'no-such-user-xyz'"));
-        assert!(resolve_identity(&name, Some("no-such-group-xyz")).unwrap_err().contains("no such group"));
-    }
-
-    #[test]
-    fn env_entry_formats() {
-        assert_eq!(env_entry("A", "b").to_str().unwrap(), "A=b");
     }
 }

@@ -1,0 +1,277 @@
+//! Worker lifecycle: spawn, stop (signal, then SIGKILL after `--grace`), reap, what an exit
+//! means for its slot (backoff, `--max-start-failures`), and reconciling every slot with what
+//! it should have. Every process effect goes through the [`Os`] seam.
+//!
+//! Rules (also in the README):
+//! - A slot whose worker dies is respawned at once the first time, then after 0.5 s x1.5 per
+//!   further quick death, capped at 15 s. A worker that ran 30 s or more resets the count.
+//! - A worker that dies before it was ready counts as a start failure of its slot. When every
+//!   slot has failed `--max-start-failures` times in a row, the launcher stops with an error.
+//!   One bad slot never stops the others.
+//! - A respawn keeps the slot's generation; a roll sets it when the slot's new worker is ready.
+//! - When a worker's main process exits, what is left of its process group is killed, before
+//!   the exit is reaped (the zombie pins the group id so it cannot be reused meanwhile).
+//! - Orphans re-parented to the launcher (it is a child subreaper, or PID 1) are reaped too.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+
+use super::os::Os;
+use super::workers::{State, Worker};
+use super::{Shutdown, Supervisor};
+use crate::cli::Ready;
+use crate::command::Placeholders;
+use crate::contract::{self, WorkerVars};
+use crate::error::Error;
+use crate::event::WorkerId;
+use crate::roll::Input;
+use crate::spawn::Spec;
+
+const BACKOFF_START: Duration = Duration::from_millis(500);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(15);
+pub(super) const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Respawn delay after the `quick_deaths`-th quick death in a row (0 = the first).
+pub fn backoff(quick_deaths: u32) -> Duration {
+    if quick_deaths == 0 {
+        return Duration::ZERO;
+    }
+    let factor = 1.5f64.powi(quick_deaths.min(64) as i32 - 1);
+    BACKOFF_START.mul_f64(factor).min(BACKOFF_MAX)
+}
+
+/// `exited with status 1` / `killed by SIGSEGV`.
+pub fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, core) => {
+            format!("killed by {}{}", sig.as_str(), if core { " (core dumped)" } else { "" })
+        }
+        other => format!("changed state: {other:?}"),
+    }
+}
+
+impl<O: Os> Supervisor<O> {
+    /// Start a worker of generation `gen` on `slot`; `candidate` when a roll starts it.
+    pub(super) fn spawn(&mut self, slot: usize, gen: u64, candidate: bool, now: Instant) -> std::io::Result<WorkerId> {
+        let id = self.workers.next_id();
+        let notify_socket = match &self.notify {
+            Some(hub) => Some(hub.open(id)?),
+            None => None,
+        };
+        let vars = WorkerVars { slot, gen, notify_socket: notify_socket.as_deref() };
+        let env = contract::environment(&self.inherited_env, &self.contract, &vars);
+        let fds = self.listeners.fds_for_slot(slot);
+        let port = self.listeners.local_addrs()[0].port();
+        let argv = self.program.argv(&Placeholders { fds: &fds, port, slot });
+        let pid_vars = contract::pid_vars(&self.contract);
+        let creds = self.contract.identity.as_ref().map(|i| &i.creds);
+        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, creds };
+        let pid = match self.os.spawn(&self.program, &spec) {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Some(hub) = &self.notify {
+                    hub.close(id);
+                }
+                return Err(e);
+            }
+        };
+        let ready_at = match self.cfg.ready {
+            Ready::Delay(d) => Some(now + d),
+            Ready::Auto(d) if self.slot_inodes.is_none() => Some(now + d),
+            Ready::Auto(_) | Ready::Notify => None,
+        };
+        let state = State::Starting { ready_at, deadline: now + self.cfg.ready_timeout };
+        let w = Worker::new(slot, gen, pid, now, state, candidate);
+        log::info!("{} started", w.label());
+        let inserted = self.workers.insert(w);
+        debug_assert_eq!(inserted, id);
+        Ok(id)
+    }
+
+    /// Send the stop signal to worker `id`'s process group; SIGKILL follows after --grace.
+    pub(super) fn stop(&mut self, id: WorkerId, now: Instant) {
+        let Some(w) = self.workers.get_mut(id) else { return };
+        if w.is_stopping() {
+            return;
+        }
+        self.os.signal(w.pid, self.cfg.stop_signal);
+        w.state = State::Stopping { kill_at: now + self.cfg.grace, killed: false };
+        w.watchdog_at = None;
+        log::info!("{} stopping ({})", w.label(), self.cfg.stop_signal.as_str());
+    }
+
+    /// Stop a worker that failed (ready timeout, watchdog): its exit then counts against its
+    /// slot (backoff, --max-start-failures) like a crash.
+    pub(super) fn stop_faulty(&mut self, id: WorkerId, now: Instant) {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.fault = true;
+        }
+        self.stop(id, now);
+    }
+
+    /// SIGKILL the stopping workers whose grace has run out.
+    pub(super) fn kill_overdue(&mut self, now: Instant) {
+        for (_, w) in self.workers.iter_mut() {
+            if let State::Stopping { kill_at, killed: false } = w.state {
+                if now >= kill_at {
+                    log::warn!("{} still running after {:?}; sending SIGKILL", w.label(), self.cfg.grace);
+                    self.os.signal(w.pid, Signal::SIGKILL);
+                    w.state = State::Stopping { kill_at, killed: true };
+                }
+            }
+        }
+    }
+
+    pub(super) fn stop_all(&mut self, how: Shutdown, now: Instant) {
+        self.roll.step(Input::Cancel, now);
+        for slot in &mut self.slots {
+            slot.respawn_at = None;
+        }
+        match how {
+            Shutdown::Graceful => {
+                log::info!(
+                    "stopping {} workers (grace {:?}; send TERM again to kill at once)",
+                    self.workers.len(),
+                    self.cfg.grace
+                );
+                for id in self.workers.ids() {
+                    self.stop(id, now);
+                }
+            }
+            Shutdown::Immediate => {
+                log::info!("killing {} workers", self.workers.len());
+                for (_, w) in self.workers.iter_mut() {
+                    self.os.signal(w.pid, Signal::SIGKILL);
+                    w.state = State::Stopping { kill_at: now, killed: true };
+                }
+            }
+        }
+        if self.shutdown.is_none() {
+            self.reporter.stopping();
+        }
+        self.shutdown = Some(how);
+    }
+
+    /// For fatal exits: SIGKILL every worker and wait for each, so nothing is left behind.
+    pub(super) fn kill_all_and_reap(&mut self) {
+        for (id, w) in self.workers.take_all() {
+            self.os.signal(w.pid, Signal::SIGKILL);
+            let _ = self.os.reap(w.pid, true);
+            if let Some(hub) = &self.notify {
+                hub.close(id);
+            }
+        }
+        self.reap_orphans();
+    }
+
+    /// Reap every exited child. For a worker, kill what is left of its process group while its
+    /// zombie still pins the group id, then reap it.
+    pub(super) fn reap(&mut self, now: Instant) {
+        while let Some(pid) = self.os.exited() {
+            let id = self.workers.by_pid(pid);
+            if id.is_some() {
+                self.os.signal(pid, Signal::SIGKILL);
+            }
+            let Some(status) = self.os.reap(pid, false) else { continue };
+            match id {
+                Some(id) => self.on_exit(id, status, now),
+                None => log::debug!("reaped orphan pid {pid}: {status:?}"),
+            }
+        }
+    }
+
+    /// Before exiting: reap whatever descendants were re-parented to the launcher (they were
+    /// killed with their worker's group), waiting up to 2 s for the last ones to die, so that
+    /// nothing is handed over to init.
+    pub(super) fn reap_orphans(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.os.reap_any() {
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) => {
+                    log::warn!("some processes re-parented to the launcher are still running at exit");
+                    return;
+                }
+                Ok(Some(s)) => log::debug!("reaped orphan: {s:?}"),
+                Err(()) => return, // ECHILD: no child left
+            }
+        }
+    }
+
+    fn on_exit(&mut self, id: WorkerId, status: WaitStatus, now: Instant) {
+        let Some(w) = self.workers.remove(id) else { return };
+        if let Some(hub) = &self.notify {
+            hub.close(id);
+        }
+        let how = describe(status);
+        let expected = w.is_stopping();
+        if expected {
+            log::info!("{} {how}", w.label());
+        } else {
+            log::warn!("{} {how}", w.label());
+        }
+        let actions = self.roll.step(Input::Exited { worker: id, how: how.clone() }, now);
+        self.apply(actions, now);
+        if (expected && !w.fault) || w.candidate || self.shutdown.is_some() {
+            return;
+        }
+        let lived = now.duration_since(w.started);
+        self.record_failure(w.slot, now, lived, w.was_ready, format!("{} {how}", w.label()));
+    }
+
+    /// Account one unexpected death (or failed start) of `slot`'s worker for backoff and give-up,
+    /// and schedule the slot's next worker.
+    fn record_failure(&mut self, slot: usize, now: Instant, lived: Duration, was_ready: bool, what: String) {
+        let s = &mut self.slots[slot];
+        if lived >= STABLE_AFTER {
+            s.quick_deaths = 0;
+        }
+        let delay = backoff(s.quick_deaths);
+        s.quick_deaths += 1;
+        if !was_ready {
+            s.start_failures += 1;
+        }
+        s.last_failure = what;
+        s.respawn_at = Some(now + delay);
+        if delay > Duration::ZERO {
+            log::info!("worker {slot} restarts in {delay:?} ({} quick exits in a row)", s.quick_deaths);
+        }
+    }
+
+    /// Give every slot without a live worker its respawn, when due; give up when every slot
+    /// keeps failing to start.
+    pub(super) fn reconcile(&mut self, now: Instant) -> Result<(), Error> {
+        if self.shutdown.is_some() {
+            return Ok(());
+        }
+        let max = self.cfg.max_start_failures;
+        if self.slots.iter().all(|s| s.start_failures >= max) {
+            let last: Vec<String> = self.slots.iter().map(|s| s.last_failure.clone()).collect();
+            return Err(Error::Failed(format!(
+                "every worker exited before it became ready, {max} times in a row on each slot; giving up (last: {})",
+                last.join("; ")
+            )));
+        }
+        for slot in 0..self.slots.len() {
+            if self.workers.live_on(slot) {
+                self.slots[slot].respawn_at = None;
+                continue;
+            }
+            let s = &mut self.slots[slot];
+            let at = *s.respawn_at.get_or_insert(now);
+            if now < at {
+                continue;
+            }
+            s.respawn_at = None;
+            let gen = s.gen;
+            if let Err(e) = self.spawn(slot, gen, false, now) {
+                log::error!("cannot start '{}' for worker {slot}: {e}", self.program.display);
+                self.record_failure(slot, now, Duration::ZERO, false, format!("worker {slot} could not start: {e}"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! The supervisor: one synchronous loop on the launcher's main thread that owns every worker,
+//! every slot and (through [`Listeners`]) every socket.
+//!
+//! Signals (the signal thread) and notify messages (the notify thread) arrive as [`Event`]s on
+//! one crossbeam channel; timers are the loop's receive timeout. One turn of the loop is
+//! `tick(now)` (named phases: timers, roll deadline, reconcile, queue watch, steering,
+//! announcements), then a wait until [`next_deadline`](Supervisor::next_deadline) or the next
+//! event, then `handle(event, now)`. Rolling restarts are decided by the pure
+//! [`Roll`](crate::roll::Roll) machine; this module and its children only carry out its actions.
+//!
+//! The concerns live in the child modules: `workers` (the tables and their queries),
+//! `lifecycle` (spawn, stop, reap, backoff, reconcile), `ready` (readiness, rolls), `routing`
+//! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
+
+mod lifecycle;
+mod os;
+mod ready;
+mod routing;
+#[cfg(test)]
+mod tests;
+mod workers;
+
+use std::ffi::OsString;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use signal_hook::consts::signal::*;
+
+pub use os::{Os, RealOs};
+
+use crate::cli::{Config, Ready};
+use crate::command::{Identity, Program};
+use crate::contract::Contract;
+use crate::error::Error;
+use crate::event::{Event, WorkerId};
+use crate::notify::NotifyHub;
+use crate::proxy::Proxy;
+use crate::readiness;
+use crate::roll::Roll;
+use crate::socket::{Listeners, Mode};
+use crate::steer::StallWatch;
+use crate::upstream::Reporter;
+use workers::{Slot, Workers};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shutdown {
+    Graceful,
+    Immediate,
+}
+
+pub struct Supervisor<O: Os> {
+    cfg: Config,
+    listeners: Listeners,
+    program: Program,
+    /// The launcher's environment at start, and what every worker's environment adds to it.
+    inherited_env: Vec<(OsString, OsString)>,
+    contract: Contract,
+    os: O,
+    workers: Workers,
+    slots: Vec<Slot>,
+    roll: Roll,
+    notify: Option<NotifyHub>,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    shutdown: Option<Shutdown>,
+    all_ready_logged: bool,
+    /// The slots new connections currently go to (None: all), by BPF steering in reuseport
+    /// mode or by the forwarder in round-robin mode.
+    steered: Option<Vec<usize>>,
+    proxy: Option<Proxy>,
+    /// Reuseport and round-robin with several slots: accept queues sampled for stalled workers.
+    stalls: Option<(StallWatch, Instant)>,
+    /// The launcher's own service manager (systemd), if it gave us NOTIFY_SOCKET.
+    reporter: Reporter,
+    /// --ready auto: each slot's socket inodes (None: /proc cannot tell, use the delay), and
+    /// when to look at starting workers next.
+    slot_inodes: Option<Vec<Vec<u64>>>,
+    next_probe: Option<Instant>,
+}
+
+impl<O: Os> Supervisor<O> {
+    /// Set up everything but the workers: the notify reader, the round-robin forwarder, the
+    /// worker contract. Signals are the caller's: start the signal thread on [`sender`]
+    /// before [`run`], so that no SIGCHLD can be missed.
+    ///
+    /// [`sender`]: Supervisor::sender
+    /// [`run`]: Supervisor::run
+    pub fn new(
+        cfg: Config,
+        mut listeners: Listeners,
+        program: Program,
+        identity: Option<Identity>,
+        os: O,
+    ) -> Result<Supervisor<O>, Error> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let notify = if cfg.ready == Ready::Notify || cfg.watchdog.is_some() {
+            let uid = identity.as_ref().map(|i| i.creds.uid);
+            let hub = NotifyHub::start(tx.clone(), uid)
+                .map_err(|e| Error::Failed(format!("cannot start the notify reader: {e}")))?;
+            Some(hub)
+        } else {
+            None
+        };
+        let proxy = match listeners.mode() {
+            Mode::RoundRobin => Some(
+                Proxy::start(listeners.take_public(), cfg.proxy_threads)
+                    .map_err(|e| Error::Failed(format!("cannot start the round-robin forwarder: {e}")))?,
+            ),
+            _ => None,
+        };
+        let contract = Contract {
+            addrs: listeners.local_addrs().to_vec(),
+            names: listeners.names().map(String::from).collect(),
+            sockets: listeners.mode() != Mode::SelfBind,
+            launcher_pid: std::process::id(),
+            identity,
+            watchdog: cfg.watchdog,
+        };
+        let slot_inodes = match cfg.ready {
+            Ready::Auto(delay) => {
+                let inodes: std::io::Result<Vec<Vec<u64>>> =
+                    (0..cfg.workers).map(|s| readiness::socket_inodes(&listeners.fds_for_slot(s))).collect();
+                inodes
+                    .map_err(|e| {
+                        log::warn!("--ready auto cannot name the sockets ({e}); using --ready-delay {delay:?}")
+                    })
+                    .ok()
+            }
+            _ => None,
+        };
+        let stalls = (matches!(listeners.mode(), Mode::Reuseport | Mode::RoundRobin) && cfg.workers > 1)
+            .then(|| (StallWatch::new(cfg.workers), Instant::now()));
+        let slots = (0..cfg.workers).map(|_| Slot { gen: 1, ..Slot::default() }).collect();
+        Ok(Supervisor {
+            roll: Roll::new(cfg.workers, cfg.ready_timeout),
+            cfg,
+            listeners,
+            program,
+            inherited_env: std::env::vars_os().collect(),
+            contract,
+            os,
+            workers: Workers::default(),
+            slots,
+            notify,
+            tx,
+            rx,
+            shutdown: None,
+            all_ready_logged: false,
+            steered: None,
+            stalls,
+            proxy,
+            reporter: Reporter::from_env(Instant::now()),
+            slot_inodes,
+            next_probe: None,
+        })
+    }
+
+    /// Where the signal thread sends its events.
+    pub fn sender(&self) -> Sender<Event> {
+        self.tx.clone()
+    }
+
+    /// Start every slot, then run until stopped. Ok(()) is a clean stop (exit 0).
+    pub fn run(mut self) -> Result<(), Error> {
+        self.start_all(Instant::now())?;
+        loop {
+            let now = Instant::now();
+            if let Err(e) = self.tick(now) {
+                self.kill_all_and_reap();
+                return Err(e);
+            }
+            if self.shutdown.is_some() && self.workers.is_empty() {
+                self.reap_orphans();
+                log::info!("all workers stopped; exiting");
+                return Ok(());
+            }
+            let closed = || Error::Failed("event channel closed".into());
+            let event = match self.next_deadline() {
+                Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(ev) => Some(ev),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return Err(closed()),
+                },
+                None => Some(self.rx.recv().map_err(|_| closed())?),
+            };
+            if let Some(ev) = event {
+                self.handle(ev, Instant::now());
+            }
+        }
+    }
+
+    /// The first worker of every slot; any failure to start one is fatal (nothing is left).
+    fn start_all(&mut self, now: Instant) -> Result<(), Error> {
+        for slot in 0..self.cfg.workers {
+            if let Err(e) = self.spawn(slot, 1, false, now) {
+                self.kill_all_and_reap();
+                let user = self.contract.identity.as_ref().map(|i| format!(" as user {}", i.name)).unwrap_or_default();
+                return Err(Error::Failed(format!("cannot start '{}'{user}: {e}", self.program.display)));
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, ev: Event, now: Instant) {
+        match ev {
+            Event::Signal(SIGCHLD) => self.reap(now),
+            Event::Signal(SIGTERM | SIGINT) if self.shutdown.is_none() => self.stop_all(Shutdown::Graceful, now),
+            Event::Signal(SIGTERM | SIGINT | SIGQUIT) => self.stop_all(Shutdown::Immediate, now),
+            Event::Signal(SIGUSR2) => self.request_roll("USR2", now),
+            Event::Signal(SIGHUP) => self.request_roll("HUP", now),
+            Event::Signal(other) => log::debug!("ignoring signal {other}"),
+            Event::Notify(id, fields) => self.on_notify(id, fields, now),
+        }
+    }
+
+    fn on_notify(&mut self, id: WorkerId, fields: Vec<(String, String)>, now: Instant) {
+        let Some(label) = self.workers.get(id).map(|w| w.label()) else { return };
+        for (k, v) in fields {
+            match (k.as_str(), v.as_str()) {
+                ("READY", "1") => self.mark_ready(id, now),
+                ("WATCHDOG", "1") => self.feed_watchdog(id, now),
+                ("WATCHDOG", "trigger") => {
+                    log::warn!("{label} asked to be restarted (WATCHDOG=trigger)");
+                    self.stop_faulty(id, now);
+                }
+                ("STOPPING", "1") => log::info!("{label} says it is stopping"),
+                ("STATUS", status) => log::info!("{label} status: {status}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Everything that is due at `now`, in order.
+    fn tick(&mut self, now: Instant) -> Result<(), Error> {
+        self.kill_overdue(now);
+        self.fire_timers(now);
+        self.reporter.tick(now);
+        let actions = self.roll.step(crate::roll::Input::Tick, now);
+        self.apply(actions, now);
+        self.reconcile(now)?;
+        self.watch_queues(now);
+        self.steer();
+        self.announce_ready();
+        self.report_status();
+        Ok(())
+    }
+
+    /// The earliest timer: readiness delays and deadlines, grace kills, respawns, watchdogs,
+    /// the roll's deadline, the launcher's own pings, probes and queue samples.
+    fn next_deadline(&self) -> Option<Instant> {
+        use workers::State;
+        let workers = self.workers.iter().filter_map(|(_, w)| match w.state {
+            State::Starting { ready_at, deadline } => Some(ready_at.map_or(deadline, |r| r.min(deadline))),
+            State::Stopping { kill_at, killed: false } => Some(kill_at),
+            _ => None,
+        });
+        let slots = self.slots.iter().filter_map(|s| s.respawn_at);
+        let watchdogs = self.workers.iter().filter(|(_, w)| w.state == State::Ready).filter_map(|(_, w)| w.watchdog_at);
+        workers
+            .chain(slots)
+            .chain(watchdogs)
+            .chain(self.roll.deadline())
+            .chain(self.reporter.next_deadline())
+            .chain(self.next_probe())
+            .chain(self.next_sample())
+            .min()
+    }
+
+    /// STATUS= to the service manager whenever the picture changes.
+    fn report_status(&mut self) {
+        if !self.reporter.active() {
+            return;
+        }
+        let gen = self.slots.iter().map(|s| s.gen).max().unwrap_or(1);
+        let mut status = format!("{}/{} workers ready, gen {gen}", self.workers.ready_count(), self.cfg.workers);
+        if let Some(g) = self.roll.rolling_gen() {
+            status.push_str(&format!(", rolling to gen {g}"));
+        }
+        if self.shutdown.is_some() {
+            status = format!("stopping, {} workers left", self.workers.len());
+        }
+        self.reporter.status(status);
+    }
+}

@@ -1,0 +1,193 @@
+//! The supervisor's tables: every live worker ([`Workers`], keyed by [`WorkerId`]) with its
+//! [`State`], and every slot's own record ([`Slot`]: generation, backoff, start failures).
+//!
+//! Questions about the workers of a slot are asked through the named queries here
+//! (`ready_on`, `live_on`, `replacing`, `by_pid`, `ready_count`), so that each rule is written
+//! once.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+use crate::event::WorkerId;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum State {
+    /// Started; ready at `ready_at` (a delay) or when it says or is seen so, failed at `deadline`.
+    Starting {
+        ready_at: Option<Instant>,
+        deadline: Instant,
+    },
+    Ready,
+    /// The stop signal was sent; SIGKILL at `kill_at` unless `killed` already.
+    Stopping {
+        kill_at: Instant,
+        killed: bool,
+    },
+}
+
+#[derive(Debug)]
+pub struct Worker {
+    pub slot: usize,
+    pub gen: u64,
+    pub pid: Pid,
+    pub started: Instant,
+    pub state: State,
+    /// Started by a roll and not yet ready: it does not own its slot yet.
+    pub candidate: bool,
+    pub was_ready: bool,
+    /// With --watchdog: restart unless a WATCHDOG=1 arrives before this (armed once ready).
+    pub watchdog_at: Option<Instant>,
+    /// Stopped because it failed (not ready in time, missed its watchdog): its exit counts
+    /// against its slot like a crash.
+    pub fault: bool,
+}
+
+impl Worker {
+    pub fn new(slot: usize, gen: u64, pid: Pid, started: Instant, state: State, candidate: bool) -> Worker {
+        Worker { slot, gen, pid, started, state, candidate, was_ready: false, watchdog_at: None, fault: false }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.state, State::Stopping { .. })
+    }
+
+    /// `worker 2 (pid 123, gen 4)`, as every log line names a worker.
+    pub fn label(&self) -> String {
+        format!("worker {} (pid {}, gen {})", self.slot, self.pid, self.gen)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Slot {
+    pub gen: u64,
+    pub quick_deaths: u32,
+    pub start_failures: u32,
+    /// When to start the slot's next worker, once it has none (None: at once).
+    pub respawn_at: Option<Instant>,
+    pub last_failure: String,
+}
+
+/// Every worker the launcher has started and not yet reaped.
+#[derive(Debug, Default)]
+pub struct Workers {
+    map: BTreeMap<WorkerId, Worker>,
+    next_id: WorkerId,
+}
+
+impl Workers {
+    /// The id the next inserted worker gets (ids are never reused).
+    pub fn next_id(&self) -> WorkerId {
+        self.next_id + 1
+    }
+
+    pub fn insert(&mut self, w: Worker) -> WorkerId {
+        self.next_id += 1;
+        self.map.insert(self.next_id, w);
+        self.next_id
+    }
+
+    pub fn get(&self, id: WorkerId) -> Option<&Worker> {
+        self.map.get(&id)
+    }
+
+    pub fn get_mut(&mut self, id: WorkerId) -> Option<&mut Worker> {
+        self.map.get_mut(&id)
+    }
+
+    pub fn remove(&mut self, id: WorkerId) -> Option<Worker> {
+        self.map.remove(&id)
+    }
+
+    pub fn take_all(&mut self) -> BTreeMap<WorkerId, Worker> {
+        std::mem::take(&mut self.map)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (WorkerId, &Worker)> {
+        self.map.iter().map(|(id, w)| (*id, w))
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (WorkerId, &mut Worker)> {
+        self.map.iter_mut().map(|(id, w)| (*id, w))
+    }
+
+    pub fn ids(&self) -> Vec<WorkerId> {
+        self.map.keys().copied().collect()
+    }
+
+    /// The worker whose main process is `pid`.
+    pub fn by_pid(&self, pid: Pid) -> Option<WorkerId> {
+        self.iter().find(|(_, w)| w.pid == pid).map(|(id, _)| id)
+    }
+
+    /// The workers of `slot`.
+    pub fn on(&self, slot: usize) -> impl Iterator<Item = (WorkerId, &Worker)> {
+        self.iter().filter(move |(_, w)| w.slot == slot)
+    }
+
+    /// `slot` has a ready worker.
+    pub fn ready_on(&self, slot: usize) -> bool {
+        self.on(slot).any(|(_, w)| w.state == State::Ready)
+    }
+
+    /// `slot`'s ready worker, for log lines.
+    pub fn ready_label(&self, slot: usize) -> Option<String> {
+        self.on(slot).find(|(_, w)| w.state == State::Ready).map(|(_, w)| w.label())
+    }
+
+    /// `slot` has a worker that is not stopping (starting or ready): it needs no respawn.
+    pub fn live_on(&self, slot: usize) -> bool {
+        self.on(slot).any(|(_, w)| !w.is_stopping())
+    }
+
+    /// `slot` is being replaced: a roll's new worker is starting there, or an old one drains.
+    pub fn replacing(&self, slot: usize) -> bool {
+        self.on(slot).any(|(_, w)| w.candidate || w.is_stopping())
+    }
+
+    /// Workers that own their slot and are ready.
+    pub fn ready_count(&self) -> usize {
+        self.iter().filter(|(_, w)| w.state == State::Ready && !w.candidate).count()
+    }
+
+    /// Starting workers that are neither on a delay nor known ready: the ones to probe.
+    pub fn awaiting_probe(&self) -> impl Iterator<Item = (WorkerId, &Worker)> {
+        self.iter().filter(|(_, w)| matches!(w.state, State::Starting { ready_at: None, .. }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn named_queries() {
+        let now = Instant::now();
+        let starting = State::Starting { ready_at: None, deadline: now + Duration::from_secs(1) };
+        let mut t = Workers::default();
+        let a = t.insert(Worker::new(0, 1, Pid::from_raw(10), now, State::Ready, false));
+        let b = t.insert(Worker::new(0, 2, Pid::from_raw(11), now, starting, true));
+        let c =
+            t.insert(Worker::new(1, 1, Pid::from_raw(12), now, State::Stopping { kill_at: now, killed: false }, false));
+        assert_eq!((a, b, c), (1, 2, 3));
+        assert_eq!(t.next_id(), 4);
+        assert_eq!(t.by_pid(Pid::from_raw(11)), Some(b));
+        assert_eq!(t.by_pid(Pid::from_raw(99)), None);
+        assert!(t.ready_on(0) && !t.ready_on(1));
+        assert!(t.live_on(0) && !t.live_on(1) && !t.live_on(2));
+        assert!(t.replacing(0) && t.replacing(1) && !t.replacing(2));
+        assert_eq!(t.ready_count(), 1);
+        assert_eq!(t.awaiting_probe().map(|(id, _)| id).collect::<Vec<_>>(), vec![b]);
+        assert_eq!(t.ready_label(0).unwrap(), "worker 0 (pid 10, gen 1)");
+    }
+}
