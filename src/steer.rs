@@ -63,9 +63,9 @@
 //! ld  #0 ; st M[1]         ; M[1] = best score so far
 //! ld  #s0 ; st M[2]        ; M[2] = its slot
 //! ; for each serving slot s:
-//! ld  M[0] ; xor #seed(s)
-//! mul #0x85EBCA6B ; tax ; rsh #16 ; xor x   ; score = murmur3-style mix
-//! mul #0x9E3779B1 ; tax ; rsh #15 ; xor x
+//! ld  M[0] ; xor #seed(s)    ; score = murmur3's fmix32(h ^ seed(s)) but its last xorshift
+//! tax ; rsh #16 ; xor x ; mul #0x85EBCA6B
+//! tax ; rsh #13 ; xor x ; mul #0xC2B2AE35
 //! ldx M[1]
 //! jgt x, 0, +3             ; not better: next slot
 //! st  M[1] ; ld #s ; st M[2]
@@ -146,7 +146,8 @@ const RENDEZVOUS_MAX: usize = 256;
 /// Weights are scaled down until they sum to at most this (modulo bias of a u32 < 2^-8).
 const MAX_WEIGHT_SUM: u64 = 1 << 24;
 const GOLDEN: u32 = 0x9E37_79B1;
-const MIX: u32 = 0x85EB_CA6B;
+const FMIX1: u32 = 0x85EB_CA6B;
+const FMIX2: u32 = 0xC2B2_AE35;
 
 /// What to steer by. Every slot named must be a serving one (index into the group = slot).
 // Weighted, SourceIp and Cpu are for the supervisor's --steer policies, not wired in yet.
@@ -248,9 +249,9 @@ fn cpu(cpu_to_slot: &[usize]) -> Vec<libc::sock_filter> {
 /// a client keeps its slot across re-attachments and launcher restarts).
 fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
-    h = h.wrapping_mul(0x85EB_CA6B);
+    h = h.wrapping_mul(FMIX1);
     h ^= h >> 13;
-    h = h.wrapping_mul(0xC2B2_AE35);
+    h = h.wrapping_mul(FMIX2);
     h ^ (h >> 16)
 }
 
@@ -295,7 +296,9 @@ fn source_ip(serving: &[usize]) -> Vec<libc::sock_filter> {
     p.extend([ld_imm(0), st(1), ld_imm(serving[0] as u32), st(2)]);
     for &slot in serving {
         p.extend([ld_mem(0), stmt(BPF_ALU | BPF_XOR | BPF_K, seed(slot))]);
-        p.extend([mul(MIX), tax, rsh(16), xor_x, mul(GOLDEN), tax, rsh(15), xor_x]);
+        // murmur3's fmix32 without its last `x ^= x >> 16`, which leaves the top 16 bits, and
+        // so the comparison, unchanged.
+        p.extend([tax, rsh(16), xor_x, mul(FMIX1), tax, rsh(13), xor_x, mul(FMIX2)]);
         p.extend([stmt(BPF_LDX | BPF_W | BPF_MEM, 1), insn(BPF_JMP | BPF_JGT | BPF_X, 0, 3, 0)]);
         p.extend([st(1), ld_imm(slot as u32), st(2)]);
     }
@@ -762,6 +765,13 @@ mod tests {
         c
     }
 
+    /// Pearson's chi-square of `counts` against an even spread of `n` over `k` slots.
+    fn chi2(counts: &HashMap<usize, usize>, k: usize, n: usize) -> f64 {
+        let e = n as f64 / k as f64;
+        let missing = (k - counts.len()) as f64 * e;
+        counts.values().map(|&c| (c as f64 - e).powi(2) / e).sum::<f64>() + missing
+    }
+
     /// Rendezvous hashing over `addrs`: even spread; excluding a slot moves only its clients,
     /// spread over all the others; adding a slot takes only clients to the new slot.
     fn check_rendezvous(addrs: &[Vec<u8>]) {
@@ -770,6 +780,7 @@ mod tests {
         let before = sticky_map(&all, addrs);
         let c = shares(&before);
         assert!(all.iter().all(|s| c.get(s).is_some_and(|&k| k * 8 > n * 85 / 100 && k * 8 < n * 115 / 100)), "{c:?}");
+        assert!(chi2(&c, 8, n) < 24.3, "spread worse than random (p < 0.001): {c:?}");
         let without3: Vec<usize> = all.iter().copied().filter(|&s| s != 3).collect();
         let after = sticky_map(&without3, addrs);
         let mut moved = Vec::new();
@@ -812,6 +823,18 @@ mod tests {
             addrs.push(v6(a));
         }
         check_rendezvous(&addrs);
+    }
+
+    #[test]
+    fn source_ip_spreads_a_run_of_loopback_addresses_like_random() {
+        // What the real-group test connects from, and more: 127.0.0.2 ..= 127.0.0.251.
+        let addrs: Vec<Vec<u8>> = (2..=251).map(|i| v4([127, 0, 0, i])).collect();
+        // chi-square critical values at p = 0.001 for 1, 3, 7 degrees of freedom.
+        for (k, limit) in [(2, 10.8), (4, 16.3), (8, 24.3)] {
+            let serving: Vec<usize> = (0..k).collect();
+            let c = shares(&sticky_map(&serving, &addrs));
+            assert!(chi2(&c, k, addrs.len()) < limit, "{k} slots: {c:?}");
+        }
     }
 
     #[test]
