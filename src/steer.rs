@@ -42,10 +42,11 @@
 //! address and seed(s) depends on the slot number only; the best score wins. While the serving
 //! set is unchanged one address always lands on one slot; when a slot stops serving only its
 //! clients move (spread over all the others), and when it comes back only the clients it would
-//! win move back to it. Cost 15 instructions per serving slot; beyond 256 serving slots (4096
+//! win move back to it. The spread of runs of consecutive addresses is as even as random (tested
+//! by chi-square). Cost 15 instructions per serving slot; beyond 256 serving slots (4096
 //! instructions) the program falls back to `h mod K` into a `jeq` table, which is still sticky
 //! for a fixed set but remaps most clients when K changes. An IPv4 client of a dual-stack `[::]`
-//! listener arrives as an IPv4 packet, so it hashes the same as on a `0.0.0.0` listener.
+//! listener arrives as an IPv4 packet, so it hashes the same as on a `0.0.0.0` listener (tested).
 //!
 //! ```text
 //! ldb [SKF_NET_OFF]        ; version nibble
@@ -76,7 +77,10 @@
 //!
 //! **Cpu**: the slot chosen by the CPU that processes the SYN (`cpu_to_slot[cpu mod N]`); the
 //! caller maps each CPU to the slot whose worker is pinned there, or to a serving fallback. On
-//! loopback, and with no RPS/RFS, the SYN is processed on the CPU of the connecting thread.
+//! loopback (no RPS configured) the SYN is processed on the CPU of the connecting thread:
+//! measured 50/50 connections for a client pinned to CPU 0, and 50/50 pinned to CPU 1. From a
+//! network card it is the CPU that runs the receive softirq of the packet's queue (RSS, RPS),
+//! not anything about the client.
 //!
 //! ```text
 //! ld  [SKF_AD_CPU]
@@ -89,8 +93,9 @@
 //!
 //! A program with a single possible answer is just `ret #s`. Sizes: Weighted/Uniform and Cpu
 //! take 2K+1 instructions (K up to 2047 within BPF_MAXINSNS = 4096), SourceIp 15K+30 up to
-//! K = 256 and 2K+24 beyond (K up to 2036); [`attach`] refuses a longer program with `InvalidInput`. Every
-//! conditional jump offset is at most 13 (they are u8 in cBPF; `ja` takes 32 bits).
+//! K = 256 and 2K+24 beyond (K up to 2036); [`attach`] refuses a longer program with
+//! `InvalidInput`. Every conditional jump offset is at most 13 (they are u8 in cBPF; `ja` takes
+//! 32 bits).
 //!
 //! The program belongs to the group and is replaced atomically by attaching again through any
 //! member; cBPF has no maps, so a change of the serving set means building and attaching a new
@@ -863,13 +868,17 @@ mod tests {
     // ---- Real reuseport groups ----
 
     fn group(ip: IpAddr, n: usize) -> (Vec<Socket>, SocketAddr) {
+        group_v6only(ip, n, true)
+    }
+
+    fn group_v6only(ip: IpAddr, n: usize, v6only: bool) -> (Vec<Socket>, SocketAddr) {
         let mut addr = SocketAddr::new(ip, 0);
         let mut group = Vec::new();
         for _ in 0..n {
             let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
             s.set_reuse_port(true).unwrap();
             if ip.is_ipv6() {
-                s.set_only_v6(true).unwrap();
+                s.set_only_v6(v6only).unwrap();
             }
             s.bind(&addr.into()).unwrap();
             s.listen(1024).unwrap();
@@ -934,7 +943,7 @@ mod tests {
         for &src in sources {
             let clients: Vec<Socket> = (0..per_source).map(|_| connect_from(src, dst)).collect();
             for (i, peer) in drain(g, per_source) {
-                seen.entry(peer.ip()).or_default().push(i);
+                seen.entry(peer.ip().to_canonical()).or_default().push(i);
             }
             drop(clients);
         }
@@ -1003,6 +1012,21 @@ mod tests {
         };
         let placed = sticky_round(&g, addr, &sources, &[0, 1, 2], header);
         eprintln!("IPv6 sources and their member: {placed:?}");
+    }
+
+    #[test]
+    fn source_ip_on_a_real_dual_stack_group_hashes_ipv4_clients_as_ipv4() {
+        let (g, addr) = group_v6only(IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED), 3, false);
+        let header = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => v4(a.octets()),
+            IpAddr::V6(a) => v6(a.octets()),
+        };
+        let v4_dst = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+        let sources: Vec<IpAddr> = (2..=9).map(|i| IpAddr::from([127, 0, 0, i])).collect();
+        let placed = sticky_round(&g, v4_dst, &sources, &[0, 1, 2], header);
+        eprintln!("IPv4 clients of a [::] group: {placed:?}");
+        let v6_dst = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()));
+        sticky_round(&g, v6_dst, &[IpAddr::from(std::net::Ipv6Addr::LOCALHOST)], &[0, 1, 2], header);
     }
 
     /// Pin the calling thread to one CPU.
