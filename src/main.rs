@@ -21,6 +21,7 @@ mod readiness;
 mod roll;
 mod socket;
 mod spawn;
+mod stall;
 mod steer;
 mod supervisor;
 mod upstream;

@@ -1,0 +1,281 @@
+//! Noticing slots whose worker has stopped taking connections, from the outside: each slot's
+//! accept-queue length (`TCP_INFO` on the listener the launcher holds) and the state and CPU
+//! time of its worker's processes (`/proc/PID/stat`), sampled every [`StallWatch::EVERY`].
+//!
+//! A slot is *stalled* for one of two reasons ([`Why`]):
+//! - **Frozen**: connections wait in its queue and its worker cannot take them: one of its
+//!   processes is stopped (SIGSTOP, a debugger), seen at two samples in a row (20-40 ms), or
+//!   it used no CPU at all for [`StallWatch::FROZEN_AFTER`] (a deadlock, a blocking call). A
+//!   worker that accepts is never frozen: accepting takes CPU, and an idle one empties its queue
+//!   within microseconds. Back as soon as it is neither stopped nor idle (it used CPU again).
+//! - **Not accepting**: its queue has not once been empty for [`StallWatch::BUSY_AFTER`] while
+//!   some other slot's was (a worker burning CPU on one long request, or in a loop): the others
+//!   keep up and this one does not. When every queue stays full the machine is overloaded and
+//!   nobody is singled out. It is tried again after a probation (1 s, doubled each time it
+//!   stalls again, up to 30 s; reset after a minute of serving).
+//!
+//! The caller steers new connections away from a stalled slot and takes back what is queued
+//! there (`rescue`); this module only decides. It is pure: samples and times in, changes out.
+
+use std::time::{Duration, Instant};
+
+/// One slot at one sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// The slot's worker (its main pid), so that a new worker starts with a clean record.
+    pub worker: Option<i32>,
+    /// Accept-queue length (the longest over the slot's binds); None where unreadable.
+    pub queue: Option<u32>,
+    /// CPU time used so far by the worker's processes (clock ticks); None where unread.
+    pub cpu: Option<u64>,
+    /// One of the worker's processes is stopped.
+    pub stopped: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    Frozen,
+    NotAccepting,
+}
+
+#[derive(Debug, Default, Clone)]
+struct SlotWatch {
+    worker: Option<i32>,
+    /// Since when the queue has been non-empty at every sample.
+    queued_since: Option<Instant>,
+    /// Since when the queue has been non-empty with no CPU used, and the CPU time then.
+    idle_since: Option<(Instant, u64)>,
+    /// Stopped with a queue at the previous sample.
+    stopped_before: bool,
+    last_cpu: Option<u64>,
+    stalled: Option<Why>,
+    /// Not accepting: when it is tried again, and how long the next probation lasts.
+    retry_at: Option<Instant>,
+    probation: Duration,
+    /// Last time it was seen stalled (probation resets after a long good spell).
+    stalled_at: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+pub struct StallWatch {
+    slots: Vec<SlotWatch>,
+}
+
+impl StallWatch {
+    pub const EVERY: Duration = Duration::from_millis(20);
+    pub const FROZEN_AFTER: Duration = Duration::from_millis(100);
+    pub const BUSY_AFTER: Duration = Duration::from_secs(1);
+    const PROBATION: Duration = Duration::from_secs(1);
+    const PROBATION_MAX: Duration = Duration::from_secs(30);
+    const GOOD_SPELL: Duration = Duration::from_secs(60);
+
+    pub fn new(slots: usize) -> StallWatch {
+        StallWatch { slots: vec![SlotWatch { probation: Self::PROBATION, ..Default::default() }; slots] }
+    }
+
+    /// Take one sample per slot. Returns the slots that changed, with their new state.
+    pub fn observe(&mut self, now: Instant, samples: &[Sample]) -> Vec<(usize, Option<Why>)> {
+        let someone_keeps_up = samples.iter().any(|s| s.queue == Some(0));
+        let mut changed = Vec::new();
+        for (slot, (w, s)) in self.slots.iter_mut().zip(samples).enumerate() {
+            if w.worker != s.worker {
+                let was = w.stalled;
+                *w = SlotWatch { worker: s.worker, probation: w.probation, stalled_at: w.stalled_at, ..Default::default() };
+                if was.is_some() {
+                    changed.push((slot, None));
+                }
+            }
+            let queued = matches!(s.queue, Some(n) if n > 0);
+            let worked = matches!((w.last_cpu, s.cpu), (Some(a), Some(b)) if b > a);
+            if s.cpu.is_some() {
+                w.last_cpu = s.cpu;
+            }
+            w.queued_since = if queued { Some(w.queued_since.unwrap_or(now)) } else { None };
+            w.idle_since = match (queued, s.cpu, w.idle_since) {
+                (true, Some(cpu), Some((t, at))) if cpu == at => Some((t, at)),
+                (true, Some(cpu), _) => Some((now, cpu)),
+                _ => None,
+            };
+            let stopped_twice = queued && s.stopped && w.stopped_before;
+            w.stopped_before = queued && s.stopped;
+            let next = match w.stalled {
+                // Frozen: back once it runs again.
+                Some(Why::Frozen) if !s.stopped && worked => None,
+                Some(Why::Frozen) => Some(Why::Frozen),
+                Some(Why::NotAccepting) if w.retry_at.is_some_and(|t| now >= t) => None,
+                Some(Why::NotAccepting) => Some(Why::NotAccepting),
+                None => {
+                    let frozen = stopped_twice
+                        || w.idle_since.is_some_and(|(t, _)| now.duration_since(t) >= Self::FROZEN_AFTER);
+                    let busy = someone_keeps_up
+                        && w.queued_since.is_some_and(|t| now.duration_since(t) >= Self::BUSY_AFTER);
+                    if frozen {
+                        Some(Why::Frozen)
+                    } else if busy {
+                        Some(Why::NotAccepting)
+                    } else {
+                        None
+                    }
+                }
+            };
+            if next == w.stalled {
+                continue;
+            }
+            match next {
+                Some(why) => {
+                    if w.stalled_at.is_some_and(|t| now.duration_since(t) >= Self::GOOD_SPELL) {
+                        w.probation = Self::PROBATION;
+                    }
+                    w.stalled_at = Some(now);
+                    if why == Why::NotAccepting {
+                        w.retry_at = Some(now + w.probation);
+                        w.probation = (w.probation * 2).min(Self::PROBATION_MAX);
+                    }
+                }
+                None => {
+                    w.retry_at = None;
+                    w.queued_since = None;
+                    w.idle_since = None;
+                }
+            }
+            w.stalled = next;
+            changed.push((slot, next));
+        }
+        changed
+    }
+
+    pub fn is_stalled(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(|w| w.stalled.is_some())
+    }
+}
+
+/// State and CPU time of processes `pids`: (any stopped, user + system clock ticks in all);
+/// None for the ticks when none could be read.
+pub fn proc_state(pids: &[i32]) -> (bool, Option<u64>) {
+    let mut stopped = false;
+    let mut ticks = None;
+    for pid in pids {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After "pid (comm)": state is field 0, utime field 11, stime field 12.
+        if matches!(fields.first(), Some(&"T") | Some(&"t")) {
+            stopped = true;
+        }
+        let t = fields.get(11).and_then(|u| u.parse::<u64>().ok()).zip(fields.get(12).and_then(|s| s.parse::<u64>().ok()));
+        if let Some((u, s)) = t {
+            ticks = Some(ticks.unwrap_or(0) + u + s);
+        }
+    }
+    (stopped, ticks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn at(queue: u32, cpu: u64) -> Sample {
+        Sample { worker: Some(1), queue: Some(queue), cpu: Some(cpu), stopped: false }
+    }
+
+    fn stopped(queue: u32, cpu: u64) -> Sample {
+        Sample { stopped: true, ..at(queue, cpu) }
+    }
+
+    #[test]
+    fn a_stopped_worker_with_a_queue_is_frozen_at_the_second_sample_and_back_when_it_runs() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        assert!(w.observe(t0, &[stopped(1, 50), at(0, 10)]).is_empty());
+        assert_eq!(w.observe(t0 + 20 * MS, &[stopped(3, 50), at(2, 10)]), vec![(0, Some(Why::Frozen))]);
+        // Its queue taken back by the launcher: still frozen while stopped.
+        assert!(w.observe(t0 + 40 * MS, &[stopped(0, 50), at(0, 11)]).is_empty());
+        // SIGCONT: it runs.
+        assert_eq!(w.observe(t0 + 60 * MS, &[at(0, 51), at(0, 11)]), vec![(0, None)]);
+    }
+
+    #[test]
+    fn a_stopped_worker_without_a_queue_is_left_alone() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(1);
+        for i in 0..10 {
+            assert!(w.observe(t0 + i * 20 * MS, &[stopped(0, 5)]).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_queue_nobody_works_on_is_frozen_after_100ms_even_when_every_queue_is_full() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        for i in 0..5 {
+            assert!(w.observe(t0 + i * 20 * MS, &[at(4, 70), at(3, 10 + i as u64)]).is_empty(), "sample {i}");
+        }
+        assert_eq!(w.observe(t0 + 100 * MS, &[at(4, 70), at(3, 20)]), vec![(0, Some(Why::Frozen))]);
+        assert!(w.is_stalled(0) && !w.is_stalled(1));
+    }
+
+    #[test]
+    fn cpu_used_in_between_restarts_the_idle_clock() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(1);
+        w.observe(t0, &[at(2, 70)]);
+        w.observe(t0 + 80 * MS, &[at(2, 71)]);
+        assert!(w.observe(t0 + 160 * MS, &[at(2, 71)]).is_empty());
+        assert_eq!(w.observe(t0 + 180 * MS, &[at(2, 71)]), vec![(0, Some(Why::Frozen))]);
+    }
+
+    #[test]
+    fn a_busy_worker_that_never_drains_while_others_do_is_not_accepting_then_tried_again() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        let mut t = t0;
+        let mut cpu = 100;
+        while t < t0 + Duration::from_millis(980) {
+            cpu += 2;
+            assert!(w.observe(t, &[at(7, cpu), at(0, 5)]).is_empty());
+            t += 20 * MS;
+        }
+        t = t0 + Duration::from_secs(1);
+        assert_eq!(w.observe(t, &[at(7, cpu + 2), at(0, 5)]), vec![(0, Some(Why::NotAccepting))]);
+        // Probation: 1 s, then tried again; stalls again: 2 s.
+        assert!(w.observe(t + 999 * MS, &[at(0, cpu + 50), at(0, 5)]).is_empty());
+        assert_eq!(w.observe(t + 1000 * MS, &[at(0, cpu + 51), at(0, 5)]), vec![(0, None)]);
+        let t2 = t + Duration::from_secs(3);
+        w.observe(t + 1020 * MS, &[at(3, cpu + 52), at(0, 5)]);
+        assert_eq!(w.observe(t2, &[at(3, cpu + 90), at(0, 5)]), vec![(0, Some(Why::NotAccepting))]);
+        assert!(w.observe(t2 + 1999 * MS, &[at(0, cpu + 99), at(0, 5)]).is_empty());
+        assert_eq!(w.observe(t2 + 2000 * MS, &[at(0, cpu + 99), at(0, 5)]), vec![(0, None)]);
+    }
+
+    #[test]
+    fn an_overloaded_machine_singles_out_nobody_who_works() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        for i in 0..300u64 {
+            assert!(w.observe(t0 + i as u32 * 20 * MS, &[at(8, i), at(7, 2 * i)]).is_empty());
+        }
+        let unreadable = Sample::default();
+        assert!(w.observe(t0 + Duration::from_secs(7), &[at(8, 400), unreadable]).is_empty());
+    }
+
+    #[test]
+    fn a_new_worker_on_the_slot_starts_clean() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        w.observe(t0, &[stopped(1, 5), at(0, 1)]);
+        assert_eq!(w.observe(t0 + 20 * MS, &[stopped(1, 5), at(0, 1)]), vec![(0, Some(Why::Frozen))]);
+        let new = Sample { worker: Some(2), ..at(1, 0) };
+        assert_eq!(w.observe(t0 + 40 * MS, &[new, at(0, 1)]), vec![(0, None)]);
+    }
+
+    #[test]
+    fn proc_state_of_this_process() {
+        let me = std::process::id() as i32;
+        let (stopped, ticks) = proc_state(&[me]);
+        assert!(!stopped);
+        assert!(ticks.is_some());
+        assert_eq!(proc_state(&[i32::MAX]), (false, None));
+    }
+}
