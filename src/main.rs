@@ -14,6 +14,7 @@ mod cli;
 mod notify;
 mod proxy;
 mod readiness;
+mod rescue;
 mod roll;
 mod socket;
 mod spawn;
