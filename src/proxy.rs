@@ -15,15 +15,16 @@
 //! When a backend comes with its private listening fd ([`Backend::listener`]), the forwarder
 //! reads that socket's accept-queue length (`TCP_INFO`, [`steer::queue_len`]) before choosing
 //! it: the turn's backend is skipped when its queue is not empty and another backend's is;
-//! when every queue is non-empty the shortest wins (ties: the one whose turn it is). So a
-//! stuck worker (SIGSTOP, deadlock) strands at most the one connection it did not take, and a
-//! busy one gets no second connection while an idle one waits. The check is one
+//! when every queue is non-empty the shortest wins (ties: the one whose turn it is). So while
+//! another worker keeps up, a stuck worker (SIGSTOP, deadlock) strands only the one connection
+//! it did not take (which [`crate::rescue`] can take back), and a busy one gets no second
+//! connection while an idle one waits. The check is one
 //! `getsockopt(TCP_INFO)` per backend looked at, usually one per connection: measured
-//! **0.35 µs** per call (release build, 2 shared vCPUs, Linux 6.18; `cargo test --release
-//! --bin reuse-launch queue_check_cost -- --ignored --nocapture`), against the ~10 system
-//! calls (accept, socket, connect, epoll_ctl, ...) a forwarded connection costs anyway. A
-//! failed check counts as an empty queue, i.e. plain round-robin. Reading the queue changes
-//! nothing on the socket, which the worker shares.
+//! **0.26-0.29 µs** per call (release build, 2 shared vCPUs under load, Linux 6.18; `cargo
+//! test --release --bin reuse-launch queue_check_cost -- --ignored --nocapture`), against about
+//! 150 µs of launcher CPU per forwarded connection in the benchmarks (C workers: 5,712
+//! connections/s at 87% of a core), i.e. ~0.2%. A failed check counts as an empty queue, i.e.
+//! plain round-robin. Reading the queue changes nothing on the socket, which the worker shares.
 //!
 //! **Relaying** ([`Pumps`], shared with [`Relay`]): copy bytes both ways with edge-triggered
 //! non-blocking reads and writes through a fixed 16 KiB buffer per direction. Half-closes are
