@@ -46,6 +46,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -56,6 +57,8 @@ use crate::steer;
 
 /// How long a slot's thread waits in poll(2) before it looks again at whether it still takes.
 pub const POLL_MS: u16 = 20;
+/// How long dropping a [`Rescue`] waits for its threads to leave the fds.
+const DROP_WAIT: Duration = Duration::from_millis(200);
 /// At most this many connections per socket per poll round, so every socket gets its turn.
 const BATCH: usize = 64;
 
@@ -83,6 +86,8 @@ struct State {
     closing: bool,
     /// The thread waits for the next `take` (touches no fd).
     parked: bool,
+    /// The thread has ended.
+    ended: bool,
 }
 
 impl Rescue {
@@ -155,12 +160,24 @@ impl Rescue {
 }
 
 impl Drop for Rescue {
-    /// Ends the slots' threads (within [`POLL_MS`], or after a blocked accept) and then the
-    /// relay thread, which closes the connections it still carries.
+    /// Ends the slots' threads and then the relay thread, which closes the connections it
+    /// still carries. Waits up to [`DROP_WAIT`] for the slots' threads to leave their fds (a
+    /// thread blocked in `accept` stays until that returns; see the module doc).
     fn drop(&mut self) {
-        for s in self.slots.lock().expect("rescue slots").values() {
-            s.state.lock().expect("rescue slot").closing = true;
+        let slots: Vec<Arc<Slot>> = self.slots.lock().expect("rescue slots").values().cloned().collect();
+        for s in &slots {
+            let mut state = s.state.lock().expect("rescue slot");
+            state.taking = false;
+            state.closing = true;
             s.changed.notify_all();
+        }
+        let deadline = Instant::now() + DROP_WAIT;
+        for s in &slots {
+            let mut state = s.state.lock().expect("rescue slot");
+            while !state.ended {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+                state = s.changed.wait_timeout(state, left).expect("rescue slot").0;
+            }
         }
     }
 }
@@ -187,6 +204,8 @@ fn take_loop(slot: &Slot, relay: &Relay, total: &AtomicU64) {
             }
             state.parked = false;
             if state.closing {
+                state.ended = true;
+                slot.changed.notify_all();
                 return;
             }
             state.listeners.clone()
@@ -206,27 +225,46 @@ fn take_loop(slot: &Slot, relay: &Relay, total: &AtomicU64) {
                 continue;
             }
         }
-        let ready: Vec<bool> = fds.iter().map(|p| p.any().unwrap_or(false)).collect();
+        let revents: Vec<PollFlags> = fds.iter().map(|p| p.revents().unwrap_or(PollFlags::empty())).collect();
         drop(fds);
-        for (&(fd, target), ready) in listeners.iter().zip(ready) {
-            if ready {
-                take_queued(slot, relay, total, fd, target);
+        if let Some(i) = revents.iter().position(|r| r.contains(PollFlags::POLLNVAL)) {
+            // The caller closed an fd it gave us: stop before the number names something else.
+            log::error!("rescue: fd {} is not open; no longer taking from it", listeners[i].0);
+            let mut state = slot.state.lock().expect("rescue slot");
+            if state.listeners == listeners {
+                state.taking = false;
             }
+            continue;
+        }
+        let mut ready = 0;
+        let mut taken = 0;
+        for (&(fd, target), r) in listeners.iter().zip(revents) {
+            if r.intersects(PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP) {
+                ready += 1;
+                taken += take_queued(slot, relay, total, fd, target);
+            }
+        }
+        if ready > 0 && taken == 0 {
+            // Readable, yet nothing to take (the worker won, or the socket is in a state we do
+            // not handle): do not spin on it.
+            std::thread::sleep(Duration::from_millis(u64::from(POLL_MS)));
         }
     }
 }
 
-/// Accept and relay what is queued on `fd` while the slot is taken, up to [`BATCH`].
-fn take_queued(slot: &Slot, relay: &Relay, total: &AtomicU64, fd: RawFd, target: SocketAddr) {
+/// Accept and relay what is queued on `fd` while the slot is taken, up to [`BATCH`]; returns
+/// how many.
+fn take_queued(slot: &Slot, relay: &Relay, total: &AtomicU64, fd: RawFd, target: SocketAddr) -> usize {
+    let mut taken = 0;
     for _ in 0..BATCH {
         if !slot.state.lock().expect("rescue slot").taking {
-            return;
+            break;
         }
         // Only accept while something is queued, so that the accept (blocking: the worker's
         // socket is left as it is) normally returns at once. The worker may still win the
         // race; see the module doc.
         if !matches!(steer::queue_len(fd), Ok(n) if n > 0) {
-            return;
+            break;
         }
         let client = match accept4(fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
             // SAFETY: accept4 just returned this fd; nothing else owns it.
@@ -240,9 +278,10 @@ fn take_queued(slot: &Slot, relay: &Relay, total: &AtomicU64, fd: RawFd, target:
                 } else if e.kind() != io::ErrorKind::WouldBlock {
                     log::debug!("rescue: accept: {e}");
                 }
-                return;
+                break;
             }
         };
+        taken += 1;
         match relay.hand(client, target) {
             Ok(()) => {
                 slot.relayed.fetch_add(1, Ordering::Relaxed);
@@ -251,6 +290,7 @@ fn take_queued(slot: &Slot, relay: &Relay, total: &AtomicU64, fd: RawFd, target:
             Err(e) => log::warn!("rescue: cannot relay a connection to {target}: {e}"),
         }
     }
+    taken
 }
 
 #[cfg(test)]
@@ -259,7 +299,6 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener};
     use std::os::fd::AsRawFd;
-    use std::time::{Duration, Instant};
 
     use nix::fcntl::{fcntl, FcntlArg};
     use socket2::SockRef;
@@ -395,6 +434,44 @@ mod tests {
         assert_eq!(got.len(), HEAD.len() + req.len());
         assert!(got.starts_with(HEAD) && got.ends_with("xxx"));
         c.shutdown(Shutdown::Read).ok();
+    }
+
+    /// The worker resumes while we take: both accept on the same open file description (the
+    /// worker blocking, as a plain server does). Whoever wins, every client gets its answer.
+    #[test]
+    fn a_worker_accepting_at_the_same_time_loses_nothing() {
+        let (l, fd) = stuck_listener();
+        let rescue = Rescue::start().unwrap();
+        rescue.take(2, &[(fd, target())]);
+        let worker_took = Arc::new(AtomicU64::new(0));
+        {
+            let (l, took) = (l.try_clone().unwrap(), worker_took.clone());
+            std::thread::spawn(move || {
+                for s in l.incoming() {
+                    let mut s = s.unwrap();
+                    took.fetch_add(1, Ordering::SeqCst);
+                    std::thread::spawn(move || {
+                        let mut req = [0; 64];
+                        let n = s.read(&mut req).unwrap();
+                        s.write_all(b"worker:").unwrap();
+                        s.write_all(&req[..n]).unwrap();
+                    });
+                }
+            });
+        }
+        let clients: Vec<TcpStream> = (0..30)
+            .map(|i| {
+                let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                c.write_all(format!("r{i}\r\n\r\n").as_bytes()).unwrap();
+                c
+            })
+            .collect();
+        for (i, c) in clients.iter().enumerate() {
+            let got = answer(c);
+            let req = format!("r{i}\r\n\r\n");
+            assert!(got == format!("worker:{req}") || got == format!("{HEAD}{req}"), "{got:?}");
+        }
+        assert_eq!(rescue.relayed() + worker_took.load(Ordering::SeqCst), 30);
     }
 
     #[test]
