@@ -38,7 +38,6 @@
 //! [`crate::proxy::PAUSE`] rather than spin on the queue.
 
 // Not used by the supervisor yet: it is wired in separately.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io;

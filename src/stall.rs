@@ -80,7 +80,12 @@ impl StallWatch {
         for (slot, (w, s)) in self.slots.iter_mut().zip(samples).enumerate() {
             if w.worker != s.worker {
                 let was = w.stalled;
-                *w = SlotWatch { worker: s.worker, probation: w.probation, stalled_at: w.stalled_at, ..Default::default() };
+                *w = SlotWatch {
+                    worker: s.worker,
+                    probation: w.probation,
+                    stalled_at: w.stalled_at,
+                    ..Default::default()
+                };
                 if was.is_some() {
                     changed.push((slot, None));
                 }
@@ -105,10 +110,10 @@ impl StallWatch {
                 Some(Why::NotAccepting) if w.retry_at.is_some_and(|t| now >= t) => None,
                 Some(Why::NotAccepting) => Some(Why::NotAccepting),
                 None => {
-                    let frozen = stopped_twice
-                        || w.idle_since.is_some_and(|(t, _)| now.duration_since(t) >= Self::FROZEN_AFTER);
-                    let busy = someone_keeps_up
-                        && w.queued_since.is_some_and(|t| now.duration_since(t) >= Self::BUSY_AFTER);
+                    let frozen =
+                        stopped_twice || w.idle_since.is_some_and(|(t, _)| now.duration_since(t) >= Self::FROZEN_AFTER);
+                    let busy =
+                        someone_keeps_up && w.queued_since.is_some_and(|t| now.duration_since(t) >= Self::BUSY_AFTER);
                     if frozen {
                         Some(Why::Frozen)
                     } else if busy {
@@ -162,7 +167,8 @@ pub fn proc_state(pids: &[i32]) -> (bool, Option<u64>) {
         if matches!(fields.first(), Some(&"T") | Some(&"t")) {
             stopped = true;
         }
-        let t = fields.get(11).and_then(|u| u.parse::<u64>().ok()).zip(fields.get(12).and_then(|s| s.parse::<u64>().ok()));
+        let t =
+            fields.get(11).and_then(|u| u.parse::<u64>().ok()).zip(fields.get(12).and_then(|s| s.parse::<u64>().ok()));
         if let Some((u, s)) = t {
             ticks = Some(ticks.unwrap_or(0) + u + s);
         }

@@ -1,5 +1,5 @@
 //! Steering a SO_REUSEPORT group with classic BPF (which slot's listener gets each new
-//! connection), and noticing slots that stopped accepting ([`StallWatch`]).
+//! connection). Which slots stalled is `stall`'s business.
 //!
 //! This module owns the cBPF programs the launcher attaches to a bind's group (built from the
 //! set of *serving* slots by [`build`], attached with [`attach`], removed with [`detach`]; [`apply`]
@@ -106,7 +106,6 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::time::{Duration, Instant};
 
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
@@ -388,140 +387,9 @@ pub fn queue_len(listener: RawFd) -> io::Result<u32> {
     }
 }
 
-/// One slot at one sample: its accept-queue length and the CPU time its worker's processes
-/// have used so far (clock ticks), None where it could not be read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Sample {
-    pub queue: Option<u32>,
-    pub cpu: Option<u64>,
-}
-
-/// Notices slots whose worker has stopped taking connections (SIGSTOPped, deadlocked, blocked
-/// on something slow) from their accept queues, sampled every [`StallWatch::EVERY`].
-///
-/// A slot is *stuck* at a sample when its queue is not empty and its worker used no CPU since
-/// the previous sample. It is stalled once it has been stuck for [`StallWatch::AFTER`] while
-/// some other slot's queue is empty: the others keep up and this one does nothing. A worker that
-/// is merely busy (a long CPU-bound request, a GC) burns CPU and is never singled out, since it
-/// will accept as soon as it is done; and when every queue stays full the machine is simply
-/// overloaded. A stalled slot is back as soon as its queue is empty again, i.e. its worker
-/// accepted everything waiting. Excluding it from new connections bounds the damage to what was
-/// already queued there.
-#[derive(Debug, Default)]
-pub struct StallWatch {
-    /// Per slot: since when it has been stuck at every sample.
-    stuck_since: Vec<Option<Instant>>,
-    last_cpu: Vec<Option<u64>>,
-    stalled: Vec<bool>,
-}
-
-impl StallWatch {
-    pub const EVERY: Duration = Duration::from_millis(100);
-    pub const AFTER: Duration = Duration::from_millis(300);
-
-    pub fn new(slots: usize) -> StallWatch {
-        StallWatch { stuck_since: vec![None; slots], last_cpu: vec![None; slots], stalled: vec![false; slots] }
-    }
-
-    /// Take one sample per slot. Returns the slots that changed state, with their new state.
-    pub fn observe(&mut self, now: Instant, samples: &[Sample]) -> Vec<(usize, bool)> {
-        let mut changed = Vec::new();
-        let someone_keeps_up = samples.iter().any(|s| s.queue == Some(0));
-        for (slot, sample) in samples.iter().enumerate() {
-            let busy = matches!(sample.queue, Some(n) if n > 0);
-            let working = matches!((self.last_cpu[slot], sample.cpu), (Some(a), Some(b)) if b > a);
-            self.last_cpu[slot] = sample.cpu;
-            if busy && !working {
-                self.stuck_since[slot].get_or_insert(now);
-            } else {
-                self.stuck_since[slot] = None;
-            }
-            let stuck_long = self.stuck_since[slot].is_some_and(|t| now.duration_since(t) >= Self::AFTER);
-            let stalled = if self.stalled[slot] { busy } else { someone_keeps_up && stuck_long };
-            if stalled != self.stalled[slot] {
-                self.stalled[slot] = stalled;
-                changed.push((slot, stalled));
-            }
-        }
-        changed
-    }
-
-    pub fn is_stalled(&self, slot: usize) -> bool {
-        self.stalled[slot]
-    }
-}
-
-/// CPU time (user + system, clock ticks) used so far by the processes `pids`; None when none
-/// of them could be read.
-pub fn cpu_ticks(pids: &[i32]) -> Option<u64> {
-    let per_pid = pids.iter().filter_map(|pid| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        // After "pid (comm)": state is field 0, utime field 11, stime field 12.
-        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-    });
-    per_pid.fold(None, |sum, t| Some(sum.unwrap_or(0) + t))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(queue: u32, cpu: u64) -> Sample {
-        Sample { queue: Some(queue), cpu: Some(cpu) }
-    }
-
-    #[test]
-    fn a_queue_nobody_works_on_while_another_slot_keeps_up_is_a_stall() {
-        let t0 = Instant::now();
-        let ms = |n| t0 + Duration::from_millis(n);
-        let mut w = StallWatch::new(3);
-        assert!(w.observe(ms(0), &[at(3, 50), at(0, 10), at(1, 7)]).is_empty());
-        // Slot 2 drained in between: its stuck time starts over.
-        assert!(w.observe(ms(200), &[at(5, 50), at(0, 10), at(0, 7)]).is_empty());
-        assert_eq!(w.observe(ms(300), &[at(9, 50), at(0, 10), at(2, 7)]), vec![(0, true)]);
-        assert!(w.is_stalled(0) && !w.is_stalled(2));
-        // Working again but not drained yet: still stalled. Drained: back.
-        assert!(w.observe(ms(400), &[at(9, 60), at(0, 10), at(2, 7)]).is_empty());
-        assert_eq!(w.observe(ms(500), &[at(0, 70), at(0, 10), at(0, 7)]), vec![(0, false)]);
-    }
-
-    #[test]
-    fn a_busy_worker_is_not_a_stalled_one() {
-        // Slot 0's queue never empties, but its worker burns CPU all along (a CPU-bound
-        // event loop that accepts between requests): never singled out.
-        let t0 = Instant::now();
-        let mut w = StallWatch::new(2);
-        for i in 0..50u64 {
-            let t = t0 + Duration::from_millis(100 * i);
-            assert!(w.observe(t, &[at(7, 100 + 10 * i), at(0, 5)]).is_empty(), "sample {i}");
-        }
-    }
-
-    #[test]
-    fn an_overloaded_machine_singles_out_nobody() {
-        let t0 = Instant::now();
-        let mut w = StallWatch::new(2);
-        w.observe(t0, &[at(4, 1), at(4, 1)]);
-        assert!(w.observe(t0 + Duration::from_secs(5), &[at(8, 1), at(7, 1)]).is_empty());
-        // Unreadable queues count as neither stuck nor keeping up.
-        let unreadable = Sample { queue: None, cpu: None };
-        assert!(w.observe(t0 + Duration::from_secs(6), &[at(8, 1), unreadable]).is_empty());
-    }
-
-    #[test]
-    fn cpu_ticks_of_this_process_grow_with_work() {
-        let me = std::process::id() as i32;
-        let before = cpu_ticks(&[me]).unwrap();
-        let start = Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(100) {
-            x = x.wrapping_mul(31).wrapping_add(1);
-        }
-        assert!(x != 1);
-        assert!(cpu_ticks(&[me]).unwrap() > before);
-        assert_eq!(cpu_ticks(&[i32::MAX]), None);
-    }
 
     #[test]
     fn queue_length_of_a_real_listener() {

@@ -36,9 +36,10 @@ use crate::event::{Event, WorkerId};
 use crate::notify::NotifyHub;
 use crate::proxy::Proxy;
 use crate::readiness;
+use crate::rescue::Rescue;
 use crate::roll::Roll;
 use crate::socket::{Listeners, Mode};
-use crate::steer::StallWatch;
+use crate::stall::StallWatch;
 use crate::upstream::Reporter;
 use workers::{Slot, Workers};
 
@@ -70,6 +71,11 @@ pub struct Supervisor<O: Os> {
     proxy: Option<Proxy>,
     /// Reuseport and round-robin with several slots: accept queues sampled for stalled workers.
     stalls: Option<(StallWatch, Instant)>,
+    /// The processes of the workers that had connections waiting (see `routing`).
+    members: routing::Members,
+    /// Takes back connections queued on slots that cannot serve; which slots it takes from.
+    rescue: Option<Rescue>,
+    rescued: Vec<bool>,
     /// The launcher's own service manager (systemd), if it gave us NOTIFY_SOCKET.
     reporter: Reporter,
     /// --ready auto: each slot's socket inodes (None: /proc cannot tell, use the delay), and
@@ -130,6 +136,13 @@ impl<O: Os> Supervisor<O> {
         };
         let stalls = (matches!(listeners.mode(), Mode::Reuseport | Mode::RoundRobin) && cfg.workers > 1)
             .then(|| (StallWatch::new(cfg.workers), Instant::now()));
+        let rescue = match &stalls {
+            Some(_) => {
+                Some(Rescue::start().map_err(|e| Error::Failed(format!("cannot start the rescue threads: {e}")))?)
+            }
+            None => None,
+        };
+        let slots_n = cfg.workers;
         let slots = (0..cfg.workers).map(|_| Slot { gen: 1, ..Slot::default() }).collect();
         Ok(Supervisor {
             roll: Roll::new(cfg.workers, cfg.ready_timeout),
@@ -148,6 +161,9 @@ impl<O: Os> Supervisor<O> {
             all_ready_logged: false,
             steered: None,
             stalls,
+            members: Default::default(),
+            rescue,
+            rescued: vec![false; slots_n],
             proxy,
             reporter: Reporter::from_env(Instant::now()),
             slot_inodes,
@@ -171,6 +187,9 @@ impl<O: Os> Supervisor<O> {
             }
             if self.shutdown.is_some() && self.workers.is_empty() {
                 self.reap_orphans();
+                if let Some(n) = self.rescue.as_ref().map(|r| r.relayed()).filter(|n| *n > 0) {
+                    log::info!("{n} connections were taken back from stalled or stopped workers and relayed");
+                }
                 log::info!("all workers stopped; exiting");
                 return Ok(());
             }

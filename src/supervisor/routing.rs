@@ -1,14 +1,30 @@
-//! Where new connections go: the serving set (slots with a ready worker that is neither being
-//! replaced nor stalled), the stall watch over the accept queues, and carrying the set out —
-//! BPF steering of the reuseport groups, or the forwarder's backend list in round-robin mode.
+//! Where new connections go, and what happens to connections already queued on a slot that
+//! cannot take them: the serving set (slots with a ready worker that is neither being replaced
+//! nor stalled), the stall watch over the accept queues, steering (BPF programs of the
+//! reuseport groups, or the forwarder's backend list in round-robin mode), and the rescue of
+//! queued connections (`rescue`: the launcher accepts them on the slot's listener it holds and
+//! relays each through the public address, where steering sends it to a serving slot).
+//!
+//! A slot's queue is rescued while the slot is out of the serving set because it is stalled or
+//! has no ready worker (crashed, in backoff), and some other slot serves; never while new
+//! connections could still be steered to it (a relayed connection would come back).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::os::Os;
 use super::Supervisor;
 use crate::readiness;
-use crate::steer::{self, Sample, StallWatch};
+use crate::rescue::loopback;
+use crate::stall::{self, Sample, StallWatch, Why};
+use crate::steer;
+
+/// How long a worker's list of processes (one scan of /proc) is trusted.
+const MEMBERS_TTL: Duration = Duration::from_secs(1);
+
+/// The processes of each worker's group, from the last scan of /proc, by worker pid.
+pub(super) type Members = HashMap<i32, (Vec<i32>, Instant)>;
 
 impl<O: Os> Supervisor<O> {
     /// The slots that should take new connections: those with a ready worker, except a slot
@@ -29,47 +45,68 @@ impl<O: Os> Supervisor<O> {
         }
     }
 
-    /// Sample every slot's accept queue (every `StallWatch::EVERY`) and log stalls.
+    /// Sample every slot's accept queue (every `StallWatch::EVERY`) and log stalls. The /proc
+    /// reads happen only for slots with connections waiting.
     pub(super) fn watch_queues(&mut self, now: Instant) {
-        let Some((watch, next)) = &mut self.stalls else { return };
-        if now < *next || self.workers.is_empty() {
-            return;
+        match &self.stalls {
+            Some((_, next)) if now >= *next && !self.workers.is_empty() => {}
+            _ => return,
         }
-        *next = now + StallWatch::EVERY;
-        let queues: Vec<Option<u32>> = (0..self.slots.len())
+        let slots = self.slots.len();
+        let queues: Vec<Option<u32>> = (0..slots)
             .map(|s| {
                 let lens = self.listeners.fds_for_slot(s).into_iter().map(steer::queue_len);
                 lens.collect::<std::io::Result<Vec<u32>>>().ok().and_then(|v| v.into_iter().max())
             })
             .collect();
-        // CPU time only where something waits (rare): all processes of those slots' workers,
-        // found with one scan of /proc.
-        let leaders: Vec<(usize, i32)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| matches!(queues[w.slot], Some(n) if n > 0))
-            .map(|(_, w)| (w.slot, w.pid.as_raw()))
-            .collect();
-        let members = readiness::groups_members(&leaders.iter().map(|l| l.1).collect::<Vec<_>>());
-        let samples: Vec<Sample> = queues
-            .iter()
-            .enumerate()
-            .map(|(slot, &queue)| {
-                let pids: Vec<i32> =
-                    leaders.iter().zip(&members).filter(|(l, _)| l.0 == slot).flat_map(|(_, m)| m.clone()).collect();
-                Sample { queue, cpu: steer::cpu_ticks(&pids) }
+        // The worker each slot's record follows: its ready one, else its live one.
+        let workers: Vec<Option<i32>> = (0..slots)
+            .map(|s| {
+                let mut on = self.workers.on(s).filter(|(_, w)| !w.is_stopping());
+                let ready = self.workers.on(s).find(|(_, w)| w.state == super::workers::State::Ready);
+                ready.or_else(|| on.next()).map(|(_, w)| w.pid.as_raw())
             })
             .collect();
-        for (slot, stalled) in watch.observe(now, &samples) {
+        let waiting: Vec<i32> = (0..slots)
+            .filter(|s| matches!(queues[*s], Some(n) if n > 0))
+            .filter_map(|s| workers[s])
+            .filter(|pid| self.members.get(pid).is_none_or(|(_, at)| now.duration_since(*at) >= MEMBERS_TTL))
+            .collect();
+        if !waiting.is_empty() {
+            for (pid, pids) in waiting.iter().zip(readiness::groups_members(&waiting)) {
+                self.members.insert(*pid, (pids, now));
+            }
+        }
+        let live: Vec<i32> = self.workers.iter().map(|(_, w)| w.pid.as_raw()).collect();
+        self.members.retain(|pid, _| live.contains(pid));
+        let samples: Vec<Sample> = (0..slots)
+            .map(|s| {
+                let (stopped, cpu) = match (queues[s], workers[s]) {
+                    (Some(n), Some(pid)) if n > 0 => {
+                        stall::proc_state(self.members.get(&pid).map(|m| m.0.as_slice()).unwrap_or(&[pid]))
+                    }
+                    (_, Some(pid)) if self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s)) => {
+                        stall::proc_state(self.members.get(&pid).map(|m| m.0.as_slice()).unwrap_or(&[pid]))
+                    }
+                    _ => (false, None),
+                };
+                Sample { worker: workers[s], queue: queues[s], cpu, stopped }
+            })
+            .collect();
+        let Some((watch, next)) = &mut self.stalls else { return };
+        *next = now + StallWatch::EVERY;
+        for (slot, why) in watch.observe(now, &samples) {
             let who = self.workers.ready_label(slot).unwrap_or_else(|| format!("worker {slot}"));
-            if stalled {
-                log::warn!(
-                    "{who} left {} connections waiting for {:?} while others kept up; new connections go elsewhere until it catches up",
-                    queues[slot].unwrap_or(0),
-                    StallWatch::AFTER
-                );
-            } else {
-                log::info!("{who} accepts again");
+            let waiting = queues[slot].unwrap_or(0);
+            match why {
+                Some(Why::Frozen) => log::warn!(
+                    "{who} is not running ({waiting} connections waiting, no CPU used); new connections go elsewhere and the waiting ones are relayed"
+                ),
+                Some(Why::NotAccepting) => log::warn!(
+                    "{who} has not emptied its queue for {:?} while others did ({waiting} waiting); new connections go elsewhere and the waiting ones are relayed",
+                    StallWatch::BUSY_AFTER
+                ),
+                None => log::info!("{who} gets new connections again"),
             }
         }
     }
@@ -80,7 +117,8 @@ impl<O: Os> Supervisor<O> {
     }
 
     /// Send new connections only to the serving slots: BPF steering of the reuseport groups
-    /// (see `steer`), or the forwarder's backend list in round-robin mode.
+    /// (see `steer`), or the forwarder's backend list in round-robin mode. Then take back what
+    /// waits on slots that cannot serve.
     pub(super) fn steer(&mut self) {
         let groups = self.listeners.groups();
         if groups.is_empty() && self.proxy.is_none() {
@@ -89,16 +127,28 @@ impl<O: Os> Supervisor<O> {
         let serving = self.serving_slots();
         let all = serving.is_empty() || serving.len() == self.slots.len();
         let wanted = if all && self.proxy.is_none() { None } else { Some(serving.clone()) };
-        if wanted == self.steered {
-            return;
+        if wanted != self.steered {
+            self.apply_steering(&groups, &serving, wanted);
         }
+        self.rescue_stranded(&serving);
+    }
+
+    fn apply_steering(
+        &mut self,
+        groups: &[(std::os::fd::RawFd, usize)],
+        serving: &[usize],
+        wanted: Option<Vec<usize>>,
+    ) {
         if let Some(proxy) = &self.proxy {
             let slots = wanted.clone().unwrap_or_default();
-            let per_slot: Vec<Vec<SocketAddr>> = slots.iter().map(|s| self.listeners.private_addrs(*s)).collect();
+            let per_slot: Vec<Vec<(SocketAddr, std::os::fd::RawFd)>> = slots
+                .iter()
+                .map(|s| self.listeners.private_addrs(*s).into_iter().zip(self.listeners.fds_for_slot(*s)).collect())
+                .collect();
             let binds = self.listeners.local_addrs().len();
             proxy.set_backends((0..binds).map(|b| per_slot.iter().map(|a| a[b]).collect()).collect());
         }
-        for (member, size) in groups {
+        for &(member, size) in groups {
             if let Err(e) = steer::apply(member, wanted.as_deref().unwrap_or(&[]), size) {
                 log::warn!("cannot steer new connections away from slots without a ready worker: {e}");
                 return;
@@ -117,5 +167,32 @@ impl<O: Os> Supervisor<O> {
             log::info!("new connections go to every slot");
         }
         self.steered = wanted;
+    }
+
+    /// Rescue the queues of the slots that are out of the serving set because they are stalled
+    /// or have no ready worker, while another slot serves; release the others.
+    fn rescue_stranded(&mut self, serving: &[usize]) {
+        let Some(rescue) = &self.rescue else { return };
+        let stalled = |s: usize| self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s));
+        for slot in 0..self.slots.len() {
+            let stranded = self.shutdown.is_none()
+                && !serving.is_empty()
+                && !serving.contains(&slot)
+                && (stalled(slot) || !self.workers.ready_on(slot));
+            if stranded == self.rescued[slot] {
+                continue;
+            }
+            self.rescued[slot] = stranded;
+            if stranded {
+                let fds = self.listeners.fds_for_slot(slot);
+                let targets: Vec<_> =
+                    fds.into_iter().zip(self.listeners.local_addrs().iter().map(|a| loopback(*a))).collect();
+                log::debug!("taking back the connections queued on slot {slot}");
+                rescue.take(slot, &targets);
+            } else {
+                log::debug!("slot {slot}'s queue is its worker's again ({} relayed so far)", rescue.relayed_from(slot));
+                rescue.release(slot);
+            }
+        }
     }
 }
