@@ -390,6 +390,7 @@ pub fn queue_len(listener: RawFd) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn queue_length_of_a_real_listener() {
