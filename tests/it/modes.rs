@@ -2,35 +2,29 @@
 //! survives a SIGKILLed worker, and rolls under load; the modes whose sockets the launcher
 //! holds (reuseport, shared, round-robin) roll with zero failed requests.
 
-mod common;
-
 use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::TcpStream;
 
-use common::*;
+use nix::sys::signal::Signal;
 
-fn start(mode: &str, extra: &[&str]) -> Launcher {
-    let mut args = vec!["-n", "3", "-b", "127.0.0.1:0", "--mode", mode, "--ready-delay", "300ms", "--grace", "10s"];
-    args.extend_from_slice(&["--", "python3", PYWORKER]);
-    args.extend_from_slice(extra);
-    Launcher::start(&args)
-}
+use crate::common::*;
 
 /// Serve from 3 workers, replace a SIGKILLed one, roll under load; returns the failures.
 fn exercise(mode: &str, extra: &[&str]) -> (usize, Vec<String>) {
-    let l = start(mode, extra);
+    let l = Launch::new().workers(3).mode(mode).ready_delay("300ms").grace("10s").py(extra).start();
     l.wait_for("all 3 workers ready", secs(20));
     let seen = l.poll_answers(secs(20), |r| distinct(r).len() >= 3);
     let slots: BTreeSet<_> = seen.iter().map(|r| r.slot.clone()).collect();
     assert_eq!(slots.len(), 3, "{mode}: {seen:?}");
 
     let victim = l.latest_pid(1);
-    // SAFETY: kill(2) on a worker pid this test's launcher started.
-    unsafe { libc::kill(victim, libc::SIGKILL) };
+    signal(victim, Signal::SIGKILL);
     let new = l.wait_replacement(1, victim, secs(10));
     l.poll_answers(secs(20), |r| r.iter().any(|r| r.pid == new));
 
     let load = Load::start(l.port(), 4);
-    l.signal(libc::SIGUSR2);
+    l.signal(Signal::SIGUSR2);
     l.wait_for("roll gen 2 done", secs(30));
     l.poll_answers(secs(20), |r| {
         r.iter().rev().take(30).filter(|r| r.gen == "2").map(|r| r.slot.clone()).collect::<BTreeSet<_>>().len() == 3
@@ -41,22 +35,25 @@ fn exercise(mode: &str, extra: &[&str]) -> (usize, Vec<String>) {
     (ok, failures)
 }
 
+/// [`exercise`] a mode whose sockets the launcher holds: no request may fail.
+fn exercise_without_failures(mode: &str) {
+    let (_, failures) = exercise(mode, &[]);
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
 #[test]
 fn reuseport_mode() {
-    let (_, failures) = exercise("reuseport", &[]);
-    assert!(failures.is_empty(), "{failures:?}");
+    exercise_without_failures("reuseport");
 }
 
 #[test]
 fn shared_mode() {
-    let (_, failures) = exercise("shared", &[]);
-    assert!(failures.is_empty(), "{failures:?}");
+    exercise_without_failures("shared");
 }
 
 #[test]
 fn round_robin_mode() {
-    let (_, failures) = exercise("round-robin", &[]);
-    assert!(failures.is_empty(), "{failures:?}");
+    exercise_without_failures("round-robin");
 }
 
 /// Workers bind PORT themselves: it works, but a worker that exits closes its own socket and
@@ -70,26 +67,12 @@ fn self_mode() {
 #[test]
 fn round_robin_spreads_evenly_and_skips_a_dead_slot() {
     // Once the flag file exists, slot 2 cannot start again: it crash-loops.
-    let flag = std::env::temp_dir().join(format!("reuse-launch-rr-broken-{}", std::process::id()));
-    let _ = std::fs::remove_file(&flag);
+    let flag = TempPath::new("rr-broken");
     let script = format!(
         "[ \"$REUSE_LAUNCH_SLOT\" = 2 ] && [ -e {} ] && exit 1; exec python3 {PYWORKER} --notify",
         flag.display()
     );
-    let l = Launcher::start(&[
-        "-n",
-        "3",
-        "-b",
-        "127.0.0.1:0",
-        "--mode",
-        "round-robin",
-        "--ready",
-        "notify",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let l = Launch::new().workers(3).mode("round-robin").ready("notify").cmd(&["sh", "-c", &script]).start();
     l.wait_for("all 3 workers ready", secs(20));
     // Sequential new connections: the forwarder takes the serving slots strictly in turn.
     let seen = l.poll_answers(secs(20), |r| r.len() >= 30);
@@ -101,13 +84,11 @@ fn round_robin_spreads_evenly_and_skips_a_dead_slot() {
     // (one that were would hang: nobody will ever accept there).
     std::fs::write(&flag, "").unwrap();
     let victim = l.latest_pid(2);
-    // SAFETY: kill(2) on a worker pid this test's launcher started.
-    unsafe { libc::kill(victim, libc::SIGKILL) };
+    signal(victim, Signal::SIGKILL);
     l.wait_for("new connections go to slots [0, 1] only", secs(10));
     let port = l.port();
     let after: Vec<Reply> =
         (0..20).map(|i| get(port).unwrap_or_else(|e| panic!("request {i}: {e}\n{}", l.log()))).collect();
-    std::fs::remove_file(&flag).unwrap();
     assert!(after.iter().all(|r| r.slot != "2"), "{after:?}");
     assert_eq!(after.iter().filter(|r| r.slot == "0").count(), 10, "{after:?}");
 }
@@ -116,28 +97,15 @@ fn round_robin_spreads_evenly_and_skips_a_dead_slot() {
 /// sees its queue stay full while the other slot keeps up, stops sending it new connections,
 /// and the ones already queued there are served once the worker resumes: none is lost.
 fn stopped_worker_is_bypassed_and_loses_nothing(mode: &str) {
-    let l = Launcher::start(&[
-        "-n",
-        "2",
-        "-b",
-        "127.0.0.1:0",
-        "--mode",
-        mode,
-        "--ready-delay",
-        "200ms",
-        "--",
-        "python3",
-        PYWORKER,
-    ]);
+    let l = Launch::new().workers(2).mode(mode).ready_delay("200ms").py(&[]).start();
     l.wait_for("all 2 workers ready", secs(20));
     let stopped = l.latest_pid(1);
-    // SAFETY: kill(2) on a worker pid this test's launcher started.
-    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    signal(stopped, Signal::SIGSTOP);
     let mut pending = Vec::new();
     let port = l.port();
     let noticed = wait_until(secs(20), || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        send_request(&mut s).unwrap();
         pending.push(s);
         l.count(&format!("(pid {stopped}, gen 1) left")) > 0
     });
@@ -148,14 +116,12 @@ fn stopped_worker_is_bypassed_and_loses_nothing(mode: &str) {
             get(port).unwrap_or_else(|e| panic!("{mode}: request {i} after the stall was noticed: {e}\n{}", l.log()));
         assert_eq!(r.slot, "0");
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(stopped, libc::SIGCONT) };
+    signal(stopped, Signal::SIGCONT);
     l.wait_for(&format!("(pid {stopped}, gen 1) accepts again"), secs(10));
     for (i, mut s) in pending.into_iter().enumerate() {
         let mut text = String::new();
         s.set_read_timeout(Some(secs(10))).unwrap();
-        std::io::Read::read_to_string(&mut s, &mut text)
-            .unwrap_or_else(|e| panic!("{mode}: queued request {i} lost: {e}"));
+        s.read_to_string(&mut text).unwrap_or_else(|e| panic!("{mode}: queued request {i} lost: {e}"));
         assert!(text.starts_with("HTTP/1.1 200"), "{mode}: queued request {i}: {text:?}");
     }
 }

@@ -12,22 +12,16 @@
 //! A runtime missing on the machine fails its test with what to install ([`require`]):
 //! `scripts/test-deps` installs all of them.
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
+use nix::sys::signal::Signal;
 
-const WORKERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workers");
+use crate::common::*;
+
 const VENV_BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-test/bin");
 const DEPS: &str = "run scripts/test-deps, which installs every runtime these tests use";
-
-fn worker(name: &str) -> String {
-    format!("{WORKERS}/{name}")
-}
 
 fn venv(tool: &str) -> String {
     format!("{VENV_BIN}/{tool}")
@@ -64,14 +58,9 @@ fn require_libsystemd() {
     );
 }
 
-/// Start the launcher with 2 workers on 127.0.0.1:0 (plus `flags`), wait until it listens.
-fn launch(flags: &[&str], command: &[&str], env: &[(&str, &str)]) -> Launcher {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["-n", "2", "-b", "127.0.0.1:0", "--grace", "10s"]).args(flags).arg("--").args(command);
-    cmd.envs(env.iter().copied());
-    let mut l = Launcher::spawn(&mut cmd);
-    l.wait_listening();
-    l
+/// The launcher as every test here runs it: 2 workers, 10 s of grace.
+fn two_workers() -> Launch {
+    Launch::new().workers(2).grace("10s")
 }
 
 fn pids_of(replies: &[Reply]) -> BTreeSet<i32> {
@@ -104,11 +93,11 @@ fn serve_roll_stop(l: &mut Launcher, drops: Drops) {
     l.wait_for("all 2 workers ready", secs(60));
     let first = l.poll_answers(secs(30), |r| pids_of(r).len() >= 2);
     assert!(first.iter().all(|r| r.gen == "1"), "answers before the roll: {:?}", distinct(&first));
-    let gen1_pids: Vec<i32> = l.started().iter().map(|w| w.0).chain(pids_of(&first)).collect();
+    let gen1_pids: Vec<i32> = l.started_pids().into_iter().chain(pids_of(&first)).collect();
     let gen1 = procs(&gen1_pids);
 
     let load = Load::start(l.port(), 3);
-    l.signal(libc::SIGUSR2);
+    l.signal(Signal::SIGUSR2);
     l.wait_for("roll gen 2 done", secs(90));
     let after = l.poll_answers(secs(30), |r| {
         let slots: BTreeSet<&str> = r.iter().rev().take(20).filter(|r| r.gen == "2").map(|r| r.slot.as_str()).collect();
@@ -133,12 +122,12 @@ fn serve_roll_stop(l: &mut Launcher, drops: Drops) {
     let dead = wait_until(secs(30), || gen1.iter().all(|p| !p.alive()));
     assert!(dead, "gen 1 processes still alive after the roll: {:?}\nlog:\n{}", gen1, l.log());
 
-    let workers: Vec<i32> = l.started().iter().map(|w| w.0).collect();
+    let workers = l.started_pids();
     let gen2_answering: Vec<i32> = after.iter().filter(|r| r.gen == "2").map(|r| r.pid).collect();
     let alive = procs(&workers.iter().copied().chain(gen2_answering).collect::<Vec<_>>());
     // Two ticks of margin: a process started later can only be reusing a freed group id.
     let before = uptime_ticks().saturating_sub(2);
-    l.signal(libc::SIGTERM);
+    l.signal(Signal::SIGTERM);
     assert_eq!(l.exit_code(secs(60)), 0, "{}", l.log());
     let left: Vec<&Proc> = alive.iter().filter(|p| p.alive()).collect();
     assert!(left.is_empty(), "processes outlived the launcher: {left:?}\nlog:\n{}", l.log());
@@ -149,7 +138,7 @@ fn serve_roll_stop(l: &mut Launcher, drops: Drops) {
 #[test]
 fn python_stdlib_socket_fileno_3() {
     require_python();
-    let mut l = launch(&["--ready-delay", "300ms"], &["python3", PYWORKER], &[]);
+    let mut l = two_workers().ready_delay("300ms").py(&[]).start();
     serve_roll_stop(&mut l, Drops::None);
 }
 
@@ -158,7 +147,7 @@ fn libsystemd_sd_listen_fds_accepts_the_workers_socket() {
     require_python();
     require_libsystemd();
     let sdlisten = worker("sdlisten.py");
-    let mut l = launch(&["--ready-delay", "300ms"], &["python3", &sdlisten], &[]);
+    let mut l = two_workers().ready_delay("300ms").cmd(&["python3", &sdlisten]).start();
     let adopted = format!("sdlisten: libsystemd sd_listen_fds(0) = 1; fd 3 listens on 127.0.0.1:{}", l.port());
     serve_roll_stop(&mut l, Drops::None);
     // Both gen 1 and both gen 2 workers got libsystemd's approval (else they exit 3 at once).
@@ -185,7 +174,7 @@ fn sdlisten_refuses_to_start_without_its_own_listen_fds() {
 #[test]
 fn node_listen_fd_3() {
     let version = require(&["node", "--version"], "install Node.js 20 (apt-get install nodejs)");
-    let mut l = launch(&["--ready-delay", "300ms"], &["node", &worker("node-fd.js")], &[]);
+    let mut l = two_workers().ready_delay("300ms").cmd(&["node", &worker("node-fd.js")]).start();
     let listens = format!("node-fd: node {version} listens on fd 3 (127.0.0.1:{})", l.port());
     serve_roll_stop(&mut l, Drops::None);
     assert_eq!(l.count(&listens), 4, "{}", l.log());
@@ -196,11 +185,10 @@ fn gunicorn_adopts_listen_fds_and_reports_ready() {
     let gunicorn = venv("gunicorn");
     require(&[&gunicorn, "--version"], "gunicorn in .venv-test/ (pinned in tests/workers/requirements.txt)");
     // `--ready notify`: gunicorn's arbiter itself sends READY=1 to NOTIFY_SOCKET once booted.
-    let mut l = launch(
-        &["--ready", "notify"],
-        &[&gunicorn, "--workers", "1", "--no-control-socket", "--chdir", WORKERS, "wsgi_app:app"],
-        &[],
-    );
+    let mut l = two_workers()
+        .ready("notify")
+        .cmd(&[&gunicorn, "--workers", "1", "--no-control-socket", "--chdir", WORKERS, "wsgi_app:app"])
+        .start();
     // gunicorn logs the address of the socket it adopted (it would bind 127.0.0.1:8000 itself).
     let adopted = format!("Listening at: http://127.0.0.1:{}", l.port());
     serve_roll_stop(&mut l, Drops::None);
@@ -212,7 +200,7 @@ fn gunicorn_adopts_listen_fds_and_reports_ready() {
 fn uvicorn_fd_placeholder() {
     let uvicorn = venv("uvicorn");
     require(&[&uvicorn, "--version"], "uvicorn in .venv-test/ (pinned in tests/workers/requirements.txt)");
-    let mut l = launch(&[], &[&uvicorn, "--app-dir", WORKERS, "asgi_app:app", "--fd", "{fd}"], &[]);
+    let mut l = two_workers().cmd(&[&uvicorn, "--app-dir", WORKERS, "asgi_app:app", "--fd", "{fd}"]).start();
     let serving = format!("Uvicorn running on socket ('127.0.0.1', {})", l.port());
     serve_roll_stop(&mut l, Drops::UvicornShutdown);
     assert_eq!(l.count(&serving), 4, "{}", l.log());
@@ -223,13 +211,13 @@ fn shell_worker_systemd_notify_gates_the_roll() {
     require(&["systemd-notify", "--version"], "install systemd-notify (apt-get install systemd)");
     require_python();
     let ready_after = Duration::from_millis(1500);
-    let mut l = launch(&["--ready", "notify"], &[&worker("notify.sh")], &[("READY_AFTER", "1.5")]);
+    let mut l = two_workers().ready("notify").cmd(&[&worker("notify.sh")]).env("READY_AFTER", "1.5").start();
     serve_roll_stop(&mut l, Drops::None);
 
     let at = |needle: &str| l.find(needle).unwrap_or_else(|| panic!("no log line {needle:?}:\n{}", l.log()));
     let workers = l.started();
-    for &(pid, slot, gen) in &workers {
-        let name = format!("worker {slot} (pid {pid}, gen {gen})");
+    for w in &workers {
+        let name = w.to_string();
         let (_, started) = at(&format!("{name} started"));
         let (ready_line, ready) = at(&format!("{name} ready"));
         // Ready only once the shell ran systemd-notify, READY_AFTER after it started.
@@ -239,15 +227,11 @@ fn shell_worker_systemd_notify_gates_the_roll() {
             ready - started
         );
         assert_eq!(l.count(&format!("{name} status: ready after 1.5s")), 1, "{}", l.log());
-        if gen == 2 {
+        if w.generation == 2 {
             // The roll stopped the slot's gen 1 worker only after its successor said READY=1.
-            let (old, ..) = *workers.iter().find(|w| w.1 == slot && w.2 == 1).unwrap();
-            let (stop_line, _) = at(&format!("worker {slot} (pid {old}, gen 1) stopping (SIGTERM)"));
-            assert!(
-                stop_line > ready_line,
-                "gen 1 worker of slot {slot} stopped before {name} was ready:\n{}",
-                l.log()
-            );
+            let old = workers.iter().find(|o| o.slot == w.slot && o.generation == 1).unwrap();
+            let (stop_line, _) = at(&format!("{old} stopping (SIGTERM)"));
+            assert!(stop_line > ready_line, "{old} stopped before {name} was ready:\n{}", l.log());
         }
     }
     assert_eq!(workers.len(), 4, "{}", l.log());
@@ -258,10 +242,6 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn fd3(pid: i32) -> String {
-    fd_targets(pid).into_iter().find(|f| f.0 == 3).map(|f| f.1).unwrap_or_else(|| panic!("pid {pid} has no fd 3"))
-}
-
 #[test]
 fn socket_activated_launcher_adopts_the_socket() {
     require(&["systemd-socket-activate", "--version"], "install systemd-socket-activate (apt-get install systemd)");
@@ -270,12 +250,15 @@ fn socket_activated_launcher_adopts_the_socket() {
     let addr = format!("127.0.0.1:{port}");
     // systemd-socket-activate binds, waits for the first connection, then execs the launcher in
     // its own process with LISTEN_FDS=1 and LISTEN_PID naming it.
-    let mut cmd = Command::new("systemd-socket-activate");
-    cmd.args(["-l", &addr, BIN, "--mode", "shared", "-n", "2", "--ready-delay", "300ms", "--grace", "10s"]);
-    cmd.args(["--", "python3", PYWORKER]);
-    let mut l = Launcher::spawn(&mut cmd);
+    let mut l = two_workers()
+        .via(&["systemd-socket-activate", "-l", &addr])
+        .no_bind()
+        .mode("shared")
+        .ready_delay("300ms")
+        .py(&[])
+        .spawn();
     l.wait_for(&format!("Listening on {addr} as 3."), secs(10));
-    let activated = fd3(l.pid());
+    let activated = fd_target(l.pid(), 3);
     assert!(activated.starts_with("socket:"), "{activated}");
     l.addr = Some(addr.parse().unwrap());
 
@@ -285,17 +268,14 @@ fn socket_activated_launcher_adopts_the_socket() {
     let workers: Vec<i32> = (0..2).map(|s| l.latest_pid(s)).collect();
     assert!(workers.contains(&first.pid), "{first:?} not from a worker {workers:?}");
     for pid in &workers {
-        assert_eq!(fd3(*pid), activated, "worker {pid} does not serve on the socket systemd-socket-activate made");
+        assert_eq!(
+            fd_target(*pid, 3),
+            activated,
+            "worker {pid} does not serve on the socket systemd-socket-activate made"
+        );
         assert!(environ(*pid).contains(&format!("LISTEN_PID={pid}")), "{:?}", environ(*pid));
     }
     serve_roll_stop(&mut l, Drops::None);
-}
-
-/// The launcher's listening addresses, in the order of its log.
-fn listening(l: &Launcher) -> Vec<String> {
-    let log = l.log();
-    let lines = log.lines().filter_map(|x| x.split("listening on ").nth(1));
-    lines.map(|x| x.split_whitespace().next().unwrap().to_string()).collect()
 }
 
 #[test]
@@ -314,9 +294,9 @@ fn placeholders_and_einhorn_server_starter_environment() {
         "--bind=fd://{fd}",
         "127.0.0.1:{port}",
     ];
-    let mut l = launch(&["-b", "admin=127.0.0.1:0", "--ready-delay", "100ms"], &command, &[]);
+    let mut l = two_workers().bind("127.0.0.1:0").bind("admin=127.0.0.1:0").ready_delay("100ms").cmd(&command).start();
     l.wait_for("all 2 workers ready", secs(20));
-    let addrs = listening(&l);
+    let addrs = l.listening();
     assert_eq!(addrs.len(), 2, "{}", l.log());
     let port = l.port().to_string();
     let expect_cmdline = |slot: usize| -> Vec<String> {
@@ -342,94 +322,27 @@ fn placeholders_and_einhorn_server_starter_environment() {
         check(l.latest_pid(slot), slot, 1);
     }
     // A roll's workers keep their slot's number and see the new generation.
-    l.signal(libc::SIGUSR2);
+    l.signal(Signal::SIGUSR2);
     l.wait_for("roll gen 2 done", secs(30));
     for slot in 0..2 {
         check(l.latest_pid(slot), slot, 2);
     }
-    l.signal(libc::SIGTERM);
+    l.signal(Signal::SIGTERM);
     assert_eq!(l.exit_code(secs(20)), 0, "{}", l.log());
-}
-
-/// A stand-in for systemd's end of NOTIFY_SOCKET: every datagram received, as its lines.
-struct NotifyRx {
-    sock: UnixDatagram,
-    path: std::path::PathBuf,
-    got: Vec<Vec<String>>,
-}
-
-impl NotifyRx {
-    fn bind(name: &str) -> NotifyRx {
-        let path = std::env::temp_dir().join(format!("reuse-launch-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let sock = UnixDatagram::bind(&path).unwrap();
-        NotifyRx { sock, path, got: Vec::new() }
-    }
-
-    /// Take in what has arrived, waiting at most `timeout` for the first datagram.
-    fn recv(&mut self, timeout: Duration) {
-        let mut buf = [0u8; 4096];
-        let mut wait = Some(timeout.max(Duration::from_millis(1)));
-        loop {
-            self.sock.set_read_timeout(wait).unwrap();
-            match self.sock.recv(&mut buf) {
-                Ok(n) => self.got.push(String::from_utf8_lossy(&buf[..n]).lines().map(str::to_string).collect()),
-                Err(_) => return,
-            }
-            wait = Some(Duration::from_millis(1));
-        }
-    }
-
-    /// Wait until a datagram holding `field` arrives after the first `after` ones; its index.
-    fn wait_for(&mut self, field: &str, after: usize, timeout: Duration) -> usize {
-        let end = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self.got.iter().skip(after).position(|m| m.iter().any(|f| f == field)) {
-                return after + i;
-            }
-            let now = Instant::now();
-            assert!(now < end, "no {field:?} on NOTIFY_SOCKET within {timeout:?}; got {:?}", self.got);
-            self.recv(end - now);
-        }
-    }
-
-    fn has(&self, from: usize, field: &str) -> bool {
-        self.got.iter().skip(from).any(|m| m.iter().any(|f| f == field))
-    }
-}
-
-impl Drop for NotifyRx {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Removes the files it names when dropped, even when the test fails.
-struct Cleanup(Vec<std::path::PathBuf>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
 }
 
 #[test]
 fn launcher_ready_waits_for_every_worker_and_for_the_whole_roll() {
     require_python();
-    let mut rx = NotifyRx::bind("notify-out");
-    // Worker i says READY=1 only once the file GATE.i exists.
-    let gate = std::env::temp_dir().join(format!("reuse-launch-gate-{}", std::process::id()));
-    let gate_of = |slot: usize| std::path::PathBuf::from(format!("{}.{slot}", gate.display()));
+    let mut rx = NotifySocket::bind();
+    // Worker i says READY=1 only once the file GATE/i exists.
+    let gate = TempPath::dir("gate");
+    let gate_of = |slot: usize| gate.join(slot.to_string());
     let script =
-        format!("while [ ! -e \"$0.$REUSE_LAUNCH_SLOT\" ]; do sleep 0.05; done; exec python3 {PYWORKER} --notify");
-    let _cleanup = Cleanup(vec![gate_of(0), gate_of(1)]);
+        format!("while [ ! -e \"$0/$REUSE_LAUNCH_SLOT\" ]; do sleep 0.05; done; exec python3 {PYWORKER} --notify");
     std::fs::write(gate_of(0), "").unwrap();
-    let _ = std::fs::remove_file(gate_of(1));
-    let gate_str = gate.to_str().unwrap();
-    let notify_socket = rx.path.to_str().unwrap().to_string();
-    let mut l = launch(&["--ready", "notify"], &["sh", "-c", &script, gate_str], &[("NOTIFY_SOCKET", &notify_socket)]);
+    let mut l =
+        two_workers().ready("notify").cmd(&["sh", "-c", &script, gate.str()]).env("NOTIFY_SOCKET", rx.path()).start();
     let pid = l.pid();
 
     // One ready worker of two: not READY yet.
@@ -445,7 +358,7 @@ fn launcher_ready_waits_for_every_worker_and_for_the_whole_roll() {
 
     // A roll is RELOADING=1 ... READY=1, and READY=1 waits for its last slot.
     std::fs::remove_file(gate_of(1)).unwrap();
-    l.signal(libc::SIGUSR2);
+    l.signal(Signal::SIGUSR2);
     let reloading = rx.wait_for("RELOADING=1", ready + 1, secs(10));
     l.wait_for("roll gen 2: slot 0 ready (1/2)", secs(20));
     // Sent in the step that retired slot 0's old worker, after any READY=1 of that step.
@@ -454,9 +367,9 @@ fn launcher_ready_waits_for_every_worker_and_for_the_whole_roll() {
     std::fs::write(gate_of(1), "").unwrap();
     let rolled = rx.wait_for("READY=1", reloading + 1, secs(20));
     l.wait_for("roll gen 2 done", secs(5));
-    assert!(rx.got.iter().flatten().any(|f| f.starts_with("STATUS=")), "no STATUS=: {:?}", rx.got);
+    assert!(rx.got.iter().flat_map(|m| m.lines()).any(|f| f.starts_with("STATUS=")), "no STATUS=: {:?}", rx.got);
 
-    l.signal(libc::SIGTERM);
+    l.signal(Signal::SIGTERM);
     rx.wait_for("STOPPING=1", rolled + 1, secs(10));
     assert_eq!(l.exit_code(secs(20)), 0, "{}", l.log());
     eprintln!("notify out: {:?}", rx.got);
