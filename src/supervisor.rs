@@ -344,7 +344,8 @@ impl Supervisor {
             pid_vars.push("WATCHDOG_PID");
         }
         let creds = self.identity.as_ref().map(|i| &i.creds);
-        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, creds };
+        let socket_on_stdin = self.cfg.socket_on_stdin;
+        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, socket_on_stdin, creds };
         let pid = match spawn::spawn(&self.program, &spec) {
             Ok(pid) => pid,
             Err(e) => {
