@@ -29,7 +29,8 @@ fn main() {
 async fn serve(std_listener: std::net::TcpListener) {
     let pid = std::process::id();
     let var = |k: &str| std::env::var(k).unwrap_or_default();
-    let body = Bytes::from(format!("pid={pid} slot={} gen={}\n", var("REUSE_LAUNCH_SLOT"), var("REUSE_LAUNCH_GENERATION")));
+    let body =
+        Bytes::from(format!("pid={pid} slot={} gen={}\n", var("REUSE_LAUNCH_SLOT"), var("REUSE_LAUNCH_GENERATION")));
     let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
     eprintln!("rust-listenfd: pid {pid} took fd 3 from LISTEN_FDS ({})", listener.local_addr().unwrap());
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
