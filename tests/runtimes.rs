@@ -345,11 +345,28 @@ fn starman_serves_on_server_starter_port_and_rolls_under_load() {
     let env = environ(master);
     let expected = format!("SERVER_STARTER_PORT=127.0.0.1:{}=3", l.port());
     assert!(env.contains(&expected), "{expected} not in {env:?}");
-    roll_without_failures(&mut l, 3);
+    let roll = roll_under_load(&mut l, 3);
+    // Net::Server::PreFork's worker exits on the master's HUP when it is not `connected`, a flag
+    // it sets one statement after accept() returns: a HUP landing in between drops the
+    // connection just accepted (an empty answer or a reset). Starman has this under
+    // Server::Starter too. Seen here in about 1 of 15 rolls, 1 request; allowed: 1 per roll.
+    let starman_race = ["bad answer: \"\"", "Connection reset by peer"];
+    let other: Vec<&String> = roll.failures.iter().filter(|f| !starman_race.iter().any(|r| f.starts_with(r))).collect();
+    assert!(
+        other.is_empty() && roll.failures.len() <= 1,
+        "{} of {} requests failed during the roll: {:?}\nlog:\n{}",
+        roll.failures.len(),
+        roll.ok + roll.failures.len(),
+        roll.failures,
+        l.log()
+    );
+    assert!(roll.ok >= 40, "only {} requests during the roll\nlog:\n{}", roll.ok, l.log());
     stop(&mut l);
-    // Each of the 4 Starman masters (2 per generation) shut down gracefully.
+    // Each of the 4 Starman masters (2 per generation) shut down gracefully and exited 0 (a
+    // process it was forking at that moment can log these lines too: at least 4).
     assert!(l.count("Received QUIT. Running a graceful shutdown") >= 4, "{}", l.log());
-    assert_eq!(l.count("Server closing!"), 4, "{}", l.log());
+    assert!(l.count("Server closing!") >= 4, "{}", l.log());
+    assert_eq!(l.count("exited with status 0"), 4, "{}", l.log());
 }
 
 #[test]
