@@ -32,12 +32,15 @@ WORKER ENVIRONMENT (fds 3.. are the listening sockets, in --bind order):
   SERVER_STARTER_PORT, SERVER_STARTER_GENERATION, EINHORN_FD_COUNT, EINHORN_FD_0..
                           for servers built on Server::Starter or einhorn libraries
   In the command's arguments {fd}, {fds}, {port} and {slot} are replaced per worker.
+  With --socket-on-stdin fd 0 is the slot's first listening socket too (inetd wait style:
+  Java's System.inheritedChannel() returns it as a ServerSocketChannel).
 
 LAUNCHER ENVIRONMENT:
   every flag has a variable: REUSE_LAUNCH_WORKERS, REUSE_LAUNCH_BIND (comma-separated),
   REUSE_LAUNCH_MODE, REUSE_LAUNCH_BACKLOG, REUSE_LAUNCH_GRACE, REUSE_LAUNCH_STOP_SIGNAL,
   REUSE_LAUNCH_READY, REUSE_LAUNCH_READY_DELAY, REUSE_LAUNCH_READY_TIMEOUT,
-  REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP;
+  REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP,
+  REUSE_LAUNCH_SOCKET_ON_STDIN;
   PORT sets the default bind; RUST_LOG the log level. Started with LISTEN_FDS/LISTEN_PID
   (systemd socket activation) it adopts those sockets instead of binding; with NOTIFY_SOCKET it
   reports READY=1, RELOADING=1, STATUS=, STOPPING=1 to its own supervisor.
@@ -114,6 +117,12 @@ pub struct Args {
     #[arg(long, env = "REUSE_LAUNCH_GROUP", value_name = "GROUP")]
     pub group: Option<String>,
 
+    /// Also give each worker the slot's (first) listening socket as its fd 0, inetd "wait"
+    /// style, for servers that can only take a socket there (Java's System.inheritedChannel()).
+    /// Not with --mode self (there is no socket to give).
+    #[arg(long, env = "REUSE_LAUNCH_SOCKET_ON_STDIN", value_parser = clap::builder::FalseyValueParser::new())]
+    pub socket_on_stdin: bool,
+
     /// Give up (exit 1) when every slot's worker died this many times in a row before it
     /// became ready.
     #[arg(long, env = "REUSE_LAUNCH_MAX_START_FAILURES", default_value = "5", value_name = "N")]
@@ -151,6 +160,8 @@ pub struct Config {
     pub watchdog: Option<Duration>,
     pub user: Option<String>,
     pub group: Option<String>,
+    /// `--socket-on-stdin`: the slot's first listening socket is also the worker's fd 0.
+    pub socket_on_stdin: bool,
     pub command: Vec<OsString>,
 }
 
@@ -175,6 +186,14 @@ impl Config {
             binds.push(spec);
         }
         let mode = Mode::parse(&args.mode).map_err(|e| usage("--mode", &args.mode, e))?;
+        if args.socket_on_stdin && mode == Mode::SelfBind {
+            return Err(usage(
+                "--mode",
+                &args.mode,
+                "--socket-on-stdin gives workers a listening socket, and in self mode there is none \
+                 (workers bind PORT themselves): drop one of the two",
+            ));
+        }
         let proxy_threads = match args.proxy_threads.as_str() {
             "auto" => std::thread::available_parallelism().map(|n| n.get().div_ceil(2)).unwrap_or(1),
             t => match t.parse::<usize>() {
@@ -228,6 +247,7 @@ impl Config {
             watchdog,
             user: args.user,
             group: args.group,
+            socket_on_stdin: args.socket_on_stdin,
             workers,
             binds,
             mode,
@@ -355,6 +375,18 @@ mod tests {
         let e = Config::from_args(args(&["-b", "nohost"]), None).unwrap_err();
         assert_eq!(flag_of(e), "--bind");
         let e = Config::from_args(args(&["--mode", "magic"]), None).unwrap_err();
+        assert_eq!(flag_of(e), "--mode");
+    }
+
+    #[test]
+    fn socket_on_stdin_needs_a_socket_to_give() {
+        assert!(!Config::from_args(args(&[]), None).unwrap().socket_on_stdin);
+        assert!(Config::from_args(args(&["--socket-on-stdin"]), None).unwrap().socket_on_stdin);
+        for mode in ["reuseport", "shared", "round-robin"] {
+            assert!(Config::from_args(args(&["--socket-on-stdin", "--mode", mode]), None).unwrap().socket_on_stdin);
+        }
+        let e = Config::from_args(args(&["--socket-on-stdin", "--mode", "self"]), None).unwrap_err();
+        assert!(e.to_string().contains("--socket-on-stdin"), "{e}");
         assert_eq!(flag_of(e), "--mode");
     }
 

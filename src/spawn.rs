@@ -10,6 +10,7 @@
 //!    launcher started with;
 //! 3. the slot's listening sockets moved to fds 3, 4, ... (without CLOEXEC); every other fd
 //!    above them is marked CLOEXEC, so the worker sees 0-2 and its own sockets, nothing else;
+//!    with `--socket-on-stdin`, fd 3 is then also dup2'd onto fd 0 (inetd "wait" style);
 //! 4. with `--user`: supplementary groups, gid, uid dropped (and checked);
 //! 5. `PR_SET_PDEATHSIG = SIGKILL` (after 4: a credential change clears it), then a check that
 //!    the launcher is still its parent. The death signal fires when the *thread* that forked
@@ -57,6 +58,8 @@ pub struct Spec<'a> {
     pub env: &'a [CString],
     /// Variables the child sets to its own pid (LISTEN_PID, WATCHDOG_PID): at most 4.
     pub pid_vars: &'a [&'a str],
+    /// Also make the first of `fds` the worker's fd 0 (`--socket-on-stdin`).
+    pub socket_on_stdin: bool,
     pub creds: Option<&'a Credentials>,
 }
 
@@ -65,6 +68,8 @@ struct ChildCtx {
     parent: libc::pid_t,
     fds: [RawFd; MAX_FDS],
     nfds: usize,
+    /// dup2 fd 3 (the first listening socket, once in place) onto fd 0.
+    stdin_socket: bool,
     pipe_w: RawFd,
     pid_slots: [*mut u8; 4],
     npid: usize,
@@ -82,6 +87,9 @@ struct ChildCtx {
 pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
     if spec.fds.len() > MAX_FDS {
         return Err(io::Error::other(format!("at most {MAX_FDS} listening fds per worker")));
+    }
+    if spec.socket_on_stdin && spec.fds.is_empty() {
+        return Err(io::Error::other("--socket-on-stdin: the worker has no listening socket to get as fd 0"));
     }
     if spec.pid_vars.len() > 4 {
         return Err(io::Error::other("at most 4 pid variables"));
@@ -112,6 +120,7 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
         parent: std::process::id() as libc::pid_t,
         fds: [-1; MAX_FDS],
         nfds: spec.fds.len(),
+        stdin_socket: spec.socket_on_stdin,
         pipe_w: pipe_w.as_raw_fd(),
         pid_slots,
         npid: spec.pid_vars.len(),
@@ -198,6 +207,11 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
             if libc::dup2(t, 3 + i as libc::c_int) < 0 {
                 fail(pipe);
             }
+        }
+        // inetd "wait" style: the first listening socket is also stdin (replacing whatever fd 0
+        // was); dup2 leaves fd 0 without CLOEXEC.
+        if ctx.stdin_socket && libc::dup2(3, 0) < 0 {
+            fail(pipe);
         }
         // Everything from `floor` up closes at exec (the error pipe stays usable until then).
         const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;

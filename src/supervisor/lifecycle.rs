@@ -68,7 +68,8 @@ impl<O: Os> Supervisor<O> {
         let argv = self.program.argv(&Placeholders { fds: &fds, port, slot });
         let pid_vars = contract::pid_vars(&self.contract);
         let creds = self.contract.identity.as_ref().map(|i| &i.creds);
-        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, creds };
+        let socket_on_stdin = self.cfg.socket_on_stdin;
+        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, socket_on_stdin, creds };
         let pid = match self.os.spawn(&self.program, &spec) {
             Ok(pid) => pid,
             Err(e) => {

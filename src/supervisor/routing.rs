@@ -27,8 +27,10 @@ const MEMBERS_TTL: Duration = Duration::from_secs(1);
 pub(super) type Members = HashMap<i32, (Vec<i32>, Instant)>;
 
 impl<O: Os> Supervisor<O> {
-    /// The slots that should take new connections: those with a ready worker, except a slot
-    /// whose worker is being replaced or has stopped accepting (unless that leaves no slot).
+    /// The slots that should take new connections, best first: those with a ready worker that
+    /// is neither being replaced nor stalled; failing that, those whose only change under way
+    /// is a roll's new worker still starting (their old worker has had no stop signal yet);
+    /// failing that, every slot with a ready worker.
     pub(super) fn serving_slots(&self) -> Vec<usize> {
         // Being replaced: a new worker is starting there, or the old one is draining. Keeping
         // new connections away until the old worker has exited means it cannot accept one
@@ -36,13 +38,15 @@ impl<O: Os> Supervisor<O> {
         // shutdown, such as uvicorn, would drop it).
         let stalled = |s: usize| self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s));
         let all: Vec<usize> = (0..self.slots.len()).filter(|s| self.workers.ready_on(*s)).collect();
-        let preferred: Vec<usize> =
-            all.iter().copied().filter(|s| !self.workers.replacing(*s) && !stalled(*s)).collect();
-        if preferred.is_empty() {
-            all
-        } else {
-            preferred
+        let tiers: [&dyn Fn(usize) -> bool; 2] =
+            [&|s| !self.workers.replacing(s) && !stalled(s), &|s| !self.workers.draining(s) && !stalled(s)];
+        for tier in tiers {
+            let slots: Vec<usize> = all.iter().copied().filter(|s| tier(*s)).collect();
+            if !slots.is_empty() {
+                return slots;
+            }
         }
+        all
     }
 
     /// Sample every slot's accept queue (every `StallWatch::EVERY`) and log stalls. The /proc

@@ -295,3 +295,24 @@ fn a_failed_spawn_is_a_start_failure_with_backoff() {
     s.run_for(t0 + 201 * MS, 500 * MS).unwrap();
     assert_eq!(s.spawns(), 2);
 }
+
+/// During a roll of 2 slots, while slot 0's old worker drains and slot 1's new one starts, new
+/// connections go to slot 1 (whose old worker has had no stop signal), not to both.
+#[test]
+fn a_draining_slot_gets_no_new_connections_while_another_can_take_them() {
+    let t0 = Instant::now();
+    let mut s = supervisor(&["-n", "2"]);
+    s.start_all(t0).unwrap();
+    s.tick(t0 + 100 * MS).unwrap();
+    assert_eq!(s.serving_slots(), vec![0, 1]);
+    let t = t0 + Duration::from_secs(1);
+    s.handle(Event::Signal(SIGUSR2), t);
+    assert_eq!(s.serving_slots(), vec![1], "slot 0's new worker is starting");
+    s.tick(t + 100 * MS).unwrap();
+    // Slot 0: new worker ready, old one stopping. Slot 1: its new worker starting.
+    assert!(s.workers.draining(0) && s.workers.replacing(1) && !s.workers.draining(1));
+    assert_eq!(s.serving_slots(), vec![1]);
+    let old0 = s.workers.on(0).find(|(_, w)| w.is_stopping()).unwrap().1.pid;
+    s.exit(old0, 0, t + 150 * MS);
+    assert_eq!(s.serving_slots(), vec![0]);
+}

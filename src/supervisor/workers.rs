@@ -154,6 +154,11 @@ impl Workers {
         self.on(slot).any(|(_, w)| w.candidate || w.is_stopping())
     }
 
+    /// `slot` has a worker that was told to stop and has not exited yet.
+    pub fn draining(&self, slot: usize) -> bool {
+        self.on(slot).any(|(_, w)| w.is_stopping())
+    }
+
     /// Workers that own their slot and are ready.
     pub fn ready_count(&self) -> usize {
         self.iter().filter(|(_, w)| w.state == State::Ready && !w.candidate).count()

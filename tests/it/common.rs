@@ -167,6 +167,12 @@ impl Launch {
         self
     }
 
+    /// Flags as they are written, for those that take no value or come in a list.
+    pub fn args(mut self, args: &[&str]) -> Launch {
+        self.flags.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     /// The workers' command (after `--`).
     pub fn cmd(mut self, command: &[&str]) -> Launch {
         self.command = command.iter().map(|s| s.to_string()).collect();
@@ -750,4 +756,26 @@ pub fn fd_targets(pid: i32) -> Vec<(i32, String)> {
 pub fn fd_target(pid: i32, fd: i32) -> String {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"));
     link.unwrap_or_else(|e| panic!("pid {pid} has no fd {fd}: {e}")).display().to_string()
+}
+
+pub const DEPS: &str = "run scripts/test-deps, which installs every runtime these tests use";
+
+/// Run `argv` (a version probe) and return the first line it prints. If it cannot run or
+/// fails, the test fails, saying what to install: a missing runtime never passes silently.
+pub fn require(argv: &[&str], install: &str) -> String {
+    let out = Command::new(argv[0]).args(&argv[1..]).stdin(Stdio::null()).output();
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => panic!(
+            "`{}` failed ({}): {}\nmissing runtime: {install}; or {DEPS}",
+            argv.join(" "),
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!("cannot run `{}`: {e}\nmissing runtime: {install}; or {DEPS}", argv.join(" ")),
+    };
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    let version = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().trim().to_string();
+    eprintln!("runtime: {} -> {version}", argv.join(" "));
+    version
 }

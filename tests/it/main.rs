@@ -13,3 +13,4 @@ mod conventions;
 mod core;
 mod modes;
 mod real_servers;
+mod runtimes;

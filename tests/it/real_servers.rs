@@ -21,30 +21,9 @@ use nix::sys::signal::Signal;
 use crate::common::*;
 
 const VENV_BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-test/bin");
-const DEPS: &str = "run scripts/test-deps, which installs every runtime these tests use";
 
 fn venv(tool: &str) -> String {
     format!("{VENV_BIN}/{tool}")
-}
-
-/// Run `argv` (a version probe) and return the first line it prints. If it cannot run or
-/// fails, the test fails, saying what to install: a missing runtime never passes silently.
-fn require(argv: &[&str], install: &str) -> String {
-    let out = Command::new(argv[0]).args(&argv[1..]).stdin(Stdio::null()).output();
-    let out = match out {
-        Ok(o) if o.status.success() => o,
-        Ok(o) => panic!(
-            "`{}` failed ({}): {}\nmissing runtime: {install}; or {DEPS}",
-            argv.join(" "),
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => panic!("cannot run `{}`: {e}\nmissing runtime: {install}; or {DEPS}", argv.join(" ")),
-    };
-    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-    let version = String::from_utf8_lossy(&text).lines().next().unwrap_or_default().trim().to_string();
-    eprintln!("runtime: {} -> {version}", argv.join(" "));
-    version
 }
 
 fn require_python() -> String {
