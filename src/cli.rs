@@ -123,6 +123,20 @@ pub struct Args {
     #[arg(long, env = "REUSE_LAUNCH_SOCKET_ON_STDIN", value_parser = clap::builder::FalseyValueParser::new())]
     pub socket_on_stdin: bool,
 
+    /// With --mode reuseport: how a new connection picks its slot among the serving ones.
+    /// `hash` (the kernel's hash of the connection; uniformly at random while some slot is left
+    /// out), `least-loaded` (favour slots with the shortest accept queues, by weights),
+    /// `ip` (sticky by client address: every connection of one address goes to one slot while
+    /// it serves), `cpu` (the slot whose worker is pinned to the CPU that took the connection
+    /// in; implies --pin).
+    #[arg(long, env = "REUSE_LAUNCH_STEER", default_value = "hash", value_name = "hash|least-loaded|ip|cpu")]
+    pub steer: String,
+
+    /// Pin each worker to one CPU: slot s to the s-th CPU the launcher may run on (slots
+    /// beyond the number of CPUs share them, round-robin).
+    #[arg(long, env = "REUSE_LAUNCH_PIN", value_parser = clap::builder::FalseyValueParser::new())]
+    pub pin: bool,
+
     /// Give up (exit 1) when every slot's worker died this many times in a row before it
     /// became ready.
     #[arg(long, env = "REUSE_LAUNCH_MAX_START_FAILURES", default_value = "5", value_name = "N")]
@@ -144,6 +158,27 @@ pub enum Ready {
     Auto(Duration),
 }
 
+/// `--steer`: how reuseport mode picks a serving slot for a new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Steer {
+    Hash,
+    LeastLoaded,
+    Ip,
+    Cpu,
+}
+
+impl Steer {
+    fn parse(s: &str) -> Result<Steer, String> {
+        match s {
+            "hash" => Ok(Steer::Hash),
+            "least-loaded" => Ok(Steer::LeastLoaded),
+            "ip" => Ok(Steer::Ip),
+            "cpu" => Ok(Steer::Cpu),
+            _ => Err("expected 'hash', 'least-loaded', 'ip' or 'cpu'".into()),
+        }
+    }
+}
+
 /// The validated, immutable configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -162,6 +197,9 @@ pub struct Config {
     pub group: Option<String>,
     /// `--socket-on-stdin`: the slot's first listening socket is also the worker's fd 0.
     pub socket_on_stdin: bool,
+    pub steer: Steer,
+    /// Pin each worker to one CPU (`--pin`, or implied by `--steer cpu`).
+    pub pin: bool,
     pub command: Vec<OsString>,
 }
 
@@ -192,6 +230,14 @@ impl Config {
                 &args.mode,
                 "--socket-on-stdin gives workers a listening socket, and in self mode there is none \
                  (workers bind PORT themselves): drop one of the two",
+            ));
+        }
+        let steer = Steer::parse(&args.steer).map_err(|e| usage("--steer", &args.steer, e))?;
+        if steer != Steer::Hash && mode != Mode::Reuseport {
+            return Err(usage(
+                "--steer",
+                &args.steer,
+                format!("steering programs need --mode reuseport (not {mode}): drop --steer or change the mode"),
             ));
         }
         let proxy_threads = match args.proxy_threads.as_str() {
@@ -248,6 +294,8 @@ impl Config {
             user: args.user,
             group: args.group,
             socket_on_stdin: args.socket_on_stdin,
+            steer,
+            pin: args.pin || steer == Steer::Cpu,
             workers,
             binds,
             mode,
@@ -388,6 +436,18 @@ mod tests {
         let e = Config::from_args(args(&["--socket-on-stdin", "--mode", "self"]), None).unwrap_err();
         assert!(e.to_string().contains("--socket-on-stdin"), "{e}");
         assert_eq!(flag_of(e), "--mode");
+    }
+
+    #[test]
+    fn steer_needs_reuseport_and_cpu_pins() {
+        assert_eq!(Config::from_args(args(&[]), None).unwrap().steer, Steer::Hash);
+        let c = Config::from_args(args(&["--steer", "cpu"]), None).unwrap();
+        assert!(c.steer == Steer::Cpu && c.pin);
+        assert_eq!(Config::from_args(args(&["--steer", "ip"]), None).unwrap().steer, Steer::Ip);
+        let e = Config::from_args(args(&["--steer", "least-loaded", "--mode", "shared"]), None).unwrap_err();
+        assert!(e.to_string().contains("need --mode reuseport (not shared)"), "{e}");
+        let e = Config::from_args(args(&["--steer", "magic"]), None).unwrap_err();
+        assert_eq!(flag_of(e), "--steer");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
+use nix::sched::CpuSet;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::unistd::Pid;
 
@@ -60,6 +61,8 @@ pub struct Spec<'a> {
     pub pid_vars: &'a [&'a str],
     /// Also make the first of `fds` the worker's fd 0 (`--socket-on-stdin`).
     pub socket_on_stdin: bool,
+    /// Pin the worker to this CPU.
+    pub cpu: Option<usize>,
     pub creds: Option<&'a Credentials>,
 }
 
@@ -70,6 +73,8 @@ struct ChildCtx {
     nfds: usize,
     /// dup2 fd 3 (the first listening socket, once in place) onto fd 0.
     stdin_socket: bool,
+    /// CPU affinity to set (built in the parent).
+    cpus: Option<CpuSet>,
     pipe_w: RawFd,
     pid_slots: [*mut u8; 4],
     npid: usize,
@@ -121,6 +126,7 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
         fds: [-1; MAX_FDS],
         nfds: spec.fds.len(),
         stdin_socket: spec.socket_on_stdin,
+        cpus: spec.cpu.and_then(cpu_set),
         pipe_w: pipe_w.as_raw_fd(),
         pid_slots,
         npid: spec.pid_vars.len(),
@@ -159,6 +165,13 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
     // The exec failed: the child has exited (or is about to); reap it here, synchronously.
     let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
     Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+}
+
+/// A CPU set with only `cpu` in it (None when `cpu` is beyond what a set can hold).
+fn cpu_set(cpu: usize) -> Option<CpuSet> {
+    let mut set = CpuSet::new();
+    set.set(cpu).ok()?;
+    Some(set)
 }
 
 /// The child's side of [`spawn`]. Never returns.
@@ -212,6 +225,12 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         // was); dup2 leaves fd 0 without CLOEXEC.
         if ctx.stdin_socket && libc::dup2(3, 0) < 0 {
             fail(pipe);
+        }
+        if let Some(set) = &ctx.cpus {
+            // nix's wrapper is the bare system call on our copy of the set: no allocation.
+            if nix::sched::sched_setaffinity(Pid::from_raw(0), set).is_err() {
+                fail(pipe);
+            }
         }
         // Everything from `floor` up closes at exec (the error pipe stays usable until then).
         const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;

@@ -2,9 +2,8 @@
 //! connection). Which slots stalled is `stall`'s business.
 //!
 //! This module owns the cBPF programs the launcher attaches to a bind's group (built from the
-//! set of *serving* slots by [`build`], attached with [`attach`], removed with [`detach`]; [`apply`]
-//! is the historical uniform-or-nothing shortcut), plus the accept-queue and CPU readings the
-//! stall detector needs. Which slots serve (starting, stalled and draining slots are left out)
+//! set of *serving* slots by [`build`], attached with [`attach`], removed with [`detach`]),
+//! plus the accept-queue reading ([`queue_len`]) the stall watch and `--steer least-loaded` use. Which slots serve (starting, stalled and draining slots are left out)
 //! is the caller's business: every builder takes only the serving slots.
 //!
 //! Without a program the kernel hashes every new connection over all sockets of the group, so a
@@ -154,8 +153,6 @@ const FMIX1: u32 = 0x85EB_CA6B;
 const FMIX2: u32 = 0xC2B2_AE35;
 
 /// What to steer by. Every slot named must be a serving one (index into the group = slot).
-// Weighted, SourceIp and Cpu are for the supervisor's --steer policies, not wired in yet.
-#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Program<'a> {
     /// Uniformly at random over these slots.
@@ -355,16 +352,6 @@ pub fn detach(member: RawFd) -> io::Result<()> {
     }
 }
 
-/// Restrict the group that `member` belongs to to `serving` (uniformly at random), or lift any
-/// restriction when `serving` is empty or covers all `group_size` members.
-pub fn apply(member: RawFd, serving: &[usize], group_size: usize) -> io::Result<()> {
-    if serving.is_empty() || serving.len() == group_size {
-        detach(member)
-    } else {
-        attach(member, &build(&Program::Uniform(serving)))
-    }
-}
-
 /// A listening socket's accept-queue length (`tcpi_unacked` of TCP_INFO on a listener).
 pub fn queue_len(listener: RawFd) -> io::Result<u32> {
     // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
@@ -422,7 +409,7 @@ mod tests {
             s.set_nonblocking(true).unwrap();
             group.push(s);
         }
-        apply(group[0].as_raw_fd(), &[0, 2], 3).unwrap();
+        attach(group[0].as_raw_fd(), &build(&Program::Uniform(&[0, 2]))).unwrap();
         let clients: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
         let mut counts = HashMap::new();
         for (i, s) in group.iter().enumerate() {
@@ -434,7 +421,7 @@ mod tests {
         assert_eq!(counts.values().sum::<i32>(), 60, "{counts:?}");
         assert!(counts[&0] > 5 && counts[&2] > 5, "{counts:?}");
         // Lifting the restriction brings #1 back into the hash.
-        apply(group[0].as_raw_fd(), &[0, 1, 2], 3).unwrap();
+        detach(group[0].as_raw_fd()).unwrap();
         let more: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
         let mut got1 = 0;
         while group[1].accept().is_ok() {

@@ -69,7 +69,8 @@ impl<O: Os> Supervisor<O> {
         let pid_vars = contract::pid_vars(&self.contract);
         let creds = self.contract.identity.as_ref().map(|i| &i.creds);
         let socket_on_stdin = self.cfg.socket_on_stdin;
-        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, socket_on_stdin, creds };
+        let cpu = self.cpus.as_ref().map(|cpus| cpus[slot % cpus.len()]);
+        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, socket_on_stdin, cpu, creds };
         let pid = match self.os.spawn(&self.program, &spec) {
             Ok(pid) => pid,
             Err(e) => {

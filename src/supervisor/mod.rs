@@ -68,6 +68,12 @@ pub struct Supervisor<O: Os> {
     /// The slots new connections currently go to (None: all), by BPF steering in reuseport
     /// mode or by the forwarder in round-robin mode.
     steered: Option<Vec<usize>>,
+    /// The program attached to the reuseport groups (None: the kernel's hash).
+    bpf: Option<Vec<libc::sock_filter>>,
+    /// Each slot's accept-queue length at the last sample (`--steer least-loaded`).
+    loads: Vec<Option<u32>>,
+    /// With --pin: the CPUs the launcher may run on; slot s is pinned to `cpus[s % len]`.
+    cpus: Option<Vec<usize>>,
     proxy: Option<Proxy>,
     /// Reuseport and round-robin with several slots: accept queues sampled for stalled workers.
     stalls: Option<(StallWatch, Instant)>,
@@ -143,6 +149,7 @@ impl<O: Os> Supervisor<O> {
             None => None,
         };
         let slots_n = cfg.workers;
+        let cpus = cfg.pin.then(allowed_cpus);
         let slots = (0..cfg.workers).map(|_| Slot { gen: 1, ..Slot::default() }).collect();
         Ok(Supervisor {
             roll: Roll::new(cfg.workers, cfg.ready_timeout),
@@ -160,6 +167,9 @@ impl<O: Os> Supervisor<O> {
             shutdown: None,
             all_ready_logged: false,
             steered: None,
+            bpf: None,
+            loads: vec![None; slots_n],
+            cpus,
             stalls,
             members: Default::default(),
             rescue,
@@ -300,4 +310,20 @@ impl<O: Os> Supervisor<O> {
         }
         self.reporter.status(status);
     }
+}
+
+/// The CPUs this process may run on (its affinity, which follows a container's cpuset).
+fn allowed_cpus() -> Vec<usize> {
+    let cpus: Vec<usize> = match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count()).filter(|c| set.is_set(*c).unwrap_or(false)).collect(),
+        Err(e) => {
+            log::warn!("cannot read the launcher's CPU affinity ({e}); pinning to CPU 0 and up");
+            Vec::new()
+        }
+    };
+    if cpus.is_empty() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        return (0..n).collect();
+    }
+    cpus
 }

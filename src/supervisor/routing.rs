@@ -15,10 +15,18 @@ use std::time::{Duration, Instant};
 
 use super::os::Os;
 use super::Supervisor;
+use crate::cli::Steer;
 use crate::readiness;
 use crate::rescue::loopback;
 use crate::stall::{self, Sample, StallWatch, Why};
-use crate::steer;
+use crate::steer::{self, Program};
+
+/// `--steer least-loaded`: a slot's weight from its accept-queue length at the last sample
+/// (an unreadable queue counts as empty). Halving per waiting connection favours the short
+/// queues strongly without sending a burst to one slot only.
+fn load_weight(queue: Option<u32>) -> u32 {
+    1024 >> queue.unwrap_or(0).min(10)
+}
 
 /// How long a worker's list of processes (one scan of /proc) is trusted.
 const MEMBERS_TTL: Duration = Duration::from_secs(1);
@@ -97,6 +105,7 @@ impl<O: Os> Supervisor<O> {
                 Sample { worker: workers[s], queue: queues[s], cpu, stopped }
             })
             .collect();
+        self.loads.clone_from(&queues);
         let Some((watch, next)) = &mut self.stalls else { return };
         *next = now + StallWatch::EVERY;
         for (slot, why) in watch.observe(now, &samples) {
@@ -120,9 +129,9 @@ impl<O: Os> Supervisor<O> {
         self.stalls.as_ref().filter(|_| !self.workers.is_empty()).map(|(_, next)| *next)
     }
 
-    /// Send new connections only to the serving slots: BPF steering of the reuseport groups
-    /// (see `steer`), or the forwarder's backend list in round-robin mode. Then take back what
-    /// waits on slots that cannot serve.
+    /// Send new connections only to the serving slots: the `--steer` program of each reuseport
+    /// group (see `steer`), or the forwarder's backend list in round-robin mode. Then take back
+    /// what waits on slots that cannot serve.
     pub(super) fn steer(&mut self) {
         let groups = self.listeners.groups();
         if groups.is_empty() && self.proxy.is_none() {
@@ -132,17 +141,61 @@ impl<O: Os> Supervisor<O> {
         let all = serving.is_empty() || serving.len() == self.slots.len();
         let wanted = if all && self.proxy.is_none() { None } else { Some(serving.clone()) };
         if wanted != self.steered {
-            self.apply_steering(&groups, &serving, wanted);
+            self.route_to(&serving, wanted);
+        }
+        if !groups.is_empty() {
+            let program = self.program_for(&serving);
+            if program != self.bpf {
+                for &(member, _) in &groups {
+                    let done = match &program {
+                        Some(p) => steer::attach(member, p),
+                        None => steer::detach(member),
+                    };
+                    if let Err(e) = done {
+                        log::warn!("cannot steer new connections ({:?}): {e}", self.cfg.steer);
+                        return;
+                    }
+                }
+                self.bpf = program;
+            }
         }
         self.rescue_stranded(&serving);
     }
 
-    fn apply_steering(
-        &mut self,
-        groups: &[(std::os::fd::RawFd, usize)],
-        serving: &[usize],
-        wanted: Option<Vec<usize>>,
-    ) {
+    /// The program for the reuseport groups, or None for the kernel's own hash.
+    fn program_for(&self, serving: &[usize]) -> Option<Vec<libc::sock_filter>> {
+        let every = serving.len() == self.slots.len();
+        if serving.is_empty() {
+            return None;
+        }
+        match self.cfg.steer {
+            Steer::Hash if every => None,
+            Steer::Hash => Some(steer::build(&Program::Uniform(serving))),
+            Steer::Ip => Some(steer::build(&Program::SourceIp { serving })),
+            Steer::Cpu => {
+                let cpus = self.cpus.as_deref().unwrap_or(&[0]);
+                let pinned = |slot: usize| cpus[slot % cpus.len()];
+                let table: Vec<usize> = (0..=cpus.iter().copied().max().unwrap_or(0))
+                    .map(|cpu| {
+                        serving.iter().copied().find(|s| pinned(*s) == cpu).unwrap_or(serving[cpu % serving.len()])
+                    })
+                    .collect();
+                Some(steer::build(&Program::Cpu { cpu_to_slot: &table }))
+            }
+            Steer::LeastLoaded => {
+                let weights: Vec<(usize, u32)> = serving.iter().map(|&s| (s, load_weight(self.loads[s]))).collect();
+                let equal = weights.iter().all(|w| w.1 == weights[0].1);
+                match (equal, every) {
+                    (true, true) => None,
+                    (true, false) => Some(steer::build(&Program::Uniform(serving))),
+                    (false, _) => Some(steer::build(&Program::Weighted(&weights))),
+                }
+            }
+        }
+    }
+
+    /// The serving set changed: the forwarder's backends, and the log line.
+    fn route_to(&mut self, serving: &[usize], wanted: Option<Vec<usize>>) {
         if let Some(proxy) = &self.proxy {
             let slots = wanted.clone().unwrap_or_default();
             let per_slot: Vec<Vec<(SocketAddr, std::os::fd::RawFd)>> = slots
@@ -151,12 +204,6 @@ impl<O: Os> Supervisor<O> {
                 .collect();
             let binds = self.listeners.local_addrs().len();
             proxy.set_backends((0..binds).map(|b| per_slot.iter().map(|a| a[b]).collect()).collect());
-        }
-        for &(member, size) in groups {
-            if let Err(e) = steer::apply(member, wanted.as_deref().unwrap_or(&[]), size) {
-                log::warn!("cannot steer new connections away from slots without a ready worker: {e}");
-                return;
-            }
         }
         let partial = wanted.as_ref().is_some_and(|s| s.len() < self.slots.len());
         if !self.all_ready_logged || self.shutdown.is_some() {
