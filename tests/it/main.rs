@@ -14,3 +14,4 @@ mod core;
 mod modes;
 mod real_servers;
 mod runtimes;
+mod steering;

@@ -21,6 +21,8 @@ the tests:
     --fd N               serve on fd N even if LISTEN_PID is not this process (started by a
                          wrapper that did not exec)
     --bind-self          bind 127.0.0.1:PORT itself with SO_REUSEPORT (reuse-launch --mode self)
+    --hang-if-file PATH  once PATH exists, block forever instead of accepting the next connection
+                         (a deadlocked worker: alive, using no CPU, its queue never drained)
 """
 import argparse
 import os
@@ -44,6 +46,7 @@ def parse_args():
     p.add_argument("--watchdog-ping", action="store_true")
     p.add_argument("--fd", type=int)
     p.add_argument("--bind-self", action="store_true")
+    p.add_argument("--hang-if-file")
     return p.parse_args()
 
 
@@ -100,6 +103,12 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins the requests in flight
     block_on_close = True
+    hang_if_file = None
+
+    def get_request(self):
+        if self.hang_if_file and os.path.exists(self.hang_if_file):
+            threading.Event().wait()  # a deadlock: never accepts again, uses no CPU
+        return super().get_request()
 
     def __init__(self, sock):
         super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
@@ -119,6 +128,7 @@ def main():
     if args.start_delay:
         time.sleep(args.start_delay)
     Handler.delay = args.handle_delay
+    Server.hang_if_file = args.hang_if_file
     server = Server(listening_socket(args.fd, args.bind_self))
     if not args.ignore_term:
         # shutdown() waits for serve_forever(), so it must run on another thread.
