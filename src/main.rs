@@ -18,6 +18,7 @@ mod event;
 mod notify;
 mod proxy;
 mod readiness;
+mod relay;
 mod rescue;
 mod roll;
 mod socket;

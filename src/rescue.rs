@@ -35,7 +35,7 @@
 //! peer address is the launcher's loopback address, not the client's, and it reaches whichever
 //! worker the target leads to. Bytes and half-closes pass through unchanged; the connection
 //! costs the launcher two fds while it lasts. Out of fds, a slot's thread pauses for
-//! [`crate::proxy::PAUSE`] rather than spin on the queue.
+//! [`crate::relay::PAUSE`] rather than spin on the queue.
 
 // Not used by the supervisor yet: it is wired in separately.
 
@@ -51,7 +51,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{accept4, SockFlag};
 
-use crate::proxy::{out_of_fds, Relay, PAUSE};
+use crate::relay::{out_of_fds, Relay, PAUSE};
 use crate::steer;
 
 /// How long a slot's thread waits in poll(2) before it looks again at whether it still takes.

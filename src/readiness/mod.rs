@@ -33,7 +33,6 @@
 //! - A worker that ignores the inherited sockets and listens on sockets of its own is never
 //!   waiting on ours (NotYet until `--ready-timeout`).
 
-use std::fmt;
 use std::fs;
 use std::io;
 use std::os::fd::RawFd;
@@ -47,7 +46,8 @@ use nix::unistd::{getpgid, Pid};
 mod proc;
 #[cfg(test)]
 use proc::*;
-use proc::{parse_epoll_fdinfo, probe_thread, socket_link_inode, SYSCALLS_KNOWN};
+use proc::{fail, parse_epoll_fdinfo, probe_thread, socket_link_inode, Fail, SYSCALLS_KNOWN};
+pub use proc::{Evidence, Via};
 
 /// What /proc says about a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,41 +59,6 @@ pub enum Probe {
     /// /proc cannot tell; why, in a few words (to be logged once before falling back to the
     /// delay).
     Unknown(String),
-}
-
-/// Which process waits on which of its fds, and how.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Evidence {
-    pub pid: i32,
-    /// The fd number in that process (any dup of a listening socket).
-    pub fd: RawFd,
-    pub via: Via,
-}
-
-/// How a process waits for connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via {
-    /// Thread `tid` is blocked in `syscall` (`accept` or `accept4`) on the fd.
-    Accept { tid: i32, syscall: &'static str },
-    /// Thread `tid` is blocked in `syscall` (`poll` or `ppoll`) with the fd in its set, for reading.
-    Poll { tid: i32, syscall: &'static str },
-    /// Thread `tid` is blocked in `syscall` (`select` or `pselect6`) with the fd in its read set.
-    Select { tid: i32, syscall: &'static str },
-    /// The fd is registered for reading in the epoll set `epfd` of the process.
-    Epoll { epfd: RawFd },
-}
-
-impl fmt::Display for Evidence {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Evidence { pid, fd, via } = self;
-        match via {
-            Via::Accept { tid, syscall } => write!(f, "pid {pid} (thread {tid}) is blocked in {syscall} on fd {fd}"),
-            Via::Poll { tid, syscall } | Via::Select { tid, syscall } => {
-                write!(f, "pid {pid} (thread {tid}) is blocked in {syscall} with fd {fd} in its read set")
-            }
-            Via::Epoll { epfd } => write!(f, "pid {pid} has fd {fd} in its epoll set (fd {epfd}) for reading"),
-        }
-    }
 }
 
 /// The socket inode numbers of the launcher's listening fds (`st_ino`, as /proc shows them in
@@ -170,25 +135,6 @@ pub fn probe(pids: &[i32], inodes: &[u64]) -> Probe {
         }
     }
     unknown.map_or(Probe::NotYet, Probe::Unknown)
-}
-
-/// Why one process gave no answer.
-#[derive(Debug)]
-enum Fail {
-    /// It does not exist (any more), or is a zombie: not a process to look at.
-    Gone,
-    /// It exists but /proc cannot tell.
-    CantTell(String),
-}
-
-fn fail(e: &io::Error, what: &str) -> Fail {
-    match e.raw_os_error() {
-        Some(libc::ENOENT | libc::ESRCH) => Fail::Gone,
-        Some(libc::EACCES | libc::EPERM) => {
-            Fail::CantTell(format!("cannot read {what}: permission denied (it needs ptrace access to the worker)"))
-        }
-        _ => Fail::CantTell(format!("cannot read {what}: {e}")),
-    }
 }
 
 /// One process: Ok(Some) if it waits on one of `inodes`, Ok(None) if it does not.

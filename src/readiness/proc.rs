@@ -3,13 +3,66 @@
 //! epoll set watches (`/proc/PID/fdinfo/EPFD`). Pure parsers plus the reads; the decisions are
 //! the parent module's.
 
+use std::fmt;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{fail, Evidence, Fail, Via};
+/// Which process waits on which of its fds, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    pub pid: i32,
+    /// The fd number in that process (any dup of a listening socket).
+    pub fd: RawFd,
+    pub via: Via,
+}
+
+/// How a process waits for connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Thread `tid` is blocked in `syscall` (`accept` or `accept4`) on the fd.
+    Accept { tid: i32, syscall: &'static str },
+    /// Thread `tid` is blocked in `syscall` (`poll` or `ppoll`) with the fd in its set, for reading.
+    Poll { tid: i32, syscall: &'static str },
+    /// Thread `tid` is blocked in `syscall` (`select` or `pselect6`) with the fd in its read set.
+    Select { tid: i32, syscall: &'static str },
+    /// The fd is registered for reading in the epoll set `epfd` of the process.
+    Epoll { epfd: RawFd },
+}
+
+impl fmt::Display for Evidence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Evidence { pid, fd, via } = self;
+        match via {
+            Via::Accept { tid, syscall } => write!(f, "pid {pid} (thread {tid}) is blocked in {syscall} on fd {fd}"),
+            Via::Poll { tid, syscall } | Via::Select { tid, syscall } => {
+                write!(f, "pid {pid} (thread {tid}) is blocked in {syscall} with fd {fd} in its read set")
+            }
+            Via::Epoll { epfd } => write!(f, "pid {pid} has fd {fd} in its epoll set (fd {epfd}) for reading"),
+        }
+    }
+}
+
+/// Why one process gave no answer.
+#[derive(Debug)]
+pub(super) enum Fail {
+    /// It does not exist (any more), or is a zombie: not a process to look at.
+    Gone,
+    /// It exists but /proc cannot tell.
+    CantTell(String),
+}
+
+pub(super) fn fail(e: &io::Error, what: &str) -> Fail {
+    match e.raw_os_error() {
+        Some(libc::ENOENT | libc::ESRCH) => Fail::Gone,
+        Some(libc::EACCES | libc::EPERM) => {
+            Fail::CantTell(format!("cannot read {what}: permission denied (it needs ptrace access to the worker)"))
+        }
+        _ => Fail::CantTell(format!("cannot read {what}: {e}")),
+    }
+}
 
 /// `socket:[12345]` -> 12345.
 pub(super) fn socket_link_inode(link: &[u8]) -> Option<u64> {

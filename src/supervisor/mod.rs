@@ -43,6 +43,9 @@ use crate::stall::StallWatch;
 use crate::upstream::Reporter;
 use workers::{Slot, Workers};
 
+/// The processes of each worker's group, from the last scan of /proc, by worker pid.
+type Members = std::collections::HashMap<i32, (Vec<i32>, Instant)>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shutdown {
     Graceful,
@@ -78,7 +81,7 @@ pub struct Supervisor<O: Os> {
     /// Reuseport and round-robin with several slots: accept queues sampled for stalled workers.
     stalls: Option<(StallWatch, Instant)>,
     /// The processes of the workers that had connections waiting (see `routing`).
-    members: routing::Members,
+    members: Members,
     /// Takes back connections queued on slots that cannot serve; which slots it takes from.
     rescue: Option<Rescue>,
     rescued: Vec<bool>,

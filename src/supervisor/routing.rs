@@ -9,7 +9,6 @@
 //! has no ready worker (crashed, in backoff), and some other slot serves; never while new
 //! connections could still be steered to it (a relayed connection would come back).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -30,9 +29,6 @@ fn load_weight(queue: Option<u32>) -> u32 {
 
 /// How long a worker's list of processes (one scan of /proc) is trusted.
 const MEMBERS_TTL: Duration = Duration::from_secs(1);
-
-/// The processes of each worker's group, from the last scan of /proc, by worker pid.
-pub(super) type Members = HashMap<i32, (Vec<i32>, Instant)>;
 
 impl<O: Os> Supervisor<O> {
     /// The slots that should take new connections, best first: those with a ready worker that
