@@ -8,6 +8,7 @@ use crossbeam_channel::Sender;
 use signal_hook::consts::signal::*;
 
 use crate::error::Error;
+use crate::snapshot::Snapshot;
 
 /// The supervisor's id of one worker process (never reused within a launcher's life).
 pub type WorkerId = u64;
@@ -18,6 +19,44 @@ pub enum Event {
     Signal(i32),
     /// An sd_notify datagram from a worker's tree: its `KEY=VALUE` fields.
     Notify(WorkerId, Vec<(String, String)>),
+    /// A request from the control socket; the loop answers at once on the channel (it never
+    /// waits on the client: the control thread does the talking).
+    Control(Command, Sender<Reply>),
+}
+
+/// What a control client can ask the running launcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Status,
+    /// `scale N`, `scale +K`, `scale -K` (never below 1 slot).
+    Scale(Scale),
+    /// A rolling restart, as USR2.
+    Roll,
+    /// A graceful stop, as TERM.
+    Stop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    To(usize),
+    By(i64),
+}
+
+/// The loop's answer: what it did, or why it refused.
+pub type Reply = Result<Answer, String>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Status(Box<Snapshot>),
+    /// The desired number of slots now (reached as workers start and slots drain).
+    Scaled {
+        desired: usize,
+    },
+    /// The roll that will run this request: its generation (it may follow the one under way).
+    Rolling {
+        generation: u64,
+    },
+    Stopping,
 }
 
 /// The signals the launcher handles; everything else keeps its default action.

@@ -10,6 +10,7 @@
 //! reuse-launch -n 4 -b 127.0.0.1:8080 -- python3 tests/workers/pyworker.py
 //! ```
 
+mod activation;
 mod cli;
 mod command;
 mod contract;
@@ -21,6 +22,7 @@ mod readiness;
 mod relay;
 mod rescue;
 mod roll;
+mod snapshot;
 mod socket;
 mod spawn;
 mod stall;
@@ -61,7 +63,7 @@ fn run() -> Result<(), Error> {
     let program = command::Program::resolve(&config.command)?;
     let identity =
         config.user.as_deref().map(|user| command::resolve_identity(user, config.group.as_deref())).transpose()?;
-    let listeners = match socket::inherited()? {
+    let listeners = match activation::inherited()? {
         Some(sockets) => {
             log::info!("using {} listening sockets inherited from the service manager (LISTEN_FDS)", sockets.len());
             socket::Listeners::adopt(sockets, config.mode, config.workers, config.backlog)?

@@ -141,6 +141,23 @@ impl Rescue {
         }
     }
 
+    /// Before `slot`'s sockets `fds` are closed (`scale` down, their queues empty): stop taking,
+    /// and true once the slot's thread has left them. A thread blocked in `accept` on one of
+    /// them (see the module doc) is woken by shutting the listener down (nothing is queued
+    /// there, and the caller closes it next); the caller asks again on its next turn.
+    pub fn let_go(&self, slot: usize, fds: &[RawFd]) -> bool {
+        self.release(slot);
+        let Some(s) = self.slots.lock().expect("rescue slots").get(&slot).cloned() else { return true };
+        let parked = s.state.lock().expect("rescue slot").parked;
+        if !parked {
+            for fd in fds {
+                // The caller owns these fds and keeps them open until this returns true.
+                let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Read);
+            }
+        }
+        parked
+    }
+
     /// Connections taken and handed to the relay so far, from every slot.
     pub fn relayed(&self) -> u64 {
         self.relayed.load(Ordering::Relaxed)

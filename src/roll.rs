@@ -86,6 +86,24 @@ impl Roll {
         self.active.map(|a| a.gen)
     }
 
+    /// The roll under way: its generation, the slots done, the slots in all.
+    pub fn progress(&self) -> Option<(u64, usize, usize)> {
+        self.active.map(|a| (a.gen, a.slot, self.slots))
+    }
+
+    /// A request is waiting for the roll under way to end.
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// The number of slots the next roll goes through (`scale`); only between rolls.
+    pub fn set_slots(&mut self, slots: usize) {
+        debug_assert!(self.active.is_none() || self.slots == slots, "the slot count changed during a roll");
+        if self.active.is_none() {
+            self.slots = slots;
+        }
+    }
+
     /// When a `Tick` may change something.
     pub fn deadline(&self) -> Option<Instant> {
         match self.active?.phase {

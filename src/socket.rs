@@ -11,7 +11,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -104,6 +104,8 @@ pub struct Listeners {
     sockets: Vec<Socket>,
     /// Round-robin: the public sockets the launcher accepts on, until the proxy takes them.
     public: Vec<Socket>,
+    /// For the sockets of slots added later (`scale`).
+    backlog: i32,
 }
 
 /// A bind failure, naming the address and the cause.
@@ -155,7 +157,7 @@ impl Listeners {
         }
         // Everything is bound; only now start listening, so a failure above left no queue.
         listen_all(public.iter().chain(&sockets), backlog)?;
-        Ok(Listeners { mode, binds: binds.to_vec(), local, sockets, public })
+        Ok(Listeners { mode, binds: binds.to_vec(), local, sockets, public, backlog })
     }
 
     /// Serve sockets the launcher inherited (systemd socket activation) instead of binding.
@@ -185,6 +187,7 @@ impl Listeners {
                 local: local.clone(),
                 sockets,
                 public: Vec::new(),
+                backlog,
             })
         };
         if mode == Mode::RoundRobin || mode == Mode::SelfBind {
@@ -220,7 +223,7 @@ impl Listeners {
         listen_all(&all, backlog)?;
         let mut ordered = sockets;
         ordered.extend(all);
-        Ok(Listeners { mode: Mode::Reuseport, binds, local, sockets: ordered, public: Vec::new() })
+        Ok(Listeners { mode: Mode::Reuseport, binds, local, sockets: ordered, public: Vec::new(), backlog })
     }
 
     pub fn mode(&self) -> Mode {
@@ -266,6 +269,35 @@ impl Listeners {
         }
     }
 
+    /// Add the sockets of one more slot at the end (`scale` up): in reuseport mode new members
+    /// of each bind's group, which join it last (their index is the new slot's number); in
+    /// round-robin mode new private loopback sockets. Nothing in the other modes.
+    pub fn add_slot(&mut self) -> Result<(), Error> {
+        let addrs: Vec<SocketAddr> = match self.mode {
+            Mode::Reuseport => self.local.clone(),
+            Mode::RoundRobin => vec![SocketAddr::from(([127, 0, 0, 1], 0)); self.binds.len()],
+            Mode::Shared | Mode::SelfBind => return Ok(()),
+        };
+        let reuseport = self.mode == Mode::Reuseport;
+        let new = addrs.into_iter().map(|a| bound_socket(a, reuseport)).collect::<Result<Vec<Socket>, Error>>()?;
+        listen_all(&new, self.backlog)?;
+        self.sockets.extend(new);
+        Ok(())
+    }
+
+    /// Take the last slot's sockets out (`scale` down), for the caller to close once nothing
+    /// uses them. Only the last: closing a member of a reuseport group moves the group's last
+    /// member into its index, which would renumber a slot that stays.
+    pub fn remove_last_slot(&mut self) -> Vec<Socket> {
+        match self.mode {
+            Mode::Reuseport | Mode::RoundRobin => {
+                let keep = self.sockets.len().saturating_sub(self.binds.len());
+                self.sockets.split_off(keep)
+            }
+            Mode::Shared | Mode::SelfBind => Vec::new(),
+        }
+    }
+
     /// The fds slot `slot`'s worker receives, in bind order (they become fds 3, 4, ...).
     pub fn fds_for_slot(&self, slot: usize) -> Vec<RawFd> {
         let n = self.binds.len();
@@ -276,62 +308,6 @@ impl Listeners {
         };
         self.sockets[base..base + n].iter().map(|s| s.as_raw_fd()).collect()
     }
-}
-
-/// The sockets systemd-style socket activation passed to this process (LISTEN_PID is ours,
-/// LISTEN_FDS=n: fds 3..3+n), each checked to be a listening TCP socket; None when there are none.
-/// They are made CLOEXEC: workers get them only through the slot fds.
-pub fn inherited() -> Result<Option<Vec<(Socket, String)>>, Error> {
-    let (Ok(pid), Ok(count)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else { return Ok(None) };
-    if pid != std::process::id().to_string() {
-        return Ok(None);
-    }
-    let count: usize = count.parse().map_err(|_| Error::Failed(format!("LISTEN_FDS='{count}' is not a number")))?;
-    if count == 0 {
-        return Ok(None);
-    }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES").unwrap_or_default().split(':').map(String::from).collect();
-    let mut out = Vec::new();
-    for i in 0..count {
-        let fd = 3 + i as RawFd;
-        check_listening_tcp(fd)
-            .map_err(|why| Error::Failed(format!("inherited fd {fd} (LISTEN_FDS={count}) {why}")))?;
-        // SAFETY: the fd was handed to this process by its parent per LISTEN_FDS and checked
-        // above; nothing else in the launcher owns it.
-        let sock = unsafe { Socket::from_raw_fd(fd) };
-        sock.set_cloexec(true).map_err(|e| Error::Failed(format!("inherited fd {fd}: {e}")))?;
-        let name = match names.get(i).filter(|n| !n.is_empty() && *n != "unknown") {
-            Some(n) => n.clone(),
-            None if i == 0 => "http".to_string(),
-            None => format!("http{i}"),
-        };
-        out.push((sock, name));
-    }
-    Ok(Some(out))
-}
-
-/// Is `fd` a listening TCP socket (IPv4 or IPv6)? Err says what it is instead.
-fn check_listening_tcp(fd: RawFd) -> Result<(), String> {
-    use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, SockaddrStorage};
-    use std::os::fd::BorrowedFd;
-    use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(format!("/proc/self/fd/{fd}")).map_err(|e| format!("is not open: {e}"))?;
-    if !meta.file_type().is_socket() {
-        return Err("is not a socket".into());
-    }
-    // SAFETY: fd is open (fstat succeeded) and stays open for this borrow.
-    let b = unsafe { BorrowedFd::borrow_raw(fd) };
-    if getsockopt(&b, sockopt::SockType).map_err(|e| e.to_string())? != SockType::Stream {
-        return Err("is not a stream (TCP) socket".into());
-    }
-    let family = getsockname::<SockaddrStorage>(fd).map_err(|e| e.to_string())?.family();
-    if !matches!(family, Some(AddressFamily::Inet | AddressFamily::Inet6)) {
-        return Err(format!("is not an IPv4/IPv6 socket ({family:?})"));
-    }
-    if !getsockopt(&b, sockopt::AcceptConn).map_err(|e| e.to_string())? {
-        return Err("is not listening".into());
-    }
-    Ok(())
 }
 
 /// A socket bound to `addr` but not listening yet: until listen() nothing can queue on it, so

@@ -73,6 +73,11 @@ impl StallWatch {
         StallWatch { slots: vec![SlotWatch { probation: Self::PROBATION, ..Default::default() }; slots] }
     }
 
+    /// Follow a change in the number of slots (`scale`): new ones start clean.
+    pub fn resize(&mut self, slots: usize) {
+        self.slots.resize(slots, SlotWatch { probation: Self::PROBATION, ..Default::default() });
+    }
+
     /// Take one sample per slot. Returns the slots that changed, with their new state.
     pub fn observe(&mut self, now: Instant, samples: &[Sample]) -> Vec<(usize, Option<Why>)> {
         let someone_keeps_up = samples.iter().any(|s| s.queue == Some(0));

@@ -107,9 +107,9 @@ impl<O: Os> Supervisor<O> {
 
     /// Stop a worker that failed (ready timeout, watchdog): its exit then counts against its
     /// slot (backoff, --max-start-failures) like a crash.
-    pub(super) fn stop_faulty(&mut self, id: WorkerId, now: Instant) {
+    pub(super) fn stop_faulty(&mut self, id: WorkerId, cause: &'static str, now: Instant) {
         if let Some(w) = self.workers.get_mut(id) {
-            w.fault = true;
+            w.fault = Some(cause);
         }
         self.stop(id, now);
     }
@@ -217,7 +217,19 @@ impl<O: Os> Supervisor<O> {
         }
         let actions = self.roll.step(Input::Exited { worker: id, how: how.clone() }, now);
         self.apply(actions, now);
-        if (expected && !w.fault) || w.candidate || self.shutdown.is_some() {
+        if let Some(slot) = self.slots.get_mut(w.slot).filter(|_| !w.candidate) {
+            slot.last_exit = Some(how.clone());
+            let cause = match w.fault {
+                Some(cause) => Some(cause),
+                None if !expected && self.shutdown.is_none() => Some("crash"),
+                None => None,
+            };
+            if let Some(cause) = cause.filter(|_| self.shutdown.is_none()) {
+                *slot.restarts.entry(cause).or_default() += 1;
+            }
+        }
+        let replaced = w.fault == Some("memory");
+        if (expected && (w.fault.is_none() || replaced)) || w.candidate || self.shutdown.is_some() {
             return;
         }
         let lived = now.duration_since(w.started);
@@ -250,14 +262,18 @@ impl<O: Os> Supervisor<O> {
             return Ok(());
         }
         let max = self.cfg.max_start_failures;
-        if self.slots.iter().all(|s| s.start_failures >= max) {
-            let last: Vec<String> = self.slots.iter().map(|s| s.last_failure.clone()).collect();
+        let kept = self.slots.iter().filter(|s| s.retiring.is_none());
+        if kept.clone().all(|s| s.start_failures >= max) {
+            let last: Vec<String> = kept.map(|s| s.last_failure.clone()).collect();
             return Err(Error::Failed(format!(
                 "every worker exited before it became ready, {max} times in a row on each slot; giving up (last: {})",
                 last.join("; ")
             )));
         }
         for slot in 0..self.slots.len() {
+            if self.slots[slot].retiring.is_some() {
+                continue;
+            }
             if self.workers.live_on(slot) {
                 self.slots[slot].respawn_at = None;
                 continue;

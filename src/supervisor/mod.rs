@@ -12,10 +12,12 @@
 //! `lifecycle` (spawn, stop, reap, backoff, reconcile), `ready` (readiness, rolls), `routing`
 //! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
 
+mod commands;
 mod lifecycle;
 mod os;
 mod ready;
 mod routing;
+mod scale;
 #[cfg(test)]
 mod tests;
 mod workers;
@@ -32,7 +34,7 @@ use crate::cli::{Config, Ready};
 use crate::command::{Identity, Program};
 use crate::contract::Contract;
 use crate::error::Error;
-use crate::event::{Event, WorkerId};
+use crate::event::{Event, Scale, WorkerId};
 use crate::notify::NotifyHub;
 use crate::proxy::Proxy;
 use crate::readiness;
@@ -67,6 +69,8 @@ pub struct Supervisor<O: Os> {
     tx: Sender<Event>,
     rx: Receiver<Event>,
     shutdown: Option<Shutdown>,
+    /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU.
+    desired: usize,
     all_ready_logged: bool,
     /// The slots new connections currently go to (None: all), by BPF steering in reuseport
     /// mode or by the forwarder in round-robin mode.
@@ -143,7 +147,7 @@ impl<O: Os> Supervisor<O> {
             }
             _ => None,
         };
-        let stalls = (matches!(listeners.mode(), Mode::Reuseport | Mode::RoundRobin) && cfg.workers > 1)
+        let stalls = matches!(listeners.mode(), Mode::Reuseport | Mode::RoundRobin)
             .then(|| (StallWatch::new(cfg.workers), Instant::now()));
         let rescue = match &stalls {
             Some(_) => {
@@ -168,6 +172,7 @@ impl<O: Os> Supervisor<O> {
             tx,
             rx,
             shutdown: None,
+            desired: slots_n,
             all_ready_logged: false,
             steered: None,
             bpf: None,
@@ -240,8 +245,18 @@ impl<O: Os> Supervisor<O> {
             Event::Signal(SIGTERM | SIGINT | SIGQUIT) => self.stop_all(Shutdown::Immediate, now),
             Event::Signal(SIGUSR2) => self.request_roll("USR2", now),
             Event::Signal(SIGHUP) => self.request_roll("HUP", now),
+            Event::Signal(SIGTTIN) => {
+                self.scale(Scale::By(1), "TTIN", now).map(drop).unwrap_or_else(|e| log::warn!("{e}"))
+            }
+            Event::Signal(SIGTTOU) => {
+                self.scale(Scale::By(-1), "TTOU", now).map(drop).unwrap_or_else(|e| log::warn!("{e}"))
+            }
             Event::Signal(other) => log::debug!("ignoring signal {other}"),
             Event::Notify(id, fields) => self.on_notify(id, fields, now),
+            Event::Control(command, reply) => {
+                // The control thread waits for this answer, never the other way round.
+                let _ = reply.send(self.command(command, now));
+            }
         }
     }
 
@@ -253,7 +268,7 @@ impl<O: Os> Supervisor<O> {
                 ("WATCHDOG", "1") => self.feed_watchdog(id, now),
                 ("WATCHDOG", "trigger") => {
                     log::warn!("{label} asked to be restarted (WATCHDOG=trigger)");
-                    self.stop_faulty(id, now);
+                    self.stop_faulty(id, "watchdog", now);
                 }
                 ("STOPPING", "1") => log::info!("{label} says it is stopping"),
                 ("STATUS", status) => log::info!("{label} status: {status}"),
@@ -269,6 +284,7 @@ impl<O: Os> Supervisor<O> {
         self.reporter.tick(now);
         let actions = self.roll.step(crate::roll::Input::Tick, now);
         self.apply(actions, now);
+        self.rescale(now);
         self.reconcile(now)?;
         self.watch_queues(now);
         self.steer();
@@ -304,7 +320,7 @@ impl<O: Os> Supervisor<O> {
             return;
         }
         let gen = self.slots.iter().map(|s| s.gen).max().unwrap_or(1);
-        let mut status = format!("{}/{} workers ready, gen {gen}", self.workers.ready_count(), self.cfg.workers);
+        let mut status = format!("{}/{} workers ready, gen {gen}", self.workers.ready_count(), self.desired);
         if let Some(g) = self.roll.rolling_gen() {
             status.push_str(&format!(", rolling to gen {g}"));
         }

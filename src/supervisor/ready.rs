@@ -42,13 +42,13 @@ impl<O: Os> Supervisor<O> {
             if let Some(w) = self.workers.get(id) {
                 log::warn!("{} not ready within {:?}; stopping it", w.label(), self.cfg.ready_timeout);
             }
-            self.stop_faulty(id, now);
+            self.stop_faulty(id, "ready-timeout", now);
         }
         for id in missed {
             if let (Some(w), Some(every)) = (self.workers.get(id), self.cfg.watchdog) {
                 log::warn!("{} sent no WATCHDOG=1 for {every:?}; restarting it", w.label());
             }
-            self.stop_faulty(id, now);
+            self.stop_faulty(id, "watchdog", now);
         }
     }
 
@@ -127,9 +127,9 @@ impl<O: Os> Supervisor<O> {
     /// Once, when every slot first has a ready worker and new connections are routed to them
     /// all: the log line, and READY=1 to the service manager.
     pub(super) fn announce_ready(&mut self) {
-        if !self.all_ready_logged && self.workers.ready_count() == self.cfg.workers {
+        if !self.all_ready_logged && self.workers.ready_count() == self.desired {
             self.all_ready_logged = true;
-            log::info!("all {} workers ready", self.cfg.workers);
+            log::info!("all {} workers ready", self.desired);
             self.reporter.ready();
         }
     }
@@ -178,7 +178,7 @@ impl<O: Os> Supervisor<O> {
                 }
                 Action::Stop(id) => self.stop(id, now),
                 Action::Finished { gen } => {
-                    log::info!("roll gen {gen} done: all {} slots run gen {gen}", self.cfg.workers);
+                    log::info!("roll gen {gen} done: all {} slots run gen {gen}", self.slots.len());
                     self.reporter.reloaded();
                 }
                 Action::Abandoned { gen, slot, reason } => {

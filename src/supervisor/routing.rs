@@ -41,7 +41,8 @@ impl<O: Os> Supervisor<O> {
         // after its stop signal (servers that close accepted-but-unread connections on
         // shutdown, such as uvicorn, would drop it).
         let stalled = |s: usize| self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s));
-        let all: Vec<usize> = (0..self.slots.len()).filter(|s| self.workers.ready_on(*s)).collect();
+        let all: Vec<usize> =
+            (0..self.slots.len()).filter(|s| self.workers.ready_on(*s) && self.slots[*s].retiring.is_none()).collect();
         let tiers: [&dyn Fn(usize) -> bool; 2] =
             [&|s| !self.workers.replacing(s) && !stalled(s), &|s| !self.workers.draining(s) && !stalled(s)];
         for tier in tiers {
@@ -98,7 +99,9 @@ impl<O: Os> Supervisor<O> {
                     }
                     _ => (false, None),
                 };
-                Sample { worker: workers[s], queue: queues[s], cpu, stopped }
+                // A retiring slot is neither judged nor a sign that others keep up.
+                let queue = if self.slots[s].retiring.is_some() { None } else { queues[s] };
+                Sample { worker: workers[s], queue, cpu, stopped }
             })
             .collect();
         self.loads.clone_from(&queues);

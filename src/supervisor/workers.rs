@@ -39,14 +39,14 @@ pub struct Worker {
     pub was_ready: bool,
     /// With --watchdog: restart unless a WATCHDOG=1 arrives before this (armed once ready).
     pub watchdog_at: Option<Instant>,
-    /// Stopped because it failed (not ready in time, missed its watchdog): its exit counts
-    /// against its slot like a crash.
-    pub fault: bool,
+    /// Stopped because it failed (`ready-timeout`, `watchdog`) or is replaced (`memory`): its
+    /// exit counts as a restart of its slot for that cause; a failure counts like a crash.
+    pub fault: Option<&'static str>,
 }
 
 impl Worker {
     pub fn new(slot: usize, gen: u64, pid: Pid, started: Instant, state: State, candidate: bool) -> Worker {
-        Worker { slot, gen, pid, started, state, candidate, was_ready: false, watchdog_at: None, fault: false }
+        Worker { slot, gen, pid, started, state, candidate, was_ready: false, watchdog_at: None, fault: None }
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -62,6 +62,12 @@ impl Worker {
 #[derive(Debug, Default)]
 pub struct Slot {
     pub gen: u64,
+    /// Workers replaced other than by a roll, by cause (`crash`, `ready-timeout`, ...).
+    pub restarts: std::collections::BTreeMap<&'static str, u64>,
+    /// How the slot's last worker ended.
+    pub last_exit: Option<String>,
+    /// Being removed by a scale-down since then: no respawn, no new connections.
+    pub retiring: Option<Instant>,
     pub quick_deaths: u32,
     pub start_failures: u32,
     /// When to start the slot's next worker, once it has none (None: at once).
