@@ -14,6 +14,7 @@
 
 mod commands;
 mod lifecycle;
+mod memory;
 mod os;
 mod ready;
 mod routing;
@@ -69,6 +70,8 @@ pub struct Supervisor<O: Os> {
     tx: Sender<Event>,
     rx: Receiver<Event>,
     shutdown: Option<Shutdown>,
+    /// `--max-memory`: samples and replacements under way.
+    memory: memory::MemoryWatch,
     /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU.
     desired: usize,
     all_ready_logged: bool,
@@ -173,6 +176,7 @@ impl<O: Os> Supervisor<O> {
             rx,
             shutdown: None,
             desired: slots_n,
+            memory: Default::default(),
             all_ready_logged: false,
             steered: None,
             bpf: None,
@@ -285,6 +289,8 @@ impl<O: Os> Supervisor<O> {
         let actions = self.roll.step(crate::roll::Input::Tick, now);
         self.apply(actions, now);
         self.rescale(now);
+        self.memory_replacements_due(now);
+        self.watch_memory(now);
         self.reconcile(now)?;
         self.watch_queues(now);
         self.steer();
@@ -311,6 +317,7 @@ impl<O: Os> Supervisor<O> {
             .chain(self.reporter.next_deadline())
             .chain(self.next_probe())
             .chain(self.next_sample())
+            .chain(self.next_memory_sample())
             .min()
     }
 

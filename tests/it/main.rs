@@ -14,4 +14,5 @@ mod core;
 mod modes;
 mod real_servers;
 mod runtimes;
+mod scaling;
 mod steering;
