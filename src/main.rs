@@ -63,12 +63,28 @@ fn run() -> Result<(), Error> {
     let program = command::Program::resolve(&config.command)?;
     let identity =
         config.user.as_deref().map(|user| command::resolve_identity(user, config.group.as_deref())).transpose()?;
-    let listeners = match activation::inherited()? {
-        Some(sockets) => {
-            log::info!("using {} listening sockets inherited from the service manager (LISTEN_FDS)", sockets.len());
-            socket::Listeners::adopt(sockets, config.mode, config.workers, config.backlog)?
+    let inherited = activation::inherited()?.unwrap_or_default();
+    let (stored, activated): (Vec<_>, Vec<_>) = inherited.into_iter().partition(|(_, name)| name.starts_with("rl."));
+    let listeners = if !stored.is_empty() {
+        let count = stored.len();
+        let (listeners, restored, unknown) =
+            socket::Listeners::restore(stored, &config.binds, config.mode, config.workers, config.backlog)?;
+        log::info!(
+            "took back {count} listening sockets from the service manager's fd store ({restored} slots keep their queues)"
+        );
+        for (socket, name) in unknown {
+            log::warn!("fd store socket {name} belongs to no --bind of this configuration: kept open, not served");
+            std::mem::forget(socket); // closing it would reset what waits there
         }
-        None => socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog)?,
+        if !activated.is_empty() {
+            log::warn!("{} sockets from socket activation are ignored: the fd store's are served", activated.len());
+        }
+        listeners
+    } else if !activated.is_empty() {
+        log::info!("using {} listening sockets inherited from the service manager (LISTEN_FDS)", activated.len());
+        socket::Listeners::adopt(activated, config.mode, config.workers, config.backlog)?
+    } else {
+        socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog)?
     };
     for addr in listeners.local_addrs() {
         log::info!(

@@ -17,6 +17,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::Error;
 
+mod store;
+
 /// One `--bind`: an address and the name it gets in LISTEN_FDNAMES.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BindSpec {
@@ -267,6 +269,12 @@ impl Listeners {
             }
             Mode::Shared | Mode::RoundRobin | Mode::SelfBind => Vec::new(),
         }
+    }
+
+    /// How many slots the sockets are for (reuseport and round-robin; None in the other modes,
+    /// where any number of slots shares them).
+    pub fn slot_count(&self) -> Option<usize> {
+        matches!(self.mode, Mode::Reuseport | Mode::RoundRobin).then(|| self.sockets.len() / self.binds.len().max(1))
     }
 
     /// Add the sockets of one more slot at the end (`scale` up): in reuseport mode new members
