@@ -19,10 +19,16 @@ impl Listeners {
         match self.mode {
             Mode::Reuseport => {
                 let n = names.len();
-                self.sockets.iter().enumerate().map(|(i, s)| (s.as_raw_fd(), format!("rl.{}.{}", names[i % n], i / n))).collect()
+                self.sockets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s.as_raw_fd(), format!("rl.{}.{}", names[i % n], i / n)))
+                    .collect()
             }
             Mode::Shared => self.sockets.iter().zip(&names).map(|(s, b)| (s.as_raw_fd(), format!("rl.{b}"))).collect(),
-            Mode::RoundRobin => self.public.iter().zip(&names).map(|(s, b)| (s.as_raw_fd(), format!("rl.{b}"))).collect(),
+            Mode::RoundRobin => {
+                self.public.iter().zip(&names).map(|(s, b)| (s.as_raw_fd(), format!("rl.{b}"))).collect()
+            }
             Mode::SelfBind => Vec::new(),
         }
     }
@@ -58,7 +64,9 @@ impl Listeners {
         match mode {
             Mode::Reuseport => {
                 let mut per_slot: Vec<Vec<Socket>> = Vec::new();
-                while let Some(row) = binds.iter().map(|b| take(&format!("rl.{}.{}", b.name, per_slot.len()))).collect::<Option<Vec<_>>>() {
+                while let Some(row) =
+                    binds.iter().map(|b| take(&format!("rl.{}.{}", b.name, per_slot.len()))).collect::<Option<Vec<_>>>()
+                {
                     per_slot.push(row);
                 }
                 restored = per_slot.len();
@@ -104,7 +112,9 @@ impl Listeners {
                     }
                 }
             }
-            Mode::SelfBind => return Err(Error::Failed("--mode self cannot take sockets back from the fd store".into())),
+            Mode::SelfBind => {
+                return Err(Error::Failed("--mode self cannot take sockets back from the fd store".into()))
+            }
         }
         // Listen on what is new, in order: restored sockets are listening already.
         let listen_new: Vec<&Socket> = match mode {
