@@ -4,6 +4,7 @@
  * each from its own loopback source address, for tests/it/sticky.rs:
  *
  *     node client.js PORT [CLIENTS] [ACKS]        (defaults: 20 clients, 6 acks each)
+ *     node client.js --versions                   (the installed socket.io and client)
  *
  * Client i (0-based) binds 127.0.0.(2+i) through an http.Agent with `localAddress` and no
  * keep-alive (socket.io-client hands its `agent` option down to the xmlhttprequest-ssl requests
@@ -25,6 +26,14 @@
 'use strict';
 
 const http = require('http');
+
+if (process.argv[2] === '--versions') {
+  // Their package.json files are not in their `exports`: read the installed ones by path.
+  const version = (name) => require(`./node_modules/${name}/package.json`).version;
+  console.log(`socket.io ${version('socket.io')}, socket.io-client ${version('socket.io-client')}`);
+  process.exit(0);
+}
+
 const { io } = require('socket.io-client');
 
 const [port, clients = 20, acks = 6] = process.argv.slice(2).map(Number);
