@@ -311,11 +311,25 @@ mod tests {
     }
 
     #[test]
-    fn proc_state_of_this_process() {
-        let me = std::process::id() as i32;
-        let (stopped, running, ticks) = proc_state(&[me]);
-        assert!(!stopped && running, "this test is running");
-        assert!(ticks.is_some());
+    fn proc_state_sees_running_and_stopped_processes() {
+        let mut busy = std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
+        let pid = busy.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seen = |want: (bool, bool)| loop {
+            let (stopped, running, ticks) = proc_state(&[pid]);
+            if (stopped, running) == want && ticks.is_some() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(seen((false, true)), "a busy loop is running or runnable");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+        assert!(seen((true, false)), "a stopped process is stopped");
+        busy.kill().unwrap();
+        busy.wait().unwrap();
         assert_eq!(proc_state(&[i32::MAX]), (false, false, None));
     }
 }

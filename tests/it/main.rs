@@ -15,6 +15,7 @@ mod conventions;
 mod core;
 mod modes;
 mod real_servers;
+mod restart;
 mod runtimes;
 mod scaling;
 mod steering;
