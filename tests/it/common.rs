@@ -209,6 +209,7 @@ impl Launch {
 
     /// Hand `fds` to the launcher as its fds 3, 4, ... (as a service manager passes LISTEN_FDS).
     pub fn pass_fds(mut self, fds: Vec<RawFd>) -> Launch {
+        assert!(fds.len() <= 16, "at most 16 fds");
         self.fds = fds;
         self
     }
@@ -243,8 +244,18 @@ impl Launch {
             // fds this process holds, reading a Vec allocated before the fork.
             unsafe {
                 std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    for (i, fd) in fds.iter().enumerate() {
-                        if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    // Above the targets first (an fd may already sit on one of them), then into
+                    // place: dup2 from another number also clears CLOEXEC.
+                    let floor = 3 + fds.len() as i32;
+                    let mut high = [0; 16];
+                    for (h, fd) in high.iter_mut().zip(&fds) {
+                        *h = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, floor);
+                        if *h < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    for (i, h) in high.iter().take(fds.len()).enumerate() {
+                        if libc::dup2(*h, 3 + i as i32) < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
                     }
