@@ -19,6 +19,7 @@ mod event;
 mod notify;
 mod proxy;
 mod readiness;
+mod reexec;
 mod relay;
 mod rescue;
 mod roll;
@@ -63,6 +64,35 @@ fn run() -> Result<(), Error> {
     let program = command::Program::resolve(&config.command)?;
     let identity =
         config.user.as_deref().map(|user| command::resolve_identity(user, config.group.as_deref())).transpose()?;
+    let resumed = reexec::take_state()?;
+    let listeners = match &resumed {
+        Some(state) => supervisor::listeners_from(&state.listeners)?,
+        None => listeners(&config)?,
+    };
+    for addr in listeners.local_addrs().iter().filter(|_| resumed.is_none()) {
+        log::info!(
+            "listening on {addr} ({} mode, {} workers, {} sockets in all)",
+            listeners.mode(),
+            config.workers,
+            listeners.socket_count()
+        );
+    }
+    spawn::raise_fd_limit();
+    let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
+    event::start_signal_thread(supervisor.sender())?;
+    // After a reexec the old image left the handled signals blocked: what arrived meanwhile is
+    // pending, and is delivered now that the handlers are in place.
+    reexec::block(&event::HANDLED, false);
+    let fresh = resumed.is_none();
+    if let Some(state) = resumed {
+        supervisor.resume(state, std::time::Instant::now())?;
+    }
+    supervisor.run(fresh)
+}
+
+/// The listening sockets of a fresh start: taken back from the fd store, inherited by socket
+/// activation, or bound here.
+fn listeners(config: &cli::Config) -> Result<socket::Listeners, Error> {
     let inherited = activation::inherited()?.unwrap_or_default();
     let (stored, activated): (Vec<_>, Vec<_>) = inherited.into_iter().partition(|(_, name)| name.starts_with("rl."));
     let listeners = if !stored.is_empty() {
@@ -86,16 +116,5 @@ fn run() -> Result<(), Error> {
     } else {
         socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog)?
     };
-    for addr in listeners.local_addrs() {
-        log::info!(
-            "listening on {addr} ({} mode, {} workers, {} sockets in all)",
-            listeners.mode(),
-            config.workers,
-            listeners.socket_count()
-        );
-    }
-    spawn::raise_fd_limit();
-    let supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
-    event::start_signal_thread(supervisor.sender())?;
-    supervisor.run()
+    Ok(listeners)
 }

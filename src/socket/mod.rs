@@ -271,6 +271,20 @@ impl Listeners {
         }
     }
 
+    /// The raw parts `reexec` carries over: mode, backlog, binds and every listening socket.
+    pub fn parts(&self) -> (Mode, i32, Vec<(String, SocketAddr)>, Vec<RawFd>) {
+        let binds = self.binds.iter().zip(&self.local).map(|(b, a)| (b.name.clone(), *a)).collect();
+        (self.mode, self.backlog, binds, self.sockets.iter().map(|s| s.as_raw_fd()).collect())
+    }
+
+    /// Listeners from the parts of an earlier image (`reexec`): the sockets are open here
+    /// already, listening, in their groups; `sockets` are owned from now on.
+    pub fn from_parts(mode: Mode, backlog: i32, binds: Vec<(String, SocketAddr)>, sockets: Vec<Socket>) -> Listeners {
+        let local = binds.iter().map(|b| b.1).collect();
+        let binds = binds.into_iter().map(|(name, addr)| BindSpec { name, addr }).collect();
+        Listeners { mode, binds, local, sockets, public: Vec::new(), backlog }
+    }
+
     /// How many slots the sockets are for (reuseport and round-robin; None in the other modes,
     /// where any number of slots shares them).
     pub fn slot_count(&self) -> Option<usize> {

@@ -28,6 +28,17 @@ pub(super) struct MemoryWatch {
     replacing: HashMap<WorkerId, (usize, WorkerId)>,
 }
 
+impl MemoryWatch {
+    /// Replacements under way (new worker, slot, old worker), for `reexec`.
+    pub(super) fn replacements(&self) -> Vec<(WorkerId, usize, WorkerId)> {
+        self.replacing.iter().map(|(new, (slot, old))| (*new, *slot, *old)).collect()
+    }
+
+    pub(super) fn restore(&mut self, replacements: &[(WorkerId, usize, WorkerId)]) {
+        self.replacing = replacements.iter().map(|(new, slot, old)| (*new, (*slot, *old))).collect();
+    }
+}
+
 impl<O: Os> Supervisor<O> {
     /// Sample the ready workers' memory when due; start a replacement where it is over.
     pub(super) fn watch_memory(&mut self, now: Instant) {

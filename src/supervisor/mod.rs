@@ -17,6 +17,7 @@ mod lifecycle;
 mod memory;
 mod os;
 mod ready;
+mod resume;
 mod routing;
 mod scale;
 #[cfg(test)]
@@ -30,6 +31,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use signal_hook::consts::signal::*;
 
 pub use os::{Os, RealOs};
+pub use resume::listeners_from;
 
 use crate::cli::{Config, Ready};
 use crate::command::{Identity, Program};
@@ -203,10 +205,13 @@ impl<O: Os> Supervisor<O> {
         self.tx.clone()
     }
 
-    /// Start every slot, then run until stopped. Ok(()) is a clean stop (exit 0).
-    pub fn run(mut self) -> Result<(), Error> {
-        self.reporter.store_fds(&self.listeners.store_names());
-        self.start_all(Instant::now())?;
+    /// Start every slot (`fresh`; after a reexec the workers run already), then run until
+    /// stopped. Ok(()) is a clean stop (exit 0).
+    pub fn run(mut self, fresh: bool) -> Result<(), Error> {
+        if fresh {
+            self.reporter.store_fds(&self.listeners.store_names());
+            self.start_all(Instant::now())?;
+        }
         loop {
             let now = Instant::now();
             if let Err(e) = self.tick(now) {
