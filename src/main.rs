@@ -23,6 +23,7 @@ mod reexec;
 mod relay;
 mod rescue;
 mod roll;
+mod sentinel;
 mod snapshot;
 mod socket;
 mod spawn;
@@ -40,6 +41,10 @@ use error::Error;
 use supervisor::{RealOs, Supervisor};
 
 fn main() -> ExitCode {
+    let mut argv = std::env::args();
+    if argv.nth(1).as_deref() == Some("__sentinel") {
+        sentinel::run(argv.next().and_then(|p| p.parse().ok()).unwrap_or(0));
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format(|buf, record| {
             let level = match record.level() {
@@ -79,6 +84,10 @@ fn run() -> Result<(), Error> {
     }
     spawn::raise_fd_limit();
     let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
+    supervisor.set_sentinel(match resumed.as_ref().and_then(|s| s.sentinel) {
+        Some((pid, fd)) => Some(sentinel::Sentinel::adopt(pid, fd)),
+        None => sentinel::Sentinel::start(),
+    });
     event::start_signal_thread(supervisor.sender())?;
     // After a reexec the old image left the handled signals blocked: what arrived meanwhile is
     // pending, and is delivered now that the handlers are in place.

@@ -53,6 +53,8 @@ pub struct State {
     /// Memory replacements under way: (new worker, slot, old worker).
     pub memory: Vec<(u64, usize, u64)>,
     pub listeners: ListenerState,
+    /// The sentinel's pid and the launcher's end of its pipe.
+    pub sentinel: Option<(u32, RawFd)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -338,6 +340,9 @@ impl State {
                     num(f.next(), "memory slot")? as usize,
                     num(f.next(), "memory old")? as u64,
                 )),
+                Some("sentinel") => {
+                    s.sentinel = Some((num(f.next(), "sentinel pid")? as u32, num(f.next(), "sentinel fd")? as RawFd))
+                }
                 Some("listeners") => {
                     let mode = f.next().ok_or("listeners mode missing")?.to_string();
                     let backlog = num(f.next(), "backlog")? as i32;
@@ -562,6 +567,7 @@ mod tests {
                 binds: vec![("http".into(), "0.0.0.0:8080".into()), ("admin api".into(), "[::1]:9000".into())],
                 sockets: vec![3, 4, 5, 6, 7, 8],
             },
+            sentinel: Some((777, 12)),
         }
     }
 

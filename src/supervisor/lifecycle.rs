@@ -180,6 +180,13 @@ impl<O: Os> Supervisor<O> {
             let Some(status) = self.os.reap(pid, false) else { continue };
             match id {
                 Some(id) => self.on_exit(id, status, now),
+                None if self.sentinel.as_ref().is_some_and(|s| s.pid() as i32 == pid.as_raw()) => {
+                    log::warn!(
+                        "the sentinel (pid {pid}) {}: a SIGKILLed launcher may now leave workers' children behind",
+                        describe(status)
+                    );
+                    self.sentinel = None;
+                }
                 None => log::debug!("reaped orphan pid {pid}: {status:?}"),
             }
         }

@@ -74,6 +74,8 @@ pub struct Supervisor<O: Os> {
     shutdown: Option<Shutdown>,
     /// `--max-memory`: samples and replacements under way.
     memory: memory::MemoryWatch,
+    /// Ends what the workers left if the launcher dies abruptly (see `sentinel`).
+    sentinel: Option<crate::sentinel::Sentinel>,
     /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU.
     desired: usize,
     all_ready_logged: bool,
@@ -184,6 +186,7 @@ impl<O: Os> Supervisor<O> {
             shutdown: None,
             desired: desired_n,
             memory: Default::default(),
+            sentinel: None,
             all_ready_logged: false,
             steered: None,
             bpf: None,
@@ -198,6 +201,11 @@ impl<O: Os> Supervisor<O> {
             slot_inodes,
             next_probe: None,
         })
+    }
+
+    /// Give the supervisor the sentinel (see `sentinel`), released when it exits in order.
+    pub fn set_sentinel(&mut self, sentinel: Option<crate::sentinel::Sentinel>) {
+        self.sentinel = sentinel;
     }
 
     /// Where the signal thread sends its events.
@@ -216,9 +224,11 @@ impl<O: Os> Supervisor<O> {
             let now = Instant::now();
             if let Err(e) = self.tick(now) {
                 self.kill_all_and_reap();
+                self.sentinel.take().map(|s| s.release());
                 return Err(e);
             }
             if self.shutdown.is_some() && self.workers.is_empty() {
+                self.sentinel.take().map(|s| s.release());
                 self.reap_orphans();
                 if let Some(n) = self.rescue.as_ref().map(|r| r.relayed()).filter(|n| *n > 0) {
                     log::info!("{n} connections were taken back from stalled or stopped workers and relayed");

@@ -103,6 +103,8 @@ impl<O: Os> Supervisor<O> {
         let (mode, backlog, binds, sockets) = self.listeners.parts();
         let mut keep: Vec<RawFd> = sockets.clone();
         keep.extend(notify.iter().map(|n| n.1));
+        let sentinel = self.sentinel.as_ref().map(|s| (s.pid(), s.pipe_fd()));
+        keep.extend(sentinel.map(|s| s.1));
         let state = State {
             desired: self.desired,
             next_id: self.workers.next_id(),
@@ -120,6 +122,7 @@ impl<O: Os> Supervisor<O> {
                 binds: binds.into_iter().map(|(n, a)| (n, a.to_string())).collect(),
                 sockets,
             },
+            sentinel,
         };
         (state, keep)
     }

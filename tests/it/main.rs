@@ -13,6 +13,7 @@
 mod common;
 mod conventions;
 mod core;
+mod leftovers;
 mod modes;
 mod real_servers;
 mod restart;
