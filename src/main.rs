@@ -6,6 +6,10 @@
 //! 2 usage, 127 command not found, 126 not executable, 1 bind failure or a fatal supervisor
 //! error, 0 a clean stop.
 //!
+//! A first argument naming a client subcommand (`status`, `scale`, `roll`, `stop`) runs the
+//! client instead ([`control::client`]); the launcher's command always follows `--`, so the two
+//! forms never overlap.
+//!
 //! ```text
 //! reuse-launch -n 4 -b 127.0.0.1:8080 -- python3 tests/workers/pyworker.py
 //! ```
@@ -14,6 +18,7 @@ mod activation;
 mod cli;
 mod command;
 mod contract;
+mod control;
 mod error;
 mod event;
 mod notify;
@@ -39,6 +44,10 @@ use error::Error;
 use supervisor::{RealOs, Supervisor};
 
 fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if control::client::is_subcommand(argv.get(1)) {
+        return ExitCode::from(control::client::main(argv));
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format(|buf, record| {
             let level = match record.level() {
@@ -79,7 +88,10 @@ fn run() -> Result<(), Error> {
         );
     }
     spawn::raise_fd_limit();
+    let control_path = config.control.clone();
     let supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
+    // Removed when `run` returns, on a clean stop and on a fatal error alike.
+    let _control = control::ControlSocket::start(control_path, supervisor.sender())?;
     event::start_signal_thread(supervisor.sender())?;
     supervisor.run()
 }
