@@ -214,9 +214,15 @@ fn ask(path: &Path, request: &Value) -> Result<Value, Fail> {
     stream.set_write_timeout(Some(ANSWER_TIMEOUT)).map_err(io)?;
     stream.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io)?;
     let started = Instant::now();
-    stream.write_all(format!("{request}\n").as_bytes()).map_err(io)?;
+    // A refusal may arrive (and the launcher hang up) before the request is written: read the
+    // answer even when writing failed.
+    let written = stream.write_all(format!("{request}\n").as_bytes());
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).map_err(|e| {
+    let read = BufReader::new(&stream).read_line(&mut line);
+    if let (Err(e), true) = (written, line.trim().is_empty()) {
+        return Err(io(e));
+    }
+    read.map_err(|e| {
         if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
             Fail(FAILED, format!("no answer from {} within {:?}", path.display(), started.elapsed()))
         } else {

@@ -39,12 +39,17 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CLIENTS: usize = 32;
 /// How long writing a response may block on a client that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an exiting launcher waits for the answers being written.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The bound control socket; dropping it removes the socket file (if it is still ours).
 pub struct ControlSocket {
     path: PathBuf,
     /// Device and inode of our socket file, so that we never remove someone else's.
     id: (u64, u64),
+    /// Requests being answered: the launcher waits for them (briefly) before it exits, so that
+    /// a `stop` gets its answer even when the workers are gone at once.
+    busy: Arc<AtomicUsize>,
 }
 
 impl ControlSocket {
@@ -57,9 +62,10 @@ impl ControlSocket {
         match ControlSocket::bind(&path, explicit) {
             Ok((listener, socket)) => {
                 let shown = path.display().to_string();
+                let busy = socket.busy.clone();
                 std::thread::Builder::new()
                     .name("control".into())
-                    .spawn(move || accept_loop(listener, tx, shown))
+                    .spawn(move || accept_loop(listener, tx, shown, busy))
                     .map_err(|e| Error::Failed(format!("cannot start the control thread: {e}")))?;
                 log::info!("control socket: {}", path.display());
                 Ok(Some(socket))
@@ -101,7 +107,10 @@ impl ControlSocket {
             .and_then(|()| std::fs::rename(&tmp, path))
             .and_then(|()| std::fs::symlink_metadata(path));
         match placed {
-            Ok(meta) => Ok((listener, ControlSocket { path: path.to_path_buf(), id: (meta.dev(), meta.ino()) })),
+            Ok(meta) => Ok((
+                listener,
+                ControlSocket { path: path.to_path_buf(), id: (meta.dev(), meta.ino()), busy: Arc::default() },
+            )),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 Err(e)
@@ -112,6 +121,10 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
+        let end = Instant::now() + FINISH_TIMEOUT;
+        while self.busy.load(Ordering::SeqCst) > 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
         if ours {
             let _ = std::fs::remove_file(&self.path);
@@ -143,20 +156,23 @@ fn private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Remove the sockets of launchers that are gone from our default directory (a SIGKILLed
-/// launcher cannot remove its own). Only `<pid>.sock` files whose pid is not running.
+/// launcher cannot remove its own): `<pid>.sock` files whose pid is not running and on which
+/// nobody listens (a launcher in another pid namespace may share the directory: its pid means
+/// nothing here, but it answers).
 fn sweep_stale(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(super::pid_of_socket_name) else { continue };
-        if !super::alive(pid) && entry.file_type().is_ok_and(|t| t.is_socket()) {
+        let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
+        if is_socket && !super::alive(pid) && UnixStream::connect(entry.path()).is_err() {
             log::debug!("removing {}: launcher {pid} is gone", entry.path().display());
             let _ = std::fs::remove_file(entry.path());
         }
     }
 }
 
-fn accept_loop(listener: UnixListener, tx: Sender<Event>, path: String) {
+fn accept_loop(listener: UnixListener, tx: Sender<Event>, path: String, busy: Arc<AtomicUsize>) {
     let active = Arc::new(AtomicUsize::new(0));
     let cpu = Arc::new(CpuHistory::default());
     for stream in listener.incoming() {
@@ -175,7 +191,8 @@ fn accept_loop(listener: UnixListener, tx: Sender<Event>, path: String) {
             continue;
         }
         active.fetch_add(1, Ordering::SeqCst);
-        let client = Client { tx: tx.clone(), cpu: cpu.clone(), path: path.clone(), active: active.clone() };
+        let client =
+            Client { tx: tx.clone(), cpu: cpu.clone(), path: path.clone(), active: active.clone(), busy: busy.clone() };
         let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || client.serve(stream));
         if let Err(e) = spawned {
             active.fetch_sub(1, Ordering::SeqCst);
@@ -190,6 +207,7 @@ struct Client {
     cpu: Arc<CpuHistory>,
     path: String,
     active: Arc<AtomicUsize>,
+    busy: Arc<AtomicUsize>,
 }
 
 impl Drop for Client {
@@ -221,8 +239,11 @@ impl Client {
             if text.trim().is_empty() {
                 continue;
             }
+            self.busy.fetch_add(1, Ordering::SeqCst);
             let response = self.request(&text);
-            if reply(&mut stream, &response).is_err() {
+            let written = reply(&mut stream, &response);
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            if written.is_err() {
                 return;
             }
         }

@@ -5,10 +5,12 @@
 //! - `modes`: the balancing modes (issue 3).
 //! - `conventions`: readiness, the watchdog, sd_notify, `--user`, pid 1 (issue 4).
 //! - `real_servers`: servers of other languages, and systemd's tools.
+//! - `control`: the control socket and the client subcommands (issue 9).
 //!
 //! Run one area with `cargo test --test it core::`.
 
 mod common;
+mod control;
 mod conventions;
 mod core;
 mod modes;
