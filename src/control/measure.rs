@@ -38,8 +38,9 @@ impl CpuHistory {
     pub fn measure(&self, pgids: &[i32]) -> Vec<Usage> {
         let members = groups_members(pgids);
         let (mut at, mut ticks) = (Instant::now(), read_ticks(&members));
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let before = match last.take() {
+        // Not held while sleeping: concurrent requests each measure their own window.
+        let previous = self.last.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let before = match previous {
             Some((t, prev)) if (MIN_WINDOW..=MAX_WINDOW).contains(&at.saturating_duration_since(t)) => (t, prev),
             _ => {
                 std::thread::sleep(MIN_WINDOW);
@@ -66,7 +67,7 @@ impl CpuHistory {
                 Usage { cpu_percent: cpu, rss_bytes: rss }
             })
             .collect();
-        *last = Some((at, ticks));
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((at, ticks));
         usage
     }
 }

@@ -264,11 +264,11 @@ impl Client {
             Some("scale") => {
                 let to = match req.get("workers") {
                     Some(Value::Str(s)) => super::parse_scale(s),
-                    Some(n @ Value::Num(_)) => n
-                        .as_u64()
-                        .map(|n| crate::event::Scale::To(n as usize))
-                        .ok_or(())
-                        .or_else(|()| super::parse_scale(&n.to_string())),
+                    Some(n @ Value::Num(_)) => {
+                        n.as_u64().map(|n| crate::event::Scale::To(n as usize)).ok_or_else(|| {
+                            format!("\"workers\": {n} is not a number of workers (\"+K\" or \"-K\" change it by K)")
+                        })
+                    }
                     _ => Err("scale needs \"workers\": N, \"+K\" or \"-K\"".to_string()),
                 };
                 match to {
@@ -416,7 +416,10 @@ mod tests {
         assert_eq!(std::fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777, 0o700);
         let mut s = UnixStream::connect(&path).unwrap();
         s.write_all(b"{\"cmd\":\"roll\",\"id\":7}\nnot json\n{\"cmd\":\"scale\",\"workers\":3}\n").unwrap();
-        s.write_all(b"{\"cmd\":\"scale\",\"workers\":\"-9\"}\n{\"cmd\":\"dance\"}\n").unwrap();
+        s.write_all(
+            b"{\"cmd\":\"scale\",\"workers\":\"-9\"}\n{\"cmd\":\"dance\"}\n{\"cmd\":\"scale\",\"workers\":-1}\n",
+        )
+        .unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut next = || {
             let mut l = String::new();
@@ -432,6 +435,7 @@ mod tests {
         assert_eq!(next().get("desired").and_then(Value::as_u64), Some(3));
         assert!(next().get("error").and_then(Value::as_str).unwrap().contains("at least 1"));
         assert!(next().get("error").and_then(Value::as_str).unwrap().starts_with("unknown cmd 'dance'"));
+        assert!(next().get("error").and_then(Value::as_str).unwrap().contains("-1 is not a number of workers"));
         // A line over the cap: an error, then the connection is closed.
         s.write_all(&vec![b'x'; MAX_LINE + 10]).unwrap();
         let huge = next();
