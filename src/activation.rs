@@ -63,3 +63,8 @@ fn check_listening_tcp(fd: RawFd) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Is `fd` open in this process?
+pub fn check_is_open(fd: RawFd) -> Result<(), String> {
+    std::fs::metadata(format!("/proc/self/fd/{fd}")).map(drop).map_err(|e| format!("fd {fd} is not open: {e}"))
+}

@@ -147,6 +147,11 @@ pub struct Args {
     #[arg(long, env = "REUSE_LAUNCH_PIN", value_parser = clap::builder::FalseyValueParser::new())]
     pub pin: bool,
 
+    /// Replace a worker (make-before-break, like a one-slot roll) whose process group's RSS
+    /// stays above this for 3 samples a second apart: `512M`, `2G` (K, M, G, T: powers of 1024).
+    #[arg(long, env = "REUSE_LAUNCH_MAX_MEMORY", value_name = "SIZE")]
+    pub max_memory: Option<String>,
+
     /// The control socket (`reuse-launch status`, `scale`, `roll`, `stop`). Default:
     /// $XDG_RUNTIME_DIR/reuse-launch/<pid>.sock, else /run/reuse-launch/<pid>.sock as root, else
     /// /tmp/reuse-launch-<uid>/<pid>.sock.
@@ -214,6 +219,8 @@ pub struct Config {
     /// `--socket-on-stdin`: the slot's first listening socket is also the worker's fd 0.
     pub socket_on_stdin: bool,
     pub steer: Steer,
+    /// `--max-memory` in bytes.
+    pub max_memory: Option<u64>,
     /// Pin each worker to one CPU (`--pin`, or implied by `--steer cpu`).
     pub pin: bool,
     /// `--control`: where the control socket goes (None: the default directory).
@@ -313,6 +320,10 @@ impl Config {
             group: args.group,
             socket_on_stdin: args.socket_on_stdin,
             steer,
+            max_memory: match &args.max_memory {
+                Some(m) => Some(parse_size(m).map_err(|e| usage("--max-memory", m, e))?),
+                None => None,
+            },
             pin: args.pin || steer == Steer::Cpu,
             control: args.control.filter(|p| !p.as_os_str().is_empty()),
             workers,
@@ -344,6 +355,30 @@ fn parse_workers(s: &str) -> Result<usize, Error> {
 /// `net.core.somaxconn`, the ceiling the kernel applies to any backlog anyway.
 fn default_backlog() -> i32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(4096)
+}
+
+/// Parse `512M`, `2G`, `1.5G`, `300K`, `1T` (powers of 1024; `MB`, `MiB` and lowercase too);
+/// a bare number is bytes. At least 1 MiB, so that a typo cannot recycle every worker at once.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let err = || "expected a size like 512M or 2G (K, M, G, T), at least 1M".to_string();
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| err())?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(err()),
+    };
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < (1u64 << 20) as f64 || bytes > u64::MAX as f64 {
+        return Err(err());
+    }
+    Ok(bytes as u64)
 }
 
 /// Parse `500ms`, `2s`, `1.5s`, `1m`, `1h`; a bare number is seconds.
@@ -399,6 +434,18 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_size("300MiB").unwrap(), 300 << 20);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        for bad in ["", "M", "12X", "-1G", "100K", "1e3G", "nanG"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

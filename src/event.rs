@@ -34,6 +34,12 @@ pub enum Command {
     Roll,
     /// A graceful stop, as TERM.
     Stop,
+    /// Upgrade the launcher in place, first step: check that the binary it was started from
+    /// runs, and say which version takes over (answered with `Answer::Reexec`). The control
+    /// thread answers its client, then sends `ReexecNow`.
+    Reexec,
+    /// Second step: exec now. Answered only if the exec failed (the launcher then runs on).
+    ReexecNow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +63,11 @@ pub enum Answer {
         generation: u64,
     },
     Stopping,
+    /// The binary that will take over, and what its `--version` printed.
+    Reexec {
+        path: String,
+        version: String,
+    },
 }
 
 /// The signals the launcher handles; everything else keeps its default action.

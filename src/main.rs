@@ -24,6 +24,7 @@ mod event;
 mod notify;
 mod proxy;
 mod readiness;
+mod reexec;
 mod relay;
 mod rescue;
 mod roll;
@@ -72,14 +73,12 @@ fn run() -> Result<(), Error> {
     let program = command::Program::resolve(&config.command)?;
     let identity =
         config.user.as_deref().map(|user| command::resolve_identity(user, config.group.as_deref())).transpose()?;
-    let listeners = match activation::inherited()? {
-        Some(sockets) => {
-            log::info!("using {} listening sockets inherited from the service manager (LISTEN_FDS)", sockets.len());
-            socket::Listeners::adopt(sockets, config.mode, config.workers, config.backlog)?
-        }
-        None => socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog)?,
+    let resumed = reexec::take_state()?;
+    let listeners = match &resumed {
+        Some(state) => supervisor::listeners_from(&state.listeners)?,
+        None => listeners(&config)?,
     };
-    for addr in listeners.local_addrs() {
+    for addr in listeners.local_addrs().iter().filter(|_| resumed.is_none()) {
         log::info!(
             "listening on {addr} ({} mode, {} workers, {} sockets in all)",
             listeners.mode(),
@@ -89,9 +88,45 @@ fn run() -> Result<(), Error> {
     }
     spawn::raise_fd_limit();
     let control_path = config.control.clone();
-    let supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
+    let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
     // Removed when `run` returns, on a clean stop and on a fatal error alike.
     let _control = control::ControlSocket::start(control_path, supervisor.sender())?;
     event::start_signal_thread(supervisor.sender())?;
-    supervisor.run()
+    // After a reexec the old image left the handled signals blocked: what arrived meanwhile is
+    // pending, and is delivered now that the handlers are in place.
+    reexec::block(&event::HANDLED, false);
+    let fresh = resumed.is_none();
+    if let Some(state) = resumed {
+        supervisor.resume(state, std::time::Instant::now())?;
+    }
+    supervisor.run(fresh)
+}
+
+/// The listening sockets of a fresh start: taken back from the fd store, inherited by socket
+/// activation, or bound here.
+fn listeners(config: &cli::Config) -> Result<socket::Listeners, Error> {
+    let inherited = activation::inherited()?.unwrap_or_default();
+    let (stored, activated): (Vec<_>, Vec<_>) = inherited.into_iter().partition(|(_, name)| name.starts_with("rl."));
+    let listeners = if !stored.is_empty() {
+        let count = stored.len();
+        let (listeners, restored, unknown) =
+            socket::Listeners::restore(stored, &config.binds, config.mode, config.workers, config.backlog)?;
+        log::info!(
+            "took back {count} listening sockets from the service manager's fd store ({restored} slots keep their queues)"
+        );
+        for (socket, name) in unknown {
+            log::warn!("fd store socket {name} belongs to no --bind of this configuration: kept open, not served");
+            std::mem::forget(socket); // closing it would reset what waits there
+        }
+        if !activated.is_empty() {
+            log::warn!("{} sockets from socket activation are ignored: the fd store's are served", activated.len());
+        }
+        listeners
+    } else if !activated.is_empty() {
+        log::info!("using {} listening sockets inherited from the service manager (LISTEN_FDS)", activated.len());
+        socket::Listeners::adopt(activated, config.mode, config.workers, config.backlog)?
+    } else {
+        socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog)?
+    };
+    Ok(listeners)
 }

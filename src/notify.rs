@@ -57,6 +57,19 @@ impl NotifyHub {
         Ok(format!("@{name}"))
     }
 
+    /// Serve worker `id`'s socket again after `reexec` (its fd came over the exec).
+    pub fn adopt(&self, id: WorkerId, sock: UnixDatagram) -> io::Result<()> {
+        let sock = Arc::new(sock);
+        self.epoll.add(sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id))?;
+        self.sockets.lock().expect("notify map").insert(id, sock);
+        Ok(())
+    }
+
+    /// Every worker's socket fd, for `reexec` to keep open across the exec.
+    pub fn fds(&self) -> Vec<(WorkerId, RawFd)> {
+        self.sockets.lock().expect("notify map").iter().map(|(id, s)| (*id, s.as_raw_fd())).collect()
+    }
+
     /// Forget worker `id`'s socket (after it was reaped).
     pub fn close(&self, id: WorkerId) {
         if let Some(sock) = self.sockets.lock().expect("notify map").remove(&id) {

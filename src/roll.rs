@@ -91,6 +91,35 @@ impl Roll {
         self.active.map(|a| (a.gen, a.slot, self.slots))
     }
 
+    /// What `reexec` carries over: the highest generation, the roll under way (generation,
+    /// slot, and its new worker with its deadline once spawned), and a pending request.
+    pub fn export(&self, now: Instant) -> (u64, Option<(u64, usize, Option<(WorkerId, Instant)>)>, bool) {
+        let active = self.active.map(|a| {
+            let spawned = match a.phase {
+                Phase::Waiting { worker, deadline } => Some((worker, deadline)),
+                Phase::Spawning => None,
+            };
+            let _ = now;
+            (a.gen, a.slot, spawned)
+        });
+        (self.gen, active, self.pending)
+    }
+
+    /// The inverse of [`export`](Self::export), in the new image. A roll caught between its
+    /// Spawn and the answer (it cannot be: the loop answers at once) resumes waiting.
+    pub fn import(&mut self, gen: u64, active: Option<(u64, usize, Option<(WorkerId, Instant)>)>, pending: bool) {
+        self.gen = gen;
+        self.pending = pending;
+        self.active = active.map(|(gen, slot, spawned)| Active {
+            gen,
+            slot,
+            phase: match spawned {
+                Some((worker, deadline)) => Phase::Waiting { worker, deadline },
+                None => Phase::Spawning,
+            },
+        });
+    }
+
     /// A request is waiting for the roll under way to end.
     pub fn pending(&self) -> bool {
         self.pending

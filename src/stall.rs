@@ -4,10 +4,14 @@
 //!
 //! A slot is *stalled* for one of two reasons ([`Why`]):
 //! - **Frozen**: connections wait in its queue and its worker cannot take them: one of its
-//!   processes is stopped (SIGSTOP, a debugger), seen at two samples in a row (20-40 ms), or
-//!   it used no CPU at all for [`StallWatch::FROZEN_AFTER`] (a deadlock, a blocking call). A
-//!   worker that accepts is never frozen: accepting takes CPU, and an idle one empties its queue
-//!   within microseconds. Back as soon as it is neither stopped nor idle (it used CPU again).
+//!   processes is stopped (SIGSTOP, a debugger), seen at two samples in a row (20-40 ms); or
+//!   none of its processes ran (used CPU, or was runnable) for [`StallWatch::FROZEN_AFTER`]
+//!   (a deadlock, a blocking call). A worker that accepts is never frozen: accepting takes CPU,
+//!   and an idle one empties its queue within microseconds; a worker that waits for a CPU on a
+//!   loaded machine is runnable (`R`), not frozen. A stopped worker is back as soon as it is
+//!   not stopped; an idle one as soon as it runs, or after a probation (1 s, doubling up to
+//!   30 s) when nothing shows it (an idle worker may use no CPU for long): if it is still stuck,
+//!   connections queue again and it is frozen again within [`StallWatch::FROZEN_AFTER`].
 //! - **Not accepting**: its queue has not once been empty for [`StallWatch::BUSY_AFTER`] while
 //!   some other slot's was (a worker burning CPU on one long request, or in a loop): the others
 //!   keep up and this one does not. When every queue stays full the machine is overloaded and
@@ -30,6 +34,8 @@ pub struct Sample {
     pub cpu: Option<u64>,
     /// One of the worker's processes is stopped.
     pub stopped: bool,
+    /// One of the worker's processes is running or runnable (`R`).
+    pub running: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +53,8 @@ struct SlotWatch {
     idle_since: Option<(Instant, u64)>,
     /// Stopped with a queue at the previous sample.
     stopped_before: bool,
+    /// Frozen because stopped (back when it is not), rather than idle.
+    frozen_stopped: bool,
     last_cpu: Option<u64>,
     stalled: Option<Why>,
     /// Not accepting: when it is tried again, and how long the next probation lasts.
@@ -63,7 +71,7 @@ pub struct StallWatch {
 
 impl StallWatch {
     pub const EVERY: Duration = Duration::from_millis(20);
-    pub const FROZEN_AFTER: Duration = Duration::from_millis(100);
+    pub const FROZEN_AFTER: Duration = Duration::from_millis(250);
     pub const BUSY_AFTER: Duration = Duration::from_secs(1);
     const PROBATION: Duration = Duration::from_secs(1);
     const PROBATION_MAX: Duration = Duration::from_secs(30);
@@ -101,7 +109,7 @@ impl StallWatch {
                 w.last_cpu = s.cpu;
             }
             w.queued_since = if queued { Some(w.queued_since.unwrap_or(now)) } else { None };
-            w.idle_since = match (queued, s.cpu, w.idle_since) {
+            w.idle_since = match (queued && !s.running, s.cpu, w.idle_since) {
                 (true, Some(cpu), Some((t, at))) if cpu == at => Some((t, at)),
                 (true, Some(cpu), _) => Some((now, cpu)),
                 _ => None,
@@ -109,8 +117,10 @@ impl StallWatch {
             let stopped_twice = queued && s.stopped && w.stopped_before;
             w.stopped_before = queued && s.stopped;
             let next = match w.stalled {
-                // Frozen: back once it runs again.
-                Some(Why::Frozen) if !s.stopped && worked => None,
+                // Frozen: back once it is not stopped, or (idle) runs or has done its probation.
+                Some(Why::Frozen) if w.frozen_stopped && !s.stopped => None,
+                Some(Why::Frozen) if !w.frozen_stopped && (worked || s.running) => None,
+                Some(Why::Frozen) if !w.frozen_stopped && w.retry_at.is_some_and(|t| now >= t) => None,
                 Some(Why::Frozen) => Some(Why::Frozen),
                 Some(Why::NotAccepting) if w.retry_at.is_some_and(|t| now >= t) => None,
                 Some(Why::NotAccepting) => Some(Why::NotAccepting),
@@ -120,6 +130,7 @@ impl StallWatch {
                     let busy =
                         someone_keeps_up && w.queued_since.is_some_and(|t| now.duration_since(t) >= Self::BUSY_AFTER);
                     if frozen {
+                        w.frozen_stopped = stopped_twice;
                         Some(Why::Frozen)
                     } else if busy {
                         Some(Why::NotAccepting)
@@ -137,7 +148,7 @@ impl StallWatch {
                         w.probation = Self::PROBATION;
                     }
                     w.stalled_at = Some(now);
-                    if why == Why::NotAccepting {
+                    if why == Why::NotAccepting || !w.frozen_stopped {
                         w.retry_at = Some(now + w.probation);
                         w.probation = (w.probation * 2).min(Self::PROBATION_MAX);
                     }
@@ -159,18 +170,21 @@ impl StallWatch {
     }
 }
 
-/// State and CPU time of processes `pids`: (any stopped, user + system clock ticks in all);
-/// None for the ticks when none could be read.
-pub fn proc_state(pids: &[i32]) -> (bool, Option<u64>) {
+/// State and CPU time of processes `pids`: (any stopped, any running or runnable, user + system
+/// clock ticks in all); None for the ticks when none could be read.
+pub fn proc_state(pids: &[i32]) -> (bool, bool, Option<u64>) {
     let mut stopped = false;
+    let mut running = false;
     let mut ticks = None;
     for pid in pids {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
         let Some((_, rest)) = stat.rsplit_once(')') else { continue };
         let fields: Vec<&str> = rest.split_whitespace().collect();
         // After "pid (comm)": state is field 0, utime field 11, stime field 12.
-        if matches!(fields.first(), Some(&"T") | Some(&"t")) {
-            stopped = true;
+        match fields.first() {
+            Some(&"T") | Some(&"t") => stopped = true,
+            Some(&"R") => running = true,
+            _ => {}
         }
         let t =
             fields.get(11).and_then(|u| u.parse::<u64>().ok()).zip(fields.get(12).and_then(|s| s.parse::<u64>().ok()));
@@ -178,7 +192,7 @@ pub fn proc_state(pids: &[i32]) -> (bool, Option<u64>) {
             ticks = Some(ticks.unwrap_or(0) + u + s);
         }
     }
-    (stopped, ticks)
+    (stopped, running, ticks)
 }
 
 #[cfg(test)]
@@ -188,7 +202,7 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn at(queue: u32, cpu: u64) -> Sample {
-        Sample { worker: Some(1), queue: Some(queue), cpu: Some(cpu), stopped: false }
+        Sample { worker: Some(1), queue: Some(queue), cpu: Some(cpu), stopped: false, running: false }
     }
 
     fn stopped(queue: u32, cpu: u64) -> Sample {
@@ -217,14 +231,27 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_nobody_works_on_is_frozen_after_100ms_even_when_every_queue_is_full() {
+    fn a_queue_nobody_works_on_is_frozen_after_250ms_even_when_every_queue_is_full() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(2);
-        for i in 0..5 {
+        for i in 0..12 {
             assert!(w.observe(t0 + i * 20 * MS, &[at(4, 70), at(3, 10 + i as u64)]).is_empty(), "sample {i}");
         }
-        assert_eq!(w.observe(t0 + 100 * MS, &[at(4, 70), at(3, 20)]), vec![(0, Some(Why::Frozen))]);
+        assert_eq!(w.observe(t0 + 250 * MS, &[at(4, 70), at(3, 30)]), vec![(0, Some(Why::Frozen))]);
         assert!(w.is_stalled(0) && !w.is_stalled(1));
+        // Deadlocked and idle: tried again after its probation (1 s), frozen again if still stuck.
+        assert!(w.observe(t0 + 1249 * MS, &[at(0, 70), at(0, 31)]).is_empty());
+        assert_eq!(w.observe(t0 + 1250 * MS, &[at(0, 70), at(0, 31)]), vec![(0, None)]);
+    }
+
+    #[test]
+    fn a_runnable_worker_waiting_for_a_cpu_is_not_frozen() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        let starved = Sample { running: true, ..at(6, 70) };
+        for i in 0..50 {
+            assert!(w.observe(t0 + i * 20 * MS, &[starved, at(0, 1)]).is_empty(), "sample {i}");
+        }
     }
 
     #[test]
@@ -232,9 +259,11 @@ mod tests {
         let t0 = Instant::now();
         let mut w = StallWatch::new(1);
         w.observe(t0, &[at(2, 70)]);
-        w.observe(t0 + 80 * MS, &[at(2, 71)]);
-        assert!(w.observe(t0 + 160 * MS, &[at(2, 71)]).is_empty());
-        assert_eq!(w.observe(t0 + 180 * MS, &[at(2, 71)]), vec![(0, Some(Why::Frozen))]);
+        w.observe(t0 + 200 * MS, &[at(2, 71)]);
+        assert!(w.observe(t0 + 440 * MS, &[at(2, 71)]).is_empty());
+        assert_eq!(w.observe(t0 + 450 * MS, &[at(2, 71)]), vec![(0, Some(Why::Frozen))]);
+        // Runs again: back at once.
+        assert_eq!(w.observe(t0 + 470 * MS, &[at(0, 72)]), vec![(0, None)]);
     }
 
     #[test]
@@ -282,11 +311,25 @@ mod tests {
     }
 
     #[test]
-    fn proc_state_of_this_process() {
-        let me = std::process::id() as i32;
-        let (stopped, ticks) = proc_state(&[me]);
-        assert!(!stopped);
-        assert!(ticks.is_some());
-        assert_eq!(proc_state(&[i32::MAX]), (false, None));
+    fn proc_state_sees_running_and_stopped_processes() {
+        let mut busy = std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
+        let pid = busy.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seen = |want: (bool, bool)| loop {
+            let (stopped, running, ticks) = proc_state(&[pid]);
+            if (stopped, running) == want && ticks.is_some() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(seen((false, true)), "a busy loop is running or runnable");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+        assert!(seen((true, false)), "a stopped process is stopped");
+        busy.kill().unwrap();
+        busy.wait().unwrap();
+        assert_eq!(proc_state(&[i32::MAX]), (false, false, None));
     }
 }

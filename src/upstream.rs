@@ -2,7 +2,14 @@
 //! READY=1 once every slot serves, RELOADING=1/READY=1 around a roll, STOPPING=1, a STATUS= line
 //! whenever the picture changes, and WATCHDOG=1 pings at half of its WATCHDOG_USEC. Sending is
 //! best effort: a failure is logged once and never stops the launcher.
+//!
+//! And the fd store: every listening socket is handed to the service manager (`FDSTORE=1`,
+//! one `FDNAME=` per socket, see `Listeners::store_names`), so that a restart or a crash of the
+//! launcher closes none of them: clients wait in the queues and the next launcher, started with
+//! them as LISTEN_FDS, adopts each by name. A slot closed by a scale-down is taken out of the
+//! store first (`FDSTOREREMOVE=1`): a copy left there would keep it in its reuseport group.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::{Duration, Instant};
@@ -12,6 +19,8 @@ use std::time::{Duration, Instant};
 struct Upstream {
     sock: UnixDatagram,
     addr: SocketAddr,
+    /// NOTIFY_SOCKET as given, for messages that carry fds.
+    target: String,
     failed: std::cell::Cell<bool>,
 }
 
@@ -25,12 +34,25 @@ impl Upstream {
         };
         let made = addr.and_then(|addr| Ok((UnixDatagram::unbound()?, addr)));
         match made {
-            Ok((sock, addr)) => Some(Upstream { sock, addr, failed: Default::default() }),
+            Ok((sock, addr)) => Some(Upstream { sock, addr, target: value, failed: Default::default() }),
             Err(e) => {
                 log::warn!("cannot use NOTIFY_SOCKET={value}: {e}");
                 None
             }
         }
+    }
+
+    /// `message` with `fd` attached (SCM_RIGHTS).
+    fn send_fd(&self, message: &str, fd: RawFd) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        let addr = match self.target.strip_prefix('@') {
+            Some(name) => UnixAddr::new_abstract(name.as_bytes()),
+            None => UnixAddr::new(self.target.as_str()),
+        }?;
+        let fds = [fd];
+        let iov = [std::io::IoSlice::new(message.as_bytes())];
+        sendmsg(self.sock.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), Some(&addr))?;
+        Ok(())
     }
 
     fn send(&self, message: &str) {
@@ -73,6 +95,24 @@ impl Reporter {
     /// Every slot serves (at start, or a roll ended either way).
     pub fn ready(&self) {
         self.tell(&format!("READY=1\nMAINPID={}", std::process::id()));
+    }
+
+    /// Hand `sockets` (fd, name) to the service manager's fd store. Logged once if it fails
+    /// (no `FileDescriptorStoreMax=` in the unit, say): the launcher runs on without.
+    pub fn store_fds(&self, sockets: &[(RawFd, String)]) {
+        let Some(up) = &self.upstream else { return };
+        for (fd, name) in sockets {
+            if let Err(e) = up.send_fd(&format!("FDSTORE=1\nFDNAME={name}"), *fd) {
+                log::warn!("cannot hand socket {name} to the service manager's fd store: {e}");
+                return;
+            }
+        }
+        log::debug!("{} sockets handed to the service manager's fd store", sockets.len());
+    }
+
+    /// Take socket `name` out of the fd store (before the launcher closes it).
+    pub fn remove_fd(&self, name: &str) {
+        self.tell(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
     }
 
     /// A roll ended (done or abandoned): serving again.

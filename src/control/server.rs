@@ -300,6 +300,10 @@ impl Client {
             Answer::Scaled { desired } => fields.push(("desired".into(), desired.into())),
             Answer::Rolling { generation } => fields.push(("generation".into(), generation.into())),
             Answer::Stopping => fields.push(("stopping".into(), true.into())),
+            // Not asked for by this protocol yet (no `reexec` cmd); said as it is, should it come.
+            Answer::Reexec { path, version } => {
+                fields.push(("reexec".into(), Value::obj([("binary", path.into()), ("version", version.into())])))
+            }
         }
         Value::Obj(fields)
     }

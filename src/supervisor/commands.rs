@@ -26,6 +26,8 @@ impl<O: Os> Supervisor<O> {
                 let generation = self.roll.rolling_gen().unwrap_or(0) + u64::from(self.roll.pending());
                 Ok(Answer::Rolling { generation })
             }
+            Command::Reexec => self.reexec_check().map(|(path, version)| Answer::Reexec { path, version }),
+            Command::ReexecNow => Err(self.reexec_now(now)),
             Command::Stop => {
                 if self.shutdown.is_none() {
                     self.stop_all(Shutdown::Graceful, now);

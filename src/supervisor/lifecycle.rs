@@ -208,6 +208,7 @@ impl<O: Os> Supervisor<O> {
         if let Some(hub) = &self.notify {
             hub.close(id);
         }
+        self.memory_forget(id);
         let how = describe(status);
         let expected = w.is_stopping();
         if expected {

@@ -14,8 +14,10 @@
 
 mod commands;
 mod lifecycle;
+mod memory;
 mod os;
 mod ready;
+mod resume;
 mod routing;
 mod scale;
 #[cfg(test)]
@@ -29,6 +31,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use signal_hook::consts::signal::*;
 
 pub use os::{Os, RealOs};
+pub use resume::listeners_from;
 
 use crate::cli::{Config, Ready};
 use crate::command::{Identity, Program};
@@ -69,6 +72,8 @@ pub struct Supervisor<O: Os> {
     tx: Sender<Event>,
     rx: Receiver<Event>,
     shutdown: Option<Shutdown>,
+    /// `--max-memory`: samples and replacements under way.
+    memory: memory::MemoryWatch,
     /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU.
     desired: usize,
     all_ready_logged: bool,
@@ -135,10 +140,13 @@ impl<O: Os> Supervisor<O> {
             identity,
             watchdog: cfg.watchdog,
         };
+        // Sockets taken back from the fd store may be for more slots than -n: those retire.
+        let slots_n = listeners.slot_count().unwrap_or(cfg.workers).max(cfg.workers);
+        let desired_n = cfg.workers;
         let slot_inodes = match cfg.ready {
             Ready::Auto(delay) => {
                 let inodes: std::io::Result<Vec<Vec<u64>>> =
-                    (0..cfg.workers).map(|s| readiness::socket_inodes(&listeners.fds_for_slot(s))).collect();
+                    (0..slots_n).map(|s| readiness::socket_inodes(&listeners.fds_for_slot(s))).collect();
                 inodes
                     .map_err(|e| {
                         log::warn!("--ready auto cannot name the sockets ({e}); using --ready-delay {delay:?}")
@@ -148,16 +156,18 @@ impl<O: Os> Supervisor<O> {
             _ => None,
         };
         let stalls = matches!(listeners.mode(), Mode::Reuseport | Mode::RoundRobin)
-            .then(|| (StallWatch::new(cfg.workers), Instant::now()));
+            .then(|| (StallWatch::new(slots_n), Instant::now()));
         let rescue = match &stalls {
             Some(_) => {
                 Some(Rescue::start().map_err(|e| Error::Failed(format!("cannot start the rescue threads: {e}")))?)
             }
             None => None,
         };
-        let slots_n = cfg.workers;
         let cpus = cfg.pin.then(allowed_cpus);
-        let slots = (0..cfg.workers).map(|_| Slot { gen: 1, ..Slot::default() }).collect();
+        let now = Instant::now();
+        let slots = (0..slots_n)
+            .map(|s| Slot { gen: 1, retiring: (s >= cfg.workers).then_some(now), ..Slot::default() })
+            .collect();
         Ok(Supervisor {
             roll: Roll::new(cfg.workers, cfg.ready_timeout),
             cfg,
@@ -172,7 +182,8 @@ impl<O: Os> Supervisor<O> {
             tx,
             rx,
             shutdown: None,
-            desired: slots_n,
+            desired: desired_n,
+            memory: Default::default(),
             all_ready_logged: false,
             steered: None,
             bpf: None,
@@ -194,9 +205,13 @@ impl<O: Os> Supervisor<O> {
         self.tx.clone()
     }
 
-    /// Start every slot, then run until stopped. Ok(()) is a clean stop (exit 0).
-    pub fn run(mut self) -> Result<(), Error> {
-        self.start_all(Instant::now())?;
+    /// Start every slot (`fresh`; after a reexec the workers run already), then run until
+    /// stopped. Ok(()) is a clean stop (exit 0).
+    pub fn run(mut self, fresh: bool) -> Result<(), Error> {
+        if fresh {
+            self.reporter.store_fds(&self.listeners.store_names());
+            self.start_all(Instant::now())?;
+        }
         loop {
             let now = Instant::now();
             if let Err(e) = self.tick(now) {
@@ -229,6 +244,9 @@ impl<O: Os> Supervisor<O> {
     /// The first worker of every slot; any failure to start one is fatal (nothing is left).
     fn start_all(&mut self, now: Instant) -> Result<(), Error> {
         for slot in 0..self.cfg.workers {
+            if self.slots[slot].retiring.is_some() {
+                continue;
+            }
             if let Err(e) = self.spawn(slot, 1, false, now) {
                 self.kill_all_and_reap();
                 let user = self.contract.identity.as_ref().map(|i| format!(" as user {}", i.name)).unwrap_or_default();
@@ -285,6 +303,8 @@ impl<O: Os> Supervisor<O> {
         let actions = self.roll.step(crate::roll::Input::Tick, now);
         self.apply(actions, now);
         self.rescale(now);
+        self.memory_replacements_due(now);
+        self.watch_memory(now);
         self.reconcile(now)?;
         self.watch_queues(now);
         self.steer();
@@ -311,6 +331,7 @@ impl<O: Os> Supervisor<O> {
             .chain(self.reporter.next_deadline())
             .chain(self.next_probe())
             .chain(self.next_sample())
+            .chain(self.next_memory_sample())
             .min()
     }
 

@@ -90,18 +90,18 @@ impl<O: Os> Supervisor<O> {
         self.members.retain(|pid, _| live.contains(pid));
         let samples: Vec<Sample> = (0..slots)
             .map(|s| {
-                let (stopped, cpu) = match (queues[s], workers[s]) {
+                let (stopped, running, cpu) = match (queues[s], workers[s]) {
                     (Some(n), Some(pid)) if n > 0 => {
                         stall::proc_state(self.members.get(&pid).map(|m| m.0.as_slice()).unwrap_or(&[pid]))
                     }
                     (_, Some(pid)) if self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s)) => {
                         stall::proc_state(self.members.get(&pid).map(|m| m.0.as_slice()).unwrap_or(&[pid]))
                     }
-                    _ => (false, None),
+                    _ => (false, false, None),
                 };
                 // A retiring slot is neither judged nor a sign that others keep up.
                 let queue = if self.slots[s].retiring.is_some() { None } else { queues[s] };
-                Sample { worker: workers[s], queue, cpu, stopped }
+                Sample { worker: workers[s], queue, cpu, stopped, running }
             })
             .collect();
         self.loads.clone_from(&queues);

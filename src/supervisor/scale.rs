@@ -72,6 +72,9 @@ impl<O: Os> Supervisor<O> {
                 Err(_) => self.slot_inodes = None,
             }
         }
+        let names = self.listeners.slot_store_names(slot);
+        let new: Vec<_> = self.listeners.store_names().into_iter().filter(|(_, n)| names.contains(n)).collect();
+        self.reporter.store_fds(&new);
         log::info!("worker {slot} added (scaling up to {})", self.desired);
     }
 
@@ -88,6 +91,9 @@ impl<O: Os> Supervisor<O> {
                 if !rescue.let_go(slot, &fds) {
                     return; // its thread still holds the fds: next turn
                 }
+            }
+            for name in self.listeners.slot_store_names(slot) {
+                self.reporter.remove_fd(&name);
             }
             drop(self.listeners.remove_last_slot());
             self.slots.pop();

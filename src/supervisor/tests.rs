@@ -16,7 +16,7 @@ use super::workers::State;
 use super::Supervisor;
 use crate::cli::{Args, Config};
 use crate::command::Program;
-use crate::event::Event;
+use crate::event::{Answer, Command, Event, Scale};
 use crate::socket::Listeners;
 
 const MS: Duration = Duration::from_millis(1);
@@ -315,4 +315,61 @@ fn a_draining_slot_gets_no_new_connections_while_another_can_take_them() {
     let old0 = s.workers.on(0).find(|(_, w)| w.is_stopping()).unwrap().1.pid;
     s.exit(old0, 0, t + 150 * MS);
     assert_eq!(s.serving_slots(), vec![0]);
+}
+
+#[test]
+fn control_status_reports_slots_workers_and_restarts() {
+    let t0 = Instant::now();
+    let mut s = supervisor(&["-n", "2"]);
+    s.start_all(t0).unwrap();
+    s.tick(t0 + 100 * MS).unwrap();
+    let crashed = s.pid_on(1);
+    s.exit(crashed, 3, t0 + 200 * MS);
+    let Ok(Answer::Status(st)) = s.command(Command::Status, t0 + 250 * MS) else { panic!("no status") };
+    assert_eq!((st.desired, st.ready, st.generation, st.roll), (2, 1, 1, None));
+    assert_eq!(st.slots.len(), 2);
+    assert_eq!(st.slots[0].workers[0].state, "ready");
+    assert_eq!(st.slots[1].workers[0].state, "starting");
+    assert_eq!(st.slots[1].restarts, vec![("crash", 1)]);
+    assert_eq!(st.slots[1].last_exit.as_deref(), Some("exited with status 3"));
+    assert_eq!(st.slots[0].restarts_total(), 0);
+}
+
+#[test]
+fn control_scale_adds_and_retires_slots_and_refuses_zero() {
+    let t0 = Instant::now();
+    let mut s = supervisor(&["-n", "2"]);
+    s.start_all(t0).unwrap();
+    s.tick(t0 + 100 * MS).unwrap();
+    assert_eq!(s.command(Command::Scale(Scale::To(3)), t0 + 200 * MS), Ok(Answer::Scaled { desired: 3 }));
+    s.tick(t0 + 200 * MS).unwrap();
+    assert_eq!((s.slots.len(), s.spawns()), (3, 3));
+    assert!(s.command(Command::Scale(Scale::By(-3)), t0 + 300 * MS).unwrap_err().contains("at least 1 must run"));
+    assert_eq!(s.command(Command::Scale(Scale::By(-2)), t0 + 300 * MS), Ok(Answer::Scaled { desired: 1 }));
+    s.tick(t0 + 300 * MS).unwrap();
+    s.tick(t0 + 301 * MS).unwrap();
+    // The highest slots retire one a turn: their workers are told to stop, not respawned.
+    assert!(s.slots[2].retiring.is_some() && s.slots[1].retiring.is_some());
+    for slot in [1, 2] {
+        let pid = s.workers.on(slot).next().unwrap().1.pid;
+        assert_eq!(s.os.signals_to(pid), vec![Signal::SIGTERM]);
+        s.exit(pid, 0, t0 + 400 * MS);
+    }
+    assert_eq!(s.spawns(), 3, "a retiring slot is not respawned");
+    // Closed once empty and settled (a second without new connections).
+    s.tick(t0 + 1400 * MS).unwrap();
+    assert_eq!(s.slots.len(), 1);
+}
+
+#[test]
+fn control_roll_and_stop() {
+    let t0 = Instant::now();
+    let mut s = supervisor(&["-n", "1"]);
+    s.start_all(t0).unwrap();
+    s.tick(t0 + 100 * MS).unwrap();
+    assert_eq!(s.command(Command::Roll, t0 + 200 * MS), Ok(Answer::Rolling { generation: 2 }));
+    assert_eq!(s.command(Command::Roll, t0 + 200 * MS), Ok(Answer::Rolling { generation: 3 }), "queued after gen 2");
+    assert_eq!(s.command(Command::Stop, t0 + 300 * MS), Ok(Answer::Stopping));
+    assert!(s.command(Command::Roll, t0 + 300 * MS).is_err());
+    assert!(s.command(Command::Scale(Scale::To(4)), t0 + 300 * MS).is_err());
 }

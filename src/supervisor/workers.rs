@@ -94,6 +94,12 @@ impl Workers {
         self.next_id
     }
 
+    /// Put back a worker with its old id (`reexec`); later ids start after `next`.
+    pub fn restore(&mut self, id: WorkerId, w: Worker, next: WorkerId) {
+        self.map.insert(id, w);
+        self.next_id = self.next_id.max(next.saturating_sub(1)).max(id);
+    }
+
     pub fn get(&self, id: WorkerId) -> Option<&Worker> {
         self.map.get(&id)
     }

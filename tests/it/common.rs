@@ -14,6 +14,7 @@ use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::ops::Deref;
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -117,6 +118,8 @@ pub struct Launch {
     command: Vec<String>,
     env: Vec<(String, String)>,
     own_pid_namespace: bool,
+    /// Open fds to hand to the launcher as its fds 3, 4, ... (socket activation, the fd store).
+    fds: Vec<RawFd>,
 }
 
 impl Launch {
@@ -204,6 +207,13 @@ impl Launch {
         self.via(&["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"])
     }
 
+    /// Hand `fds` to the launcher as its fds 3, 4, ... (as a service manager passes LISTEN_FDS).
+    pub fn pass_fds(mut self, fds: Vec<RawFd>) -> Launch {
+        assert!(fds.len() <= 16, "at most 16 fds");
+        self.fds = fds;
+        self
+    }
+
     /// Start the launcher and wait until it logs that it listens.
     pub fn start(self) -> Launcher {
         let mut l = self.spawn();
@@ -228,6 +238,31 @@ impl Launch {
         }
         cmd.env("RUST_LOG", "info").env("PATH", test_path()).envs(self.env);
         cmd.stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped());
+        if !self.fds.is_empty() {
+            let fds = self.fds.clone();
+            // SAFETY: between fork and exec the closure only calls dup2 (async-signal-safe) on
+            // fds this process holds, reading a Vec allocated before the fork.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    // Above the targets first (an fd may already sit on one of them), then into
+                    // place: dup2 from another number also clears CLOEXEC.
+                    let floor = 3 + fds.len() as i32;
+                    let mut high = [0; 16];
+                    for (h, fd) in high.iter_mut().zip(&fds) {
+                        *h = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, floor);
+                        if *h < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    for (i, h) in high.iter().take(fds.len()).enumerate() {
+                        if libc::dup2(*h, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                })
+            };
+        }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
         let lines: Lines = Arc::default();
         let stderr = child.stderr.take().unwrap();

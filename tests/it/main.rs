@@ -5,6 +5,8 @@
 //! - `modes`: the balancing modes (issue 3).
 //! - `conventions`: readiness, the watchdog, sd_notify, `--user`, pid 1 (issue 4).
 //! - `real_servers`: servers of other languages, and systemd's tools.
+//! - `runtimes`: Go, puma, Starman, Rust listenfd and Java workers rolled under load.
+//! - `sticky`: socket.io long-polling sessions under `--steer ip` and `--steer hash` (issue 8).
 //! - `control`: the control socket and the client subcommands (issue 9).
 //!
 //! Run one area with `cargo test --test it core::`.
@@ -15,5 +17,8 @@ mod conventions;
 mod core;
 mod modes;
 mod real_servers;
+mod restart;
 mod runtimes;
+mod scaling;
 mod steering;
+mod sticky;

@@ -21,6 +21,9 @@ the tests:
     --fd N               serve on fd N even if LISTEN_PID is not this process (started by a
                          wrapper that did not exec)
     --bind-self          bind 127.0.0.1:PORT itself with SO_REUSEPORT (reuse-launch --mode self)
+    --grow-if-file PATH  once PATH holds this worker's pid, take --grow-mb MiB more memory (and
+                         keep it): a leaking worker for --max-memory
+    --grow-mb N          how much (default 100)
     --hang-if-file PATH  once PATH exists, block forever instead of accepting the next connection
                          (a deadlocked worker: alive, using no CPU, its queue never drained)
 """
@@ -47,6 +50,8 @@ def parse_args():
     p.add_argument("--fd", type=int)
     p.add_argument("--bind-self", action="store_true")
     p.add_argument("--hang-if-file")
+    p.add_argument("--grow-if-file")
+    p.add_argument("--grow-mb", type=int, default=100)
     return p.parse_args()
 
 
@@ -144,6 +149,21 @@ def main():
                 time.sleep(interval)
 
         threading.Thread(target=ping, daemon=True).start()
+    if args.grow_if_file:
+        def grow():
+            while True:
+                try:
+                    with open(args.grow_if_file) as f:
+                        if f.read().strip() == str(os.getpid()):
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            grow.kept = bytearray(args.grow_mb << 20)
+            for i in range(0, len(grow.kept), 4096):
+                grow.kept[i] = 1  # touch every page: resident, not just reserved
+
+        threading.Thread(target=grow, daemon=True).start()
     if args.mark_listening:
         open(os.path.join(args.mark_listening, str(os.getpid())), "w").close()
     server.serve_forever(poll_interval=0.05)

@@ -17,6 +17,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::Error;
 
+mod store;
+
 /// One `--bind`: an address and the name it gets in LISTEN_FDNAMES.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BindSpec {
@@ -267,6 +269,26 @@ impl Listeners {
             }
             Mode::Shared | Mode::RoundRobin | Mode::SelfBind => Vec::new(),
         }
+    }
+
+    /// The raw parts `reexec` carries over: mode, backlog, binds and every listening socket.
+    pub fn parts(&self) -> (Mode, i32, Vec<(String, SocketAddr)>, Vec<RawFd>) {
+        let binds = self.binds.iter().zip(&self.local).map(|(b, a)| (b.name.clone(), *a)).collect();
+        (self.mode, self.backlog, binds, self.sockets.iter().map(|s| s.as_raw_fd()).collect())
+    }
+
+    /// Listeners from the parts of an earlier image (`reexec`): the sockets are open here
+    /// already, listening, in their groups; `sockets` are owned from now on.
+    pub fn from_parts(mode: Mode, backlog: i32, binds: Vec<(String, SocketAddr)>, sockets: Vec<Socket>) -> Listeners {
+        let local = binds.iter().map(|b| b.1).collect();
+        let binds = binds.into_iter().map(|(name, addr)| BindSpec { name, addr }).collect();
+        Listeners { mode, binds, local, sockets, public: Vec::new(), backlog }
+    }
+
+    /// How many slots the sockets are for (reuseport and round-robin; None in the other modes,
+    /// where any number of slots shares them).
+    pub fn slot_count(&self) -> Option<usize> {
+        matches!(self.mode, Mode::Reuseport | Mode::RoundRobin).then(|| self.sockets.len() / self.binds.len().max(1))
     }
 
     /// Add the sockets of one more slot at the end (`scale` up): in reuseport mode new members

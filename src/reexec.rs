@@ -1,0 +1,599 @@
+//! `reexec`: the launcher replaces its own program in place (same pid, same children) to
+//! upgrade itself without touching a worker. This module owns the hand-over: [`State`], what
+//! the old image tells the new one (a versioned line format, so that a newer binary can read an
+//! older one's state), and [`exec`], the exec itself.
+//!
+//! What execve keeps and drops (shared/notes/KERNEL.md): the pid, the children (zombies
+//! included), every fd without FD_CLOEXEC, the signal mask and pending signals are kept; the
+//! other threads are gone, and caught signals go back to their default action. So the old image
+//! blocks the signals it handles (a TERM or SIGCHLD arriving meanwhile stays pending instead of
+//! killing it or being lost), clears CLOEXEC on every fd it hands over (the listening sockets,
+//! the workers' notify sockets), writes the state into a memfd and passes its number in
+//! `REUSE_LAUNCH_STATE`; the new image reads it, installs its handlers, then unblocks. Workers
+//! keep running and serving throughout: their sockets never close, and PDEATHSIG fires only
+//! when the thread that forked them exits, which an exec by that thread is not.
+//!
+//! Before the exec the old image runs the new binary with `--version`: a missing or broken
+//! binary (not executable, wrong architecture, missing libraries) is refused and everything
+//! keeps running. A binary that runs `--version` but cannot start from the state exits, and
+//! takes the launcher with it (its workers die by PDEATHSIG, its sockets close): install a
+//! binary that works.
+//!
+//! Times are carried as milliseconds relative to the moment of the exec (CLOCK_MONOTONIC goes
+//! on), so deadlines (grace kills, ready timeouts, backoff, the roll's) survive.
+
+use std::ffi::{CString, OsString};
+use std::fmt::Write as _;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+
+/// The environment variable naming the state's fd in the new image.
+pub const STATE_VAR: &str = "REUSE_LAUNCH_STATE";
+const MAGIC: &str = "reuse-launch-state 1";
+
+/// Everything the supervisor needs to go on where the old image stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    pub desired: usize,
+    pub next_id: u64,
+    pub all_ready_logged: bool,
+    pub roll_gen: u64,
+    /// A roll under way: (generation, slot, the new worker once spawned, its deadline).
+    pub roll_active: Option<(u64, usize, Option<(u64, i64)>)>,
+    pub roll_pending: bool,
+    pub slots: Vec<SlotState>,
+    pub workers: Vec<WorkerState>,
+    /// Each worker's notify socket fd, by worker id.
+    pub notify: Vec<(u64, RawFd)>,
+    /// Memory replacements under way: (new worker, slot, old worker).
+    pub memory: Vec<(u64, usize, u64)>,
+    pub listeners: ListenerState,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotState {
+    pub gen: u64,
+    pub quick_deaths: u32,
+    pub start_failures: u32,
+    pub respawn_ms: Option<i64>,
+    pub retiring_ms: Option<i64>,
+    pub last_failure: String,
+    pub last_exit: Option<String>,
+    pub restarts: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerPhase {
+    Starting { ready_ms: Option<i64>, deadline_ms: i64 },
+    Ready,
+    Stopping { kill_ms: i64, killed: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerState {
+    pub id: u64,
+    pub slot: usize,
+    pub gen: u64,
+    pub pid: i32,
+    pub started_ms: i64,
+    pub phase: WorkerPhase,
+    pub candidate: bool,
+    pub was_ready: bool,
+    pub watchdog_ms: Option<i64>,
+    pub fault: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerState {
+    pub mode: String,
+    pub backlog: i32,
+    /// (name, bound address) per bind.
+    pub binds: Vec<(String, String)>,
+    /// Every listening socket, in the layout of `Listeners` (slot * binds + bind).
+    pub sockets: Vec<RawFd>,
+}
+
+/// `at` as milliseconds after `now` (negative: before).
+pub fn ms_from(now: Instant, at: Instant) -> i64 {
+    if at >= now {
+        at.duration_since(now).as_millis() as i64
+    } else {
+        -(now.duration_since(at).as_millis() as i64)
+    }
+}
+
+/// The instant `ms` milliseconds after `now`.
+pub fn at_ms(now: Instant, ms: i64) -> Instant {
+    if ms >= 0 {
+        now + Duration::from_millis(ms as u64)
+    } else {
+        now.checked_sub(Duration::from_millis(ms.unsigned_abs())).unwrap_or(now)
+    }
+}
+
+/// Percent-encode what would break a space-separated line.
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    match out.as_str() {
+        "" => "%".to_string(),
+        "-" => "%2D".to_string(), // "-" alone stands for "none"
+        _ => out,
+    }
+}
+
+fn dec(s: &str) -> String {
+    if s == "%" {
+        return String::new();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 3 <= b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(v) = hex {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+impl State {
+    pub fn encode(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "{MAGIC}");
+        let _ = writeln!(o, "desired {}", self.desired);
+        let _ = writeln!(o, "next_id {}", self.next_id);
+        let _ = writeln!(o, "all_ready_logged {}", u8::from(self.all_ready_logged));
+        let active = match self.roll_active {
+            None => "-".to_string(),
+            Some((gen, slot, None)) => format!("{gen},{slot},-,-"),
+            Some((gen, slot, Some((w, d)))) => format!("{gen},{slot},{w},{d}"),
+        };
+        let _ = writeln!(o, "roll {} {active} {}", self.roll_gen, u8::from(self.roll_pending));
+        for s in &self.slots {
+            let restarts: Vec<String> = s.restarts.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            let _ = writeln!(
+                o,
+                "slot {} {} {} {} {} {} {} {}",
+                s.gen,
+                s.quick_deaths,
+                s.start_failures,
+                opt(&s.respawn_ms),
+                opt(&s.retiring_ms),
+                enc(&s.last_failure),
+                s.last_exit.as_deref().map_or("-".to_string(), enc),
+                if restarts.is_empty() { "-".to_string() } else { restarts.join(",") }
+            );
+        }
+        for w in &self.workers {
+            let phase = match &w.phase {
+                WorkerPhase::Starting { ready_ms, deadline_ms } => format!("starting,{},{deadline_ms}", opt(ready_ms)),
+                WorkerPhase::Ready => "ready".to_string(),
+                WorkerPhase::Stopping { kill_ms, killed } => format!("stopping,{kill_ms},{}", u8::from(*killed)),
+            };
+            let _ = writeln!(
+                o,
+                "worker {} {} {} {} {} {phase} {} {} {} {}",
+                w.id,
+                w.slot,
+                w.gen,
+                w.pid,
+                w.started_ms,
+                u8::from(w.candidate),
+                u8::from(w.was_ready),
+                opt(&w.watchdog_ms),
+                w.fault.as_deref().unwrap_or("-")
+            );
+        }
+        for (id, fd) in &self.notify {
+            let _ = writeln!(o, "notify {id} {fd}");
+        }
+        for (new, slot, old) in &self.memory {
+            let _ = writeln!(o, "memory {new} {slot} {old}");
+        }
+        let l = &self.listeners;
+        let binds: Vec<String> = l.binds.iter().map(|(n, a)| format!("{}={}", enc(n), a)).collect();
+        let fds: Vec<String> = l.sockets.iter().map(|f| f.to_string()).collect();
+        let _ = writeln!(
+            o,
+            "listeners {} {} {} {}",
+            l.mode,
+            l.backlog,
+            binds.join(","),
+            if fds.is_empty() { "-".into() } else { fds.join(",") }
+        );
+        o
+    }
+
+    pub fn decode(text: &str) -> Result<State, String> {
+        let mut lines = text.lines();
+        if lines.next() != Some(MAGIC) {
+            return Err("not a state this launcher can read (the old one is newer?)".into());
+        }
+        let mut s = State::default();
+        let num = |v: Option<&str>, what: &str| -> Result<i64, String> {
+            v.ok_or(format!("{what} missing"))?.parse::<i64>().map_err(|_| format!("bad {what}"))
+        };
+        let optn = |v: Option<&str>, what: &str| -> Result<Option<i64>, String> {
+            match v {
+                Some("-") => Ok(None),
+                other => num(other, what).map(Some),
+            }
+        };
+        for line in lines {
+            let mut f = line.split(' ');
+            match f.next() {
+                Some("desired") => s.desired = num(f.next(), "desired")? as usize,
+                Some("next_id") => s.next_id = num(f.next(), "next_id")? as u64,
+                Some("all_ready_logged") => s.all_ready_logged = f.next() == Some("1"),
+                Some("roll") => {
+                    s.roll_gen = num(f.next(), "roll gen")? as u64;
+                    let active = f.next().ok_or("roll missing")?;
+                    if active != "-" {
+                        let p: Vec<&str> = active.split(',').collect();
+                        let spawned = match (p.get(2), p.get(3)) {
+                            (Some(&"-"), _) | (None, _) => None,
+                            (Some(w), d) => {
+                                Some((num(Some(w), "roll worker")? as u64, num(d.copied(), "roll deadline")?))
+                            }
+                        };
+                        s.roll_active = Some((
+                            num(p.first().copied(), "roll")? as u64,
+                            num(p.get(1).copied(), "roll slot")? as usize,
+                            spawned,
+                        ));
+                    }
+                    s.roll_pending = f.next() == Some("1");
+                }
+                Some("slot") => {
+                    let gen = num(f.next(), "slot gen")? as u64;
+                    let quick_deaths = num(f.next(), "quick deaths")? as u32;
+                    let start_failures = num(f.next(), "start failures")? as u32;
+                    let respawn_ms = optn(f.next(), "respawn")?;
+                    let retiring_ms = optn(f.next(), "retiring")?;
+                    let last_failure = dec(f.next().unwrap_or("%"));
+                    let last_exit = f.next().filter(|v| *v != "-").map(dec);
+                    let restarts = match f.next() {
+                        None | Some("-") => Vec::new(),
+                        Some(r) => r
+                            .split(',')
+                            .filter_map(|kv| kv.split_once(':'))
+                            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                            .collect(),
+                    };
+                    s.slots.push(SlotState {
+                        gen,
+                        quick_deaths,
+                        start_failures,
+                        respawn_ms,
+                        retiring_ms,
+                        last_failure,
+                        last_exit,
+                        restarts,
+                    });
+                }
+                Some("worker") => {
+                    let id = num(f.next(), "worker id")? as u64;
+                    let slot = num(f.next(), "worker slot")? as usize;
+                    let gen = num(f.next(), "worker gen")? as u64;
+                    let pid = num(f.next(), "worker pid")? as i32;
+                    let started_ms = num(f.next(), "worker start")?;
+                    let p: Vec<&str> = f.next().ok_or("worker phase missing")?.split(',').collect();
+                    let phase = match p[0] {
+                        "starting" => WorkerPhase::Starting {
+                            ready_ms: optn(p.get(1).copied(), "ready")?,
+                            deadline_ms: num(p.get(2).copied(), "deadline")?,
+                        },
+                        "ready" => WorkerPhase::Ready,
+                        "stopping" => WorkerPhase::Stopping {
+                            kill_ms: num(p.get(1).copied(), "kill")?,
+                            killed: p.get(2) == Some(&"1"),
+                        },
+                        other => return Err(format!("unknown worker phase {other}")),
+                    };
+                    let candidate = f.next() == Some("1");
+                    let was_ready = f.next() == Some("1");
+                    let watchdog_ms = optn(f.next(), "watchdog")?;
+                    let fault = f.next().filter(|v| *v != "-").map(String::from);
+                    s.workers.push(WorkerState {
+                        id,
+                        slot,
+                        gen,
+                        pid,
+                        started_ms,
+                        phase,
+                        candidate,
+                        was_ready,
+                        watchdog_ms,
+                        fault,
+                    });
+                }
+                Some("notify") => {
+                    s.notify.push((num(f.next(), "notify id")? as u64, num(f.next(), "notify fd")? as RawFd))
+                }
+                Some("memory") => s.memory.push((
+                    num(f.next(), "memory new")? as u64,
+                    num(f.next(), "memory slot")? as usize,
+                    num(f.next(), "memory old")? as u64,
+                )),
+                Some("listeners") => {
+                    let mode = f.next().ok_or("listeners mode missing")?.to_string();
+                    let backlog = num(f.next(), "backlog")? as i32;
+                    let binds = f
+                        .next()
+                        .unwrap_or("")
+                        .split(',')
+                        .filter(|b| !b.is_empty())
+                        .filter_map(|b| b.split_once('=').map(|(n, a)| (dec(n), a.to_string())))
+                        .collect();
+                    let sockets = match f.next() {
+                        None | Some("-") => Vec::new(),
+                        Some(l) => l
+                            .split(',')
+                            .map(|fd| num(Some(fd), "socket fd").map(|v| v as RawFd))
+                            .collect::<Result<_, _>>()?,
+                    };
+                    s.listeners = ListenerState { mode, backlog, binds, sockets };
+                }
+                _ => {} // a newer image's addition: ignored
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// The program to exec: the path the launcher was started from (so that a newly installed
+/// version at that path takes over), made absolute at start.
+pub fn own_path() -> Option<PathBuf> {
+    static PATH: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let arg0 = PathBuf::from(std::env::args_os().next()?);
+        if arg0.as_os_str().as_bytes().contains(&b'/') {
+            return std::env::current_dir().ok().map(|d| d.join(&arg0));
+        }
+        let search = std::env::var_os("PATH")?;
+        std::env::split_paths(&search).map(|d| d.join(&arg0)).find(|p| p.is_file())
+    })
+    .clone()
+}
+
+/// Check that `path` starts at all: it must run `--version` and exit 0 within 5 s.
+pub fn check_binary(path: &std::path::Path) -> Result<String, String> {
+    let mut child = std::process::Command::new(path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => {
+                let mut out = String::new();
+                let _ = child.stdout.take().map(|mut o| o.read_to_string(&mut out));
+                return Ok(out.trim().to_string());
+            }
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                return Err(format!("{} --version failed ({status}): {}", path.display(), err.trim()));
+            }
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{} --version did not finish within 5 s", path.display()));
+            }
+        }
+    }
+}
+
+/// Exec `path` in place with this process's arguments, `state` in a memfd, and `keep` (the
+/// fds the state names) open across the exec. Returns only if the exec failed, with everything
+/// as it was (CLOEXEC back on `keep`, the signals unblocked).
+pub fn exec(path: &std::path::Path, state: &State, keep: &[RawFd], signals: &[i32]) -> Error {
+    match try_exec(path, state, keep, signals) {
+        Ok(never) => match never {},
+        Err(e) => {
+            set_cloexec(keep, true);
+            block(signals, false);
+            Error::Failed(format!("cannot re-execute {}: {e}", path.display()))
+        }
+    }
+}
+
+fn try_exec(
+    path: &std::path::Path,
+    state: &State,
+    keep: &[RawFd],
+    signals: &[i32],
+) -> io::Result<std::convert::Infallible> {
+    let memfd: OwnedFd = nix::sys::memfd::memfd_create(c"reuse-launch-state", nix::sys::memfd::MFdFlags::empty())?;
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(state.encode().as_bytes())?;
+    file.rewind()?;
+    let fd = file.as_raw_fd();
+    let cpath = CString::new(path.as_os_str().as_bytes())?;
+    let argv: Vec<CString> = std::env::args_os().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>()?;
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != STATE_VAR && !k.as_bytes().starts_with(b"LISTEN_"))
+        .map(|(k, v)| {
+            let mut e: OsString = k;
+            e.push("=");
+            e.push(v);
+            CString::new(e.as_bytes())
+        })
+        .collect::<Result<_, _>>()?;
+    env.push(CString::new(format!("{STATE_VAR}={fd}"))?);
+    set_cloexec(keep, false);
+    block(signals, true);
+    let err = nix::unistd::execve(&cpath, &argv, &env).unwrap_err();
+    drop(file);
+    Err(err.into())
+}
+
+/// The state the old image left, if this process is a re-executed launcher (and the fd is
+/// closed after reading; the variable is removed so that workers never see it).
+pub fn take_state() -> Result<Option<State>, Error> {
+    let Some(value) = std::env::var_os(STATE_VAR) else { return Ok(None) };
+    // SAFETY (no unsafe here): the variable is removed before any thread is started.
+    std::env::remove_var(STATE_VAR);
+    let fd: RawFd = value.to_string_lossy().parse().map_err(|_| Error::Failed(format!("{STATE_VAR} is not an fd")))?;
+    crate::activation::check_is_open(fd).map_err(|e| Error::Failed(format!("{STATE_VAR}={fd}: {e}")))?;
+    // SAFETY: the old image passed this memfd to us by number; nothing else here owns it.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(|e| Error::Failed(format!("cannot read the state: {e}")))?;
+    State::decode(&text).map(Some).map_err(|e| Error::Failed(format!("cannot resume: {e}")))
+}
+
+pub fn set_cloexec(fds: &[RawFd], on: bool) {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    for fd in fds {
+        // SAFETY: the caller's fds stay open during this call.
+        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+        let flags = if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() };
+        let _ = fcntl(b, FcntlArg::F_SETFD(flags));
+    }
+}
+
+/// Block (or unblock) `signals` in the calling thread; blocked ones stay pending across exec.
+pub fn block(signals: &[i32], on: bool) {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    for s in signals.iter().filter_map(|s| Signal::try_from(*s).ok()) {
+        set.add(s);
+    }
+    let how = if on { SigmaskHow::SIG_BLOCK } else { SigmaskHow::SIG_UNBLOCK };
+    let _ = pthread_sigmask(how, Some(&set), None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> State {
+        State {
+            desired: 3,
+            next_id: 17,
+            all_ready_logged: true,
+            roll_gen: 4,
+            roll_active: Some((4, 1, Some((16, 2500)))),
+            roll_pending: true,
+            slots: vec![
+                SlotState {
+                    gen: 4,
+                    quick_deaths: 2,
+                    start_failures: 1,
+                    respawn_ms: Some(-20),
+                    retiring_ms: None,
+                    last_failure: "worker 0 (pid 12, gen 4) exited with status 1".into(),
+                    last_exit: Some("killed by SIGKILL".into()),
+                    restarts: vec![("crash".into(), 2), ("memory".into(), 1)],
+                },
+                SlotState { gen: 3, ..SlotState::default() },
+            ],
+            workers: vec![
+                WorkerState {
+                    id: 15,
+                    slot: 0,
+                    gen: 4,
+                    pid: 1234,
+                    started_ms: -60000,
+                    phase: WorkerPhase::Ready,
+                    candidate: false,
+                    was_ready: true,
+                    watchdog_ms: Some(900),
+                    fault: None,
+                },
+                WorkerState {
+                    id: 16,
+                    slot: 1,
+                    gen: 4,
+                    pid: 1240,
+                    started_ms: -5,
+                    phase: WorkerPhase::Starting { ready_ms: None, deadline_ms: 59000 },
+                    candidate: true,
+                    was_ready: false,
+                    watchdog_ms: None,
+                    fault: Some("memory".into()),
+                },
+                WorkerState {
+                    id: 9,
+                    slot: 1,
+                    gen: 3,
+                    pid: 1100,
+                    started_ms: -90000,
+                    phase: WorkerPhase::Stopping { kill_ms: 29000, killed: false },
+                    candidate: false,
+                    was_ready: true,
+                    watchdog_ms: None,
+                    fault: None,
+                },
+            ],
+            notify: vec![(15, 9), (16, 11)],
+            memory: vec![(16, 1, 9)],
+            listeners: ListenerState {
+                mode: "reuseport".into(),
+                backlog: 4096,
+                binds: vec![("http".into(), "0.0.0.0:8080".into()), ("admin api".into(), "[::1]:9000".into())],
+                sockets: vec![3, 4, 5, 6, 7, 8],
+            },
+        }
+    }
+
+    #[test]
+    fn state_round_trips_through_its_text() {
+        let s = sample();
+        let text = s.encode();
+        assert_eq!(State::decode(&text).unwrap(), s, "{text}");
+        let empty = State::default();
+        assert_eq!(State::decode(&empty.encode()).unwrap(), empty);
+    }
+
+    #[test]
+    fn unknown_lines_are_ignored_and_a_foreign_text_refused() {
+        let text = sample().encode() + "something_newer 1 2 3\n";
+        assert_eq!(State::decode(&text).unwrap(), sample());
+        assert!(State::decode("hello\n").is_err());
+        assert!(State::decode(&format!("{MAGIC}\nworker x\n")).is_err());
+    }
+
+    #[test]
+    fn strings_survive_encoding() {
+        for s in ["", "a b", "100%", "x\ny", "é ü", "%", "-"] {
+            assert_eq!(dec(&enc(s)), s, "{s:?} -> {}", enc(s));
+        }
+    }
+
+    #[test]
+    fn times_relative_to_now() {
+        let now = Instant::now();
+        for ms in [-5000i64, -1, 0, 1, 123456] {
+            assert_eq!(ms_from(now, at_ms(now, ms)), ms);
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The fd store side of [`Listeners`]: the names under which the launcher hands its sockets to
+//! the service manager's fd store (`upstream::Reporter::store_fds`), and taking them back at the
+//! next start (`LISTEN_FDS`/`LISTEN_FDNAMES`), each to its slot.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+
+use socket2::Socket;
+
+use super::{bound_socket, listen_all, BindSpec, Listeners, Mode};
+use crate::error::Error;
+
+impl Listeners {
+    /// Every socket the service manager's fd store should keep, with its name: `rl.<bind>.<slot>`
+    /// for a reuseport slot's socket, `rl.<bind>` for the shared socket or round-robin's public
+    /// one (its private per-slot sockets are not kept: a few connections at most wait there).
+    pub fn store_names(&self) -> Vec<(RawFd, String)> {
+        let names: Vec<&str> = self.names().collect();
+        match self.mode {
+            Mode::Reuseport => {
+                let n = names.len();
+                self.sockets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s.as_raw_fd(), format!("rl.{}.{}", names[i % n], i / n)))
+                    .collect()
+            }
+            Mode::Shared => self.sockets.iter().zip(&names).map(|(s, b)| (s.as_raw_fd(), format!("rl.{b}"))).collect(),
+            Mode::RoundRobin => {
+                self.public.iter().zip(&names).map(|(s, b)| (s.as_raw_fd(), format!("rl.{b}"))).collect()
+            }
+            Mode::SelfBind => Vec::new(),
+        }
+    }
+
+    /// The fd store names of slot `slot`'s sockets (see [`store_names`](Self::store_names)).
+    pub fn slot_store_names(&self, slot: usize) -> Vec<String> {
+        match self.mode {
+            Mode::Reuseport => self.names().map(|b| format!("rl.{b}.{slot}")).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Serve the sockets a previous launcher handed to the fd store (names `rl.<bind>.<slot>`
+    /// or `rl.<bind>`, see [`store_names`](Self::store_names)) for `binds`: each bind's stored
+    /// sockets, slot by slot from 0, keep their queues and their places in the group (members
+    /// were only ever closed from the end); slots beyond them get new sockets, which join the
+    /// group last. Returns the listeners, how many slots were restored, and the stored sockets
+    /// no bind of this configuration names (the caller keeps them out of service).
+    pub fn restore(
+        mut stored: Vec<(Socket, String)>,
+        binds: &[BindSpec],
+        mode: Mode,
+        slots: usize,
+        backlog: i32,
+    ) -> Result<(Listeners, usize, Vec<(Socket, String)>), Error> {
+        let mut take = |name: &str| stored.iter().position(|(_, n)| n == name).map(|i| stored.remove(i).0);
+        let addr_of = |s: &Socket| s.local_addr().ok().and_then(|a| a.as_socket());
+        let mut local: Vec<SocketAddr> = binds.iter().map(|b| b.addr).collect();
+        let mut sockets = Vec::new();
+        let mut public = Vec::new();
+        let mut restored = 0;
+        let mut fresh = Vec::new();
+        match mode {
+            Mode::Reuseport => {
+                let mut per_slot: Vec<Vec<Socket>> = Vec::new();
+                while let Some(row) =
+                    binds.iter().map(|b| take(&format!("rl.{}.{}", b.name, per_slot.len()))).collect::<Option<Vec<_>>>()
+                {
+                    per_slot.push(row);
+                }
+                restored = per_slot.len();
+                if let Some(first) = per_slot.first() {
+                    for (b, s) in first.iter().enumerate() {
+                        local[b] = addr_of(s).unwrap_or(local[b]);
+                    }
+                }
+                for row in per_slot {
+                    sockets.extend(row);
+                }
+                for _ in restored..slots.max(restored) {
+                    for addr in &local {
+                        let s = bound_socket(*addr, true)?;
+                        fresh.push(sockets.len());
+                        sockets.push(s);
+                    }
+                }
+            }
+            Mode::Shared | Mode::RoundRobin => {
+                for (b, bind) in binds.iter().enumerate() {
+                    let s = match take(&format!("rl.{}", bind.name)) {
+                        Some(s) => {
+                            restored = 1;
+                            local[b] = addr_of(&s).unwrap_or(local[b]);
+                            s
+                        }
+                        None => {
+                            fresh.push(b);
+                            bound_socket(bind.addr, false)?
+                        }
+                    };
+                    if mode == Mode::Shared {
+                        sockets.push(s)
+                    } else {
+                        public.push(s)
+                    }
+                }
+                if mode == Mode::RoundRobin {
+                    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+                    for _ in 0..slots * binds.len() {
+                        sockets.push(bound_socket(loopback, false)?);
+                    }
+                }
+            }
+            Mode::SelfBind => {
+                return Err(Error::Failed("--mode self cannot take sockets back from the fd store".into()))
+            }
+        }
+        // Listen on what is new, in order: restored sockets are listening already.
+        let listen_new: Vec<&Socket> = match mode {
+            Mode::Reuseport | Mode::Shared => fresh.iter().map(|i| &sockets[*i]).collect(),
+            _ => fresh.iter().map(|i| &public[*i]).chain(sockets.iter()).collect(),
+        };
+        listen_all(listen_new, backlog)?;
+        let binds = binds.iter().zip(&local).map(|(b, a)| BindSpec { name: b.name.clone(), addr: *a }).collect();
+        Ok((Listeners { mode, binds, local, sockets, public, backlog }, restored, stored))
+    }
+}

@@ -1,0 +1,210 @@
+//! `reexec` from the supervisor's side: what it hands over ([`State`], and the fds to keep),
+//! and going on from it in the new image. The mechanics of the exec are `crate::reexec`'s.
+//!
+//! Refused while the launcher stops, in round-robin mode (the forwarder's connections live in
+//! threads an exec ends) and while connections are being relayed from a stalled slot (the same);
+//! say so, and the operator tries again. A roll under way, backoffs, deadlines, restart counts
+//! and memory replacements are carried over.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::time::Instant;
+
+use nix::unistd::Pid;
+use socket2::Socket;
+
+use super::os::Os;
+use super::workers::{Slot, State as Phase, Worker};
+use super::Supervisor;
+use crate::error::Error;
+use crate::event::HANDLED;
+use crate::reexec::{self, at_ms, ms_from, ListenerState, SlotState, State, WorkerPhase, WorkerState};
+use crate::socket::{Listeners, Mode};
+
+/// Causes and faults are the supervisor's static words; an unknown one (a newer image's) reads
+/// as `crash`.
+fn cause(word: &str) -> &'static str {
+    ["crash", "ready-timeout", "watchdog", "memory"].into_iter().find(|c| *c == word).unwrap_or("crash")
+}
+
+impl<O: Os> Supervisor<O> {
+    /// First step: may it be done, and with which binary?
+    pub(super) fn reexec_check(&self) -> Result<(String, String), String> {
+        if self.shutdown.is_some() {
+            return Err("the launcher is stopping".into());
+        }
+        if self.listeners.mode() == Mode::RoundRobin {
+            return Err("not in round-robin mode: the forwarder's connections would be cut".into());
+        }
+        if self.rescued.iter().any(|r| *r) {
+            return Err("connections are being relayed from a stalled slot right now; try again".into());
+        }
+        let path = reexec::own_path().ok_or("cannot tell which binary the launcher was started from")?;
+        let version = reexec::check_binary(&path)?;
+        Ok((path.display().to_string(), version))
+    }
+
+    /// Second step: exec. Returns only if it failed; then everything runs on as before.
+    pub(super) fn reexec_now(&mut self, now: Instant) -> String {
+        let (path, version) = match self.reexec_check() {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        let (state, keep) = self.capture(now);
+        log::info!("reexec: {path} ({version}) takes over, pid {} and every worker stay", std::process::id());
+        let err = reexec::exec(std::path::Path::new(&path), &state, &keep, &HANDLED);
+        log::error!("{err}; the launcher runs on");
+        err.to_string()
+    }
+
+    /// The supervisor's state, and every fd it names.
+    fn capture(&self, now: Instant) -> (State, Vec<RawFd>) {
+        let (gen, active, pending) = self.roll.export(now);
+        let slots = self
+            .slots
+            .iter()
+            .map(|s| SlotState {
+                gen: s.gen,
+                quick_deaths: s.quick_deaths,
+                start_failures: s.start_failures,
+                respawn_ms: s.respawn_at.map(|t| ms_from(now, t)),
+                retiring_ms: s.retiring.map(|t| ms_from(now, t)),
+                last_failure: s.last_failure.clone(),
+                last_exit: s.last_exit.clone(),
+                restarts: s.restarts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            })
+            .collect();
+        let workers = self
+            .workers
+            .iter()
+            .map(|(id, w)| WorkerState {
+                id,
+                slot: w.slot,
+                gen: w.gen,
+                pid: w.pid.as_raw(),
+                started_ms: ms_from(now, w.started),
+                phase: match w.state {
+                    Phase::Starting { ready_at, deadline } => WorkerPhase::Starting {
+                        ready_ms: ready_at.map(|t| ms_from(now, t)),
+                        deadline_ms: ms_from(now, deadline),
+                    },
+                    Phase::Ready => WorkerPhase::Ready,
+                    Phase::Stopping { kill_at, killed } => {
+                        WorkerPhase::Stopping { kill_ms: ms_from(now, kill_at), killed }
+                    }
+                },
+                candidate: w.candidate,
+                was_ready: w.was_ready,
+                watchdog_ms: w.watchdog_at.map(|t| ms_from(now, t)),
+                fault: w.fault.map(String::from),
+            })
+            .collect();
+        let notify = self.notify.as_ref().map(|n| n.fds()).unwrap_or_default();
+        let (mode, backlog, binds, sockets) = self.listeners.parts();
+        let mut keep: Vec<RawFd> = sockets.clone();
+        keep.extend(notify.iter().map(|n| n.1));
+        let state = State {
+            desired: self.desired,
+            next_id: self.workers.next_id(),
+            all_ready_logged: self.all_ready_logged,
+            roll_gen: gen,
+            roll_active: active.map(|(g, s, w)| (g, s, w.map(|(id, d)| (id, ms_from(now, d))))),
+            roll_pending: pending,
+            slots,
+            workers,
+            notify,
+            memory: self.memory.replacements(),
+            listeners: ListenerState {
+                mode: mode.to_string(),
+                backlog,
+                binds: binds.into_iter().map(|(n, a)| (n, a.to_string())).collect(),
+                sockets,
+            },
+        };
+        (state, keep)
+    }
+
+    /// In the new image: everything but the workers from `Supervisor::new`, then the state.
+    pub fn resume(&mut self, state: State, now: Instant) -> Result<(), Error> {
+        self.desired = state.desired;
+        self.all_ready_logged = state.all_ready_logged;
+        let active = state.roll_active.map(|(g, s, w)| (g, s, w.map(|(id, d)| (id, at_ms(now, d)))));
+        self.roll.import(state.roll_gen, active, state.roll_pending);
+        if state.slots.len() != self.slots.len() {
+            return Err(Error::Failed(format!(
+                "cannot resume: {} slots in the state, {} in the sockets",
+                state.slots.len(),
+                self.slots.len()
+            )));
+        }
+        for (slot, s) in self.slots.iter_mut().zip(state.slots) {
+            *slot = Slot {
+                gen: s.gen,
+                quick_deaths: s.quick_deaths,
+                start_failures: s.start_failures,
+                respawn_at: s.respawn_ms.map(|ms| at_ms(now, ms)),
+                retiring: s.retiring_ms.map(|ms| at_ms(now, ms)),
+                last_failure: s.last_failure,
+                last_exit: s.last_exit,
+                restarts: s.restarts.iter().map(|(k, v)| (cause(k), *v)).collect(),
+            };
+        }
+        for w in state.workers {
+            let phase = match w.phase {
+                WorkerPhase::Starting { ready_ms, deadline_ms } => {
+                    Phase::Starting { ready_at: ready_ms.map(|ms| at_ms(now, ms)), deadline: at_ms(now, deadline_ms) }
+                }
+                WorkerPhase::Ready => Phase::Ready,
+                WorkerPhase::Stopping { kill_ms, killed } => Phase::Stopping { kill_at: at_ms(now, kill_ms), killed },
+            };
+            let mut worker =
+                Worker::new(w.slot, w.gen, Pid::from_raw(w.pid), at_ms(now, w.started_ms), phase, w.candidate);
+            worker.was_ready = w.was_ready;
+            worker.watchdog_at = w.watchdog_ms.map(|ms| at_ms(now, ms));
+            worker.fault = w.fault.as_deref().map(cause);
+            self.workers.restore(w.id, worker, state.next_id);
+        }
+        for (id, fd) in state.notify {
+            // SAFETY: the old image kept this fd open across the exec for worker `id`'s notify
+            // socket; nothing else here owns it.
+            let sock = unsafe { UnixDatagram::from_raw_fd(fd) };
+            reexec::set_cloexec(&[fd], true);
+            match &self.notify {
+                Some(hub) => {
+                    hub.adopt(id, sock).map_err(|e| Error::Failed(format!("cannot resume notify socket: {e}")))?
+                }
+                None => drop(sock),
+            }
+        }
+        self.memory.restore(&state.memory);
+        // The old image's steering program is still attached to the groups: whatever this one
+        // decides at its first turn replaces it.
+        self.bpf = Some(Vec::new());
+        self.steered = Some(Vec::new());
+        log::info!(
+            "resumed after reexec: {} workers in {} slots, generation {}",
+            self.workers.len(),
+            self.slots.len(),
+            self.slots.iter().map(|s| s.gen).max().unwrap_or(1)
+        );
+        Ok(())
+    }
+}
+
+/// The listening sockets of an earlier image, by their fds in the state.
+pub fn listeners_from(state: &ListenerState) -> Result<Listeners, Error> {
+    let mode = Mode::parse(&state.mode).map_err(Error::Failed)?;
+    let mut binds = Vec::new();
+    for (name, addr) in &state.binds {
+        let addr = addr.parse().map_err(|_| Error::Failed(format!("cannot resume: bad address {addr}")))?;
+        binds.push((name.clone(), addr));
+    }
+    let mut sockets = Vec::new();
+    for fd in &state.sockets {
+        crate::activation::check_is_open(*fd).map_err(Error::Failed)?;
+        reexec::set_cloexec(&[*fd], true);
+        // SAFETY: the old image kept this listening socket open across the exec for us.
+        sockets.push(unsafe { Socket::from_raw_fd(*fd) });
+    }
+    Ok(Listeners::from_parts(mode, state.backlog, binds, sockets))
+}
