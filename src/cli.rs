@@ -6,6 +6,7 @@
 //! the value and what was expected, and map to exit code 2 in `main`.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -40,10 +41,19 @@ LAUNCHER ENVIRONMENT:
   REUSE_LAUNCH_MODE, REUSE_LAUNCH_BACKLOG, REUSE_LAUNCH_GRACE, REUSE_LAUNCH_STOP_SIGNAL,
   REUSE_LAUNCH_READY, REUSE_LAUNCH_READY_DELAY, REUSE_LAUNCH_READY_TIMEOUT,
   REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP,
-  REUSE_LAUNCH_SOCKET_ON_STDIN;
+  REUSE_LAUNCH_SOCKET_ON_STDIN, REUSE_LAUNCH_CONTROL;
   PORT sets the default bind; RUST_LOG the log level. Started with LISTEN_FDS/LISTEN_PID
   (systemd socket activation) it adopts those sockets instead of binding; with NOTIFY_SOCKET it
   reports READY=1, RELOADING=1, STATUS=, STOPPING=1 to its own supervisor.
+
+CONTROL (talk to a running launcher through its control socket, --control):
+  reuse-launch status [--json]   workers, state, uptime, restarts, CPU, memory, queues
+  reuse-launch scale N|+K|-K     change the number of workers (also TTIN/TTOU: +1/-1)
+  reuse-launch roll              rolling restart (as USR2)
+  reuse-launch stop [--no-wait]  graceful stop (as TERM), waiting until it has exited
+  Each takes --pid PID or --control PATH; default: the only launcher this user runs.
+  Exit codes: 0 done, 1 refused or failed, 2 usage, 3 no launcher found.
+  `reuse-launch status --help` for more.
 
 EXAMPLE:
   reuse-launch -n 4 -b 127.0.0.1:8080 -- python3 tests/workers/pyworker.py";
@@ -142,6 +152,12 @@ pub struct Args {
     #[arg(long, env = "REUSE_LAUNCH_MAX_MEMORY", value_name = "SIZE")]
     pub max_memory: Option<String>,
 
+    /// The control socket (`reuse-launch status`, `scale`, `roll`, `stop`). Default:
+    /// $XDG_RUNTIME_DIR/reuse-launch/<pid>.sock, else /run/reuse-launch/<pid>.sock as root, else
+    /// /tmp/reuse-launch-<uid>/<pid>.sock.
+    #[arg(long, env = "REUSE_LAUNCH_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
     /// Give up (exit 1) when every slot's worker died this many times in a row before it
     /// became ready.
     #[arg(long, env = "REUSE_LAUNCH_MAX_START_FAILURES", default_value = "5", value_name = "N")]
@@ -207,6 +223,8 @@ pub struct Config {
     pub max_memory: Option<u64>,
     /// Pin each worker to one CPU (`--pin`, or implied by `--steer cpu`).
     pub pin: bool,
+    /// `--control`: where the control socket goes (None: the default directory).
+    pub control: Option<PathBuf>,
     pub command: Vec<OsString>,
 }
 
@@ -307,6 +325,7 @@ impl Config {
                 None => None,
             },
             pin: args.pin || steer == Steer::Cpu,
+            control: args.control.filter(|p| !p.as_os_str().is_empty()),
             workers,
             binds,
             mode,
@@ -495,6 +514,13 @@ mod tests {
         assert!(e.to_string().contains("need --mode reuseport (not shared)"), "{e}");
         let e = Config::from_args(args(&["--steer", "magic"]), None).unwrap_err();
         assert_eq!(flag_of(e), "--steer");
+    }
+
+    #[test]
+    fn control_path() {
+        assert_eq!(Config::from_args(args(&[]), None).unwrap().control, None);
+        let c = Config::from_args(args(&["--control", "/tmp/x.sock"]), None).unwrap();
+        assert_eq!(c.control, Some(PathBuf::from("/tmp/x.sock")));
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! 2 usage, 127 command not found, 126 not executable, 1 bind failure or a fatal supervisor
 //! error, 0 a clean stop.
 //!
+//! A first argument naming a client subcommand (`status`, `scale`, `roll`, `stop`) runs the
+//! client instead ([`control::client`]); the launcher's command always follows `--`, so the two
+//! forms never overlap.
+//!
 //! ```text
 //! reuse-launch -n 4 -b 127.0.0.1:8080 -- python3 tests/workers/pyworker.py
 //! ```
@@ -14,6 +18,7 @@ mod activation;
 mod cli;
 mod command;
 mod contract;
+mod control;
 mod error;
 mod event;
 mod notify;
@@ -41,9 +46,12 @@ use error::Error;
 use supervisor::{RealOs, Supervisor};
 
 fn main() -> ExitCode {
-    let mut argv = std::env::args();
-    if argv.nth(1).as_deref() == Some("__sentinel") {
-        sentinel::run(argv.next().and_then(|p| p.parse().ok()).unwrap_or(0));
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "__sentinel") {
+        sentinel::run(argv.get(2).and_then(|p| p.to_str()).and_then(|p| p.parse().ok()).unwrap_or(0));
+    }
+    if control::client::is_subcommand(argv.get(1)) {
+        return ExitCode::from(control::client::main(argv));
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format(|buf, record| {
@@ -83,11 +91,15 @@ fn run() -> Result<(), Error> {
         );
     }
     spawn::raise_fd_limit();
+    let control_path = config.control.clone();
     let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
     supervisor.set_sentinel(match resumed.as_ref().and_then(|s| s.sentinel) {
         Some((pid, fd)) => Some(sentinel::Sentinel::adopt(pid, fd)),
         None => sentinel::Sentinel::start(),
     });
+    // Removed when `run` returns, on a clean stop and on a fatal error alike (a reexec keeps
+    // the path: the new image finds nobody answering there and binds it again).
+    let _control = control::ControlSocket::start(control_path, supervisor.sender())?;
     event::start_signal_thread(supervisor.sender())?;
     // After a reexec the old image left the handled signals blocked: what arrived meanwhile is
     // pending, and is delivered now that the handlers are in place.
@@ -106,7 +118,7 @@ fn listeners(config: &cli::Config) -> Result<socket::Listeners, Error> {
     let (stored, activated): (Vec<_>, Vec<_>) = inherited.into_iter().partition(|(_, name)| name.starts_with("rl."));
     let listeners = if !stored.is_empty() {
         let count = stored.len();
-        let (listeners, restored, unknown) =
+        let socket::Restored { listeners, slots: restored, unknown } =
             socket::Listeners::restore(stored, &config.binds, config.mode, config.workers, config.backlog)?;
         log::info!(
             "took back {count} listening sockets from the service manager's fd store ({restored} slots keep their queues)"

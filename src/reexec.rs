@@ -36,6 +36,9 @@ use crate::error::Error;
 pub const STATE_VAR: &str = "REUSE_LAUNCH_STATE";
 const MAGIC: &str = "reuse-launch-state 1";
 
+/// A roll under way: (generation, slot, the new worker and its deadline in ms, once spawned).
+pub type RollActive = (u64, usize, Option<(u64, i64)>);
+
 /// Everything the supervisor needs to go on where the old image stopped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct State {
@@ -44,7 +47,7 @@ pub struct State {
     pub all_ready_logged: bool,
     pub roll_gen: u64,
     /// A roll under way: (generation, slot, the new worker once spawned, its deadline).
-    pub roll_active: Option<(u64, usize, Option<(u64, i64)>)>,
+    pub roll_active: Option<RollActive>,
     pub roll_pending: bool,
     pub slots: Vec<SlotState>,
     pub workers: Vec<WorkerState>,
@@ -214,6 +217,9 @@ impl State {
         }
         for (new, slot, old) in &self.memory {
             let _ = writeln!(o, "memory {new} {slot} {old}");
+        }
+        if let Some((pid, fd)) = self.sentinel {
+            let _ = writeln!(o, "sentinel {pid} {fd}");
         }
         let l = &self.listeners;
         let binds: Vec<String> = l.binds.iter().map(|(n, a)| format!("{}={}", enc(n), a)).collect();

@@ -66,6 +66,23 @@ struct Active {
     phase: Phase,
 }
 
+/// What `reexec` carries over of the machine (see [`Roll::export`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    pub gen: u64,
+    pub active: Option<SavedRoll>,
+    pub pending: bool,
+}
+
+/// A roll under way: its generation, its slot, and its new worker with its ready deadline once
+/// spawned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedRoll {
+    pub gen: u64,
+    pub slot: usize,
+    pub waiting: Option<(WorkerId, Instant)>,
+}
+
 #[derive(Debug)]
 pub struct Roll {
     slots: usize,
@@ -93,27 +110,27 @@ impl Roll {
 
     /// What `reexec` carries over: the highest generation, the roll under way (generation,
     /// slot, and its new worker with its deadline once spawned), and a pending request.
-    pub fn export(&self, now: Instant) -> (u64, Option<(u64, usize, Option<(WorkerId, Instant)>)>, bool) {
-        let active = self.active.map(|a| {
-            let spawned = match a.phase {
+    pub fn export(&self) -> Saved {
+        let active = self.active.map(|a| SavedRoll {
+            gen: a.gen,
+            slot: a.slot,
+            waiting: match a.phase {
                 Phase::Waiting { worker, deadline } => Some((worker, deadline)),
                 Phase::Spawning => None,
-            };
-            let _ = now;
-            (a.gen, a.slot, spawned)
+            },
         });
-        (self.gen, active, self.pending)
+        Saved { gen: self.gen, active, pending: self.pending }
     }
 
     /// The inverse of [`export`](Self::export), in the new image. A roll caught between its
     /// Spawn and the answer (it cannot be: the loop answers at once) resumes waiting.
-    pub fn import(&mut self, gen: u64, active: Option<(u64, usize, Option<(WorkerId, Instant)>)>, pending: bool) {
-        self.gen = gen;
-        self.pending = pending;
-        self.active = active.map(|(gen, slot, spawned)| Active {
-            gen,
-            slot,
-            phase: match spawned {
+    pub fn import(&mut self, saved: Saved) {
+        self.gen = saved.gen;
+        self.pending = saved.pending;
+        self.active = saved.active.map(|a| Active {
+            gen: a.gen,
+            slot: a.slot,
+            phase: match a.waiting {
                 Some((worker, deadline)) => Phase::Waiting { worker, deadline },
                 None => Phase::Spawning,
             },

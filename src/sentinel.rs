@@ -150,6 +150,7 @@ pub fn run(launcher: i32) -> ! {
 /// left (at most 50 rounds).
 fn end_all(launcher: i32, me: i32, mut noted: HashMap<i32, u64>, died: bool) {
     let mut killed: HashSet<i32> = HashSet::new();
+    let died = died || std::env::var_os("REUSE_LAUNCH_SENTINEL_TRACE").is_some();
     for round in 0..50 {
         for (pid, start) in descendants(launcher, me) {
             noted.insert(pid, start);
@@ -169,7 +170,13 @@ fn end_all(launcher: i32, me: i32, mut noted: HashMap<i32, u64>, died: bool) {
                 noted.insert(child, start);
             }
         }
-        killed.extend(&alive);
+        for p in &alive {
+            if killed.insert(*p) && died {
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                eprintln!("reuse-launch: sentinel: killing pid {p} ({})", cmd.trim());
+            }
+        }
         std::thread::sleep(Duration::from_millis(if round == 0 { 5 } else { 20 }));
     }
     if !killed.is_empty() {
@@ -223,10 +230,6 @@ fn stat_and_state(pid: i32) -> Option<((i32, i32, u64), bool)> {
 /// The start time of `pid` if it runs (not a zombie).
 fn running(pid: i32) -> Option<u64> {
     stat_and_state(pid).filter(|s| !s.1).map(|s| s.0 .2)
-}
-
-fn start_time(pid: i32) -> Option<u64> {
-    stat(pid).map(|s| s.2)
 }
 
 fn pgid(pid: i32) -> Option<i32> {

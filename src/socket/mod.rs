@@ -18,6 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::error::Error;
 
 mod store;
+pub use store::Restored;
 
 /// One `--bind`: an address and the name it gets in LISTEN_FDNAMES.
 #[derive(Clone, Debug, PartialEq, Eq)]

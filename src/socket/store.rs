@@ -10,6 +10,14 @@ use socket2::Socket;
 use super::{bound_socket, listen_all, BindSpec, Listeners, Mode};
 use crate::error::Error;
 
+/// What [`Listeners::restore`] took back: the listeners, how many slots kept their sockets, and
+/// the stored sockets no bind of the configuration names.
+pub struct Restored {
+    pub listeners: Listeners,
+    pub slots: usize,
+    pub unknown: Vec<(Socket, String)>,
+}
+
 impl Listeners {
     /// Every socket the service manager's fd store should keep, with its name: `rl.<bind>.<slot>`
     /// for a reuseport slot's socket, `rl.<bind>` for the shared socket or round-robin's public
@@ -53,7 +61,7 @@ impl Listeners {
         mode: Mode,
         slots: usize,
         backlog: i32,
-    ) -> Result<(Listeners, usize, Vec<(Socket, String)>), Error> {
+    ) -> Result<Restored, Error> {
         let mut take = |name: &str| stored.iter().position(|(_, n)| n == name).map(|i| stored.remove(i).0);
         let addr_of = |s: &Socket| s.local_addr().ok().and_then(|a| a.as_socket());
         let mut local: Vec<SocketAddr> = binds.iter().map(|b| b.addr).collect();
@@ -123,6 +131,10 @@ impl Listeners {
         };
         listen_all(listen_new, backlog)?;
         let binds = binds.iter().zip(&local).map(|(b, a)| BindSpec { name: b.name.clone(), addr: *a }).collect();
-        Ok((Listeners { mode, binds, local, sockets, public, backlog }, restored, stored))
+        Ok(Restored {
+            listeners: Listeners { mode, binds, local, sockets, public, backlog },
+            slots: restored,
+            unknown: stored,
+        })
     }
 }

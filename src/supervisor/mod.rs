@@ -224,11 +224,15 @@ impl<O: Os> Supervisor<O> {
             let now = Instant::now();
             if let Err(e) = self.tick(now) {
                 self.kill_all_and_reap();
-                self.sentinel.take().map(|s| s.release());
+                if let Some(s) = self.sentinel.take() {
+                    s.release();
+                }
                 return Err(e);
             }
             if self.shutdown.is_some() && self.workers.is_empty() {
-                self.sentinel.take().map(|s| s.release());
+                if let Some(s) = self.sentinel.take() {
+                    s.release();
+                }
                 self.reap_orphans();
                 if let Some(n) = self.rescue.as_ref().map(|r| r.relayed()).filter(|n| *n > 0) {
                     log::info!("{n} connections were taken back from stalled or stopped workers and relayed");

@@ -19,6 +19,7 @@ use super::Supervisor;
 use crate::error::Error;
 use crate::event::HANDLED;
 use crate::reexec::{self, at_ms, ms_from, ListenerState, SlotState, State, WorkerPhase, WorkerState};
+use crate::roll::{Saved, SavedRoll};
 use crate::socket::{Listeners, Mode};
 
 /// Causes and faults are the supervisor's static words; an unknown one (a newer image's) reads
@@ -59,7 +60,7 @@ impl<O: Os> Supervisor<O> {
 
     /// The supervisor's state, and every fd it names.
     fn capture(&self, now: Instant) -> (State, Vec<RawFd>) {
-        let (gen, active, pending) = self.roll.export(now);
+        let saved = self.roll.export();
         let slots = self
             .slots
             .iter()
@@ -109,9 +110,9 @@ impl<O: Os> Supervisor<O> {
             desired: self.desired,
             next_id: self.workers.next_id(),
             all_ready_logged: self.all_ready_logged,
-            roll_gen: gen,
-            roll_active: active.map(|(g, s, w)| (g, s, w.map(|(id, d)| (id, ms_from(now, d))))),
-            roll_pending: pending,
+            roll_gen: saved.gen,
+            roll_active: saved.active.map(|a| (a.gen, a.slot, a.waiting.map(|(id, d)| (id, ms_from(now, d))))),
+            roll_pending: saved.pending,
             slots,
             workers,
             notify,
@@ -131,8 +132,12 @@ impl<O: Os> Supervisor<O> {
     pub fn resume(&mut self, state: State, now: Instant) -> Result<(), Error> {
         self.desired = state.desired;
         self.all_ready_logged = state.all_ready_logged;
-        let active = state.roll_active.map(|(g, s, w)| (g, s, w.map(|(id, d)| (id, at_ms(now, d)))));
-        self.roll.import(state.roll_gen, active, state.roll_pending);
+        let active = state.roll_active.map(|(gen, slot, w)| SavedRoll {
+            gen,
+            slot,
+            waiting: w.map(|(id, d)| (id, at_ms(now, d))),
+        });
+        self.roll.import(Saved { gen: state.roll_gen, active, pending: state.roll_pending });
         if state.slots.len() != self.slots.len() {
             return Err(Error::Failed(format!(
                 "cannot resume: {} slots in the state, {} in the sockets",

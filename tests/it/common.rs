@@ -120,6 +120,8 @@ pub struct Launch {
     own_pid_namespace: bool,
     /// Open fds to hand to the launcher as its fds 3, 4, ... (socket activation, the fd store).
     fds: Vec<RawFd>,
+    /// Run this copy of the launcher's binary instead of the built one.
+    binary: Option<String>,
 }
 
 impl Launch {
@@ -207,6 +209,12 @@ impl Launch {
         self.via(&["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"])
     }
 
+    /// Run the launcher from `path` (a copy of the built binary) instead of [`BIN`].
+    pub fn binary(mut self, path: &str) -> Launch {
+        self.binary = Some(path.to_string());
+        self
+    }
+
     /// Hand `fds` to the launcher as its fds 3, 4, ... (as a service manager passes LISTEN_FDS).
     pub fn pass_fds(mut self, fds: Vec<RawFd>) -> Launch {
         assert!(fds.len() <= 16, "at most 16 fds");
@@ -223,13 +231,14 @@ impl Launch {
 
     /// Start the launcher without waiting for anything (for start-up failures).
     pub fn spawn(self) -> Launcher {
+        let bin = self.binary.clone().unwrap_or_else(|| BIN.to_string());
         let mut cmd = match self.via.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
-                cmd.args(args).arg(BIN);
+                cmd.args(args).arg(&bin);
                 cmd
             }
-            None => Command::new(BIN),
+            None => Command::new(&bin),
         };
         let binds = self.binds.unwrap_or_else(|| vec!["127.0.0.1:0".to_string()]);
         cmd.args(binds.iter().flat_map(|b| ["-b", b])).args(&self.flags);

@@ -7,10 +7,12 @@
 //! - `real_servers`: servers of other languages, and systemd's tools.
 //! - `runtimes`: Go, puma, Starman, Rust listenfd and Java workers rolled under load.
 //! - `sticky`: socket.io long-polling sessions under `--steer ip` and `--steer hash` (issue 8).
+//! - `control`: the control socket and the client subcommands (issue 9).
 //!
 //! Run one area with `cargo test --test it core::`.
 
 mod common;
+mod control;
 mod conventions;
 mod core;
 mod leftovers;

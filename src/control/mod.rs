@@ -1,0 +1,118 @@
+//! The control socket: a running launcher answers `status`, `scale`, `roll` and `stop` on a Unix
+//! stream socket, one JSON object per line each way, and the same binary is its client
+//! (`reuse-launch status`, ...).
+//!
+//! This module owns where the socket lives ([`default_dir`], [`search_dirs`]) and the parts
+//! both ends share ([`parse_scale`]). The children own the rest:
+//! - `server`: the socket's threads in the launcher (accept, peer check, one thread per
+//!   client up to a cap, requests in, [`Event::Control`](crate::event::Event::Control) to the
+//!   loop, responses out). The supervisor loop never waits on a client.
+//! - `status`: the status response, built in the server thread from the loop's
+//!   [`Snapshot`](crate::snapshot::Snapshot) plus what `measure` reads off the loop.
+//! - `measure`: CPU %, RSS of each worker's process group (/proc) and accept queues (TCP_INFO).
+//! - `client`: the subcommands: finding the launcher, one request, printing, exit codes.
+//! - `table`: the `status` table, rendered by the client from the JSON response.
+//! - `json`: the small JSON value, parser and printer both ends use.
+//!
+//! ```text
+//! $ reuse-launch status
+//! $ echo '{"cmd":"scale","workers":"+2"}' | socat - UNIX-CONNECT:/run/reuse-launch/1234.sock
+//! ```
+
+pub mod client;
+mod json;
+mod measure;
+mod server;
+mod status;
+mod table;
+
+use std::path::PathBuf;
+
+pub use server::ControlSocket;
+
+use crate::event::Scale;
+
+/// The directory a launcher puts `<pid>.sock` in when not told where: `$XDG_RUNTIME_DIR/
+/// reuse-launch`, else `/run/reuse-launch` as root, else `/tmp/reuse-launch-<uid>`.
+pub fn default_dir() -> PathBuf {
+    search_dirs().into_iter().next().expect("there is always a fallback directory")
+}
+
+/// Every directory a launcher of this user may have used by default, in order of preference
+/// (the client looks in all of them: a launcher started by cron has no XDG_RUNTIME_DIR).
+pub fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        dirs.push(PathBuf::from(xdg).join("reuse-launch"));
+    }
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        dirs.push(PathBuf::from("/run/reuse-launch"));
+    }
+    dirs.push(PathBuf::from(format!("/tmp/reuse-launch-{uid}")));
+    dirs
+}
+
+/// The launcher pid a default socket's file name stands for (`1234.sock`).
+pub fn pid_of_socket_name(name: &str) -> Option<i32> {
+    let digits = name.strip_suffix(".sock")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|p| *p > 0)
+}
+
+/// `N` (that many workers), `+K` or `-K` (K more or fewer).
+pub fn parse_scale(s: &str) -> Result<Scale, String> {
+    let err = || format!("expected N, +K or -K (a number of workers), not '{s}'");
+    let t = s.trim();
+    let number =
+        |d: &str| if d.bytes().all(|b| b.is_ascii_digit()) && !d.is_empty() { d.parse::<u32>().ok() } else { None };
+    if let Some(k) = t.strip_prefix('+') {
+        return number(k).map(|k| Scale::By(k.into())).ok_or_else(err);
+    }
+    if let Some(k) = t.strip_prefix('-') {
+        return number(k).map(|k| Scale::By(-i64::from(k))).ok_or_else(err);
+    }
+    number(t).map(|n| Scale::To(n as usize)).ok_or_else(err)
+}
+
+/// Is process `pid` running (not a zombie)?
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        // No /proc: ask the kernel (EPERM means it exists).
+        Err(_) => {
+            !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_forms() {
+        assert_eq!(parse_scale("4"), Ok(Scale::To(4)));
+        assert_eq!(parse_scale("+2"), Ok(Scale::By(2)));
+        assert_eq!(parse_scale("-1"), Ok(Scale::By(-1)));
+        for bad in ["", "+", "-", "x", "2.5", "+-1", "1e3", "99999999999"] {
+            assert!(parse_scale(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn socket_names() {
+        assert_eq!(pid_of_socket_name("1234.sock"), Some(1234));
+        for bad in ["x.sock", ".sock", "0.sock", "12.sock.tmp", "12", "-1.sock"] {
+            assert_eq!(pid_of_socket_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_dir_is_first_searched() {
+        assert_eq!(default_dir(), search_dirs()[0]);
+        assert!(alive(std::process::id() as i32));
+    }
+}

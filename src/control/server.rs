@@ -1,0 +1,471 @@
+//! The launcher's end of the control socket: binding it safely, the accept thread, and one
+//! thread per client (at most [`MAX_CLIENTS`] at once).
+//!
+//! Each client is checked with SO_PEERCRED (the launcher's own uid or root; anyone else gets
+//! one refusal line). A request is one line of at most [`MAX_LINE`] bytes that must be complete
+//! within [`REQUEST_TIMEOUT`] of the previous answer (or of connecting); otherwise the client
+//! gets an error line and is dropped. A request becomes an `Event::Control` on the loop's
+//! channel; this thread, not the loop, waits for the reply (at most [`REPLY_TIMEOUT`]), then
+//! measures what `status` needs and writes the response. A slow, stuck or hostile client costs
+//! one of these threads, never a turn of the supervisor loop.
+//!
+//! [`ControlSocket`] is the guard that removes the socket file when the launcher returns from
+//! `run` (a clean stop or a fatal error alike).
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
+use super::json::{self, Value};
+use super::measure::CpuHistory;
+use crate::error::Error;
+use crate::event::{Answer, Command, Event};
+
+/// The longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+/// How long a client may take to send a complete request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client thread waits for the supervisor loop's reply (it answers at once unless
+/// the launcher is wedged).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients served at once; more are told so and dropped.
+pub const MAX_CLIENTS: usize = 32;
+/// How long writing a response may block on a client that does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an exiting launcher waits for the answers being written.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The bound control socket; dropping it removes the socket file (if it is still ours).
+pub struct ControlSocket {
+    path: PathBuf,
+    /// Device and inode of our socket file, so that we never remove someone else's.
+    id: (u64, u64),
+    /// Requests being answered: the launcher waits for them (briefly) before it exits, so that
+    /// a `stop` gets its answer even when the workers are gone at once.
+    busy: Arc<AtomicUsize>,
+}
+
+impl ControlSocket {
+    /// Bind the control socket at `path` (None: `<default dir>/<pid>.sock`) and start serving
+    /// it, sending requests to the loop through `tx`. With the default path a failure is only
+    /// a warning (the launcher runs without a control socket); with `--control` it is fatal.
+    pub fn start(path: Option<PathBuf>, tx: Sender<Event>) -> Result<Option<ControlSocket>, Error> {
+        let explicit = path.is_some();
+        let path = path.unwrap_or_else(|| super::default_dir().join(format!("{}.sock", std::process::id())));
+        match ControlSocket::bind(&path, explicit) {
+            Ok((listener, socket)) => {
+                let shown = path.display().to_string();
+                let busy = socket.busy.clone();
+                std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || accept_loop(listener, tx, shown, busy))
+                    .map_err(|e| Error::Failed(format!("cannot start the control thread: {e}")))?;
+                log::info!("control socket: {}", path.display());
+                Ok(Some(socket))
+            }
+            Err(e) if explicit => Err(Error::Failed(format!("control socket {}: {e}", path.display()))),
+            Err(e) => {
+                log::warn!("no control socket ({}: {e}); use --control PATH to put it elsewhere", path.display());
+                Ok(None)
+            }
+        }
+    }
+
+    fn bind(path: &Path, explicit: bool) -> io::Result<(UnixListener, ControlSocket)> {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().ok_or_else(|| io::Error::other("not a file name"))?;
+        if explicit {
+            if !dir.exists() {
+                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            }
+        } else {
+            private_dir(dir)?;
+            sweep_stale(dir);
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::other("the path exists and is not a socket"));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::other("another launcher answers on it (stop it or pick another --control)"));
+            }
+            // A socket nobody listens on: a dead launcher's. The rename below replaces it.
+        }
+        // Bind under a temporary name, restrict it, then move it into place: no moment where the
+        // socket is reachable with other permissions, and a stale socket is replaced atomically.
+        let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .and_then(|()| std::fs::symlink_metadata(path));
+        match placed {
+            Ok(meta) => Ok((
+                listener,
+                ControlSocket { path: path.to_path_buf(), id: (meta.dev(), meta.ino()), busy: Arc::default() },
+            )),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let end = Instant::now() + FINISH_TIMEOUT;
+        while self.busy.load(Ordering::SeqCst) > 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Make sure `dir` is a directory of ours that nobody else can enter (0700), creating it if
+/// needed. A symlink, or a directory someone else owns (`/tmp/reuse-launch-<uid>` made by
+/// another user first), is refused.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return Err(io::Error::other(format!("{} is not a directory", dir.display())));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(io::Error::other(format!("{} belongs to uid {}, not to us (uid {me})", dir.display(), meta.uid())));
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Remove the sockets of launchers that are gone from our default directory (a SIGKILLed
+/// launcher cannot remove its own): `<pid>.sock` files whose pid is not running and on which
+/// nobody listens (a launcher in another pid namespace may share the directory: its pid means
+/// nothing here, but it answers).
+fn sweep_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(super::pid_of_socket_name) else { continue };
+        let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
+        if is_socket && !super::alive(pid) && UnixStream::connect(entry.path()).is_err() {
+            log::debug!("removing {}: launcher {pid} is gone", entry.path().display());
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn accept_loop(listener: UnixListener, tx: Sender<Event>, path: String, busy: Arc<AtomicUsize>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let cpu = Arc::new(CpuHistory::default());
+    for stream in listener.incoming() {
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("control socket: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100)); // EMFILE: do not spin
+                continue;
+            }
+        };
+        if active.load(Ordering::SeqCst) >= MAX_CLIENTS {
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ =
+                reply(&mut stream, &failure(None, &format!("busy: {MAX_CLIENTS} control clients connected already")));
+            continue;
+        }
+        active.fetch_add(1, Ordering::SeqCst);
+        let client =
+            Client { tx: tx.clone(), cpu: cpu.clone(), path: path.clone(), active: active.clone(), busy: busy.clone() };
+        let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || client.serve(stream));
+        if let Err(e) = spawned {
+            active.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("control socket: cannot start a client thread: {e}");
+        }
+    }
+}
+
+/// One connected client, served by its own thread.
+struct Client {
+    tx: Sender<Event>,
+    cpu: Arc<CpuHistory>,
+    path: String,
+    active: Arc<AtomicUsize>,
+    busy: Arc<AtomicUsize>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Client {
+    fn serve(self, mut stream: UnixStream) {
+        if let Err(why) = peer_allowed(&stream) {
+            log::warn!("control socket: refused a client: {why}");
+            let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+            let _ = reply(&mut stream, &failure(None, &format!("refused: {why}")));
+            return;
+        }
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let line = match read_line(&mut stream, &mut buf, Instant::now() + REQUEST_TIMEOUT) {
+                Ok(Some(line)) => line,
+                Ok(None) => return,
+                Err(why) => {
+                    let _ = reply(&mut stream, &failure(None, &why));
+                    return;
+                }
+            };
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
+                continue;
+            }
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            let response = self.request(&text);
+            let written = reply(&mut stream, &response);
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            if written.is_err() {
+                return;
+            }
+            if response.get("reexec").is_some() {
+                // Answered: now the exec. Ending this connection first tells the client to
+                // wait for the new image; a failed exec is logged by the launcher, which runs on.
+                drop(stream);
+                let _ = ask(&self.tx, Command::ReexecNow);
+                return;
+            }
+        }
+    }
+
+    /// One request line to its response.
+    fn request(&self, text: &str) -> Value {
+        let req = match json::parse(text) {
+            Ok(v @ Value::Obj(_)) => v,
+            Ok(_) => return failure(None, "invalid request: expected a JSON object like {\"cmd\":\"status\"}"),
+            Err(e) => return failure(None, &format!("invalid request: {e}")),
+        };
+        let id = req.get("id").cloned();
+        let command = match req.get("cmd").and_then(Value::as_str) {
+            Some("status") => Command::Status,
+            Some("roll") => Command::Roll,
+            Some("stop") => Command::Stop,
+            Some("reexec") => Command::Reexec,
+            Some("scale") => {
+                let to = match req.get("workers") {
+                    Some(Value::Str(s)) => super::parse_scale(s),
+                    Some(n @ Value::Num(_)) => {
+                        n.as_u64().map(|n| crate::event::Scale::To(n as usize)).ok_or_else(|| {
+                            format!("\"workers\": {n} is not a number of workers (\"+K\" or \"-K\" change it by K)")
+                        })
+                    }
+                    _ => Err("scale needs \"workers\": N, \"+K\" or \"-K\"".to_string()),
+                };
+                match to {
+                    Ok(to) => Command::Scale(to),
+                    Err(e) => return failure(id, &format!("invalid request: {e}")),
+                }
+            }
+            Some(other) => {
+                return failure(id, &format!("unknown cmd '{other}': expected status, scale, roll, stop or reexec"));
+            }
+            None => return failure(id, "invalid request: no \"cmd\" (status, scale, roll, stop or reexec)"),
+        };
+        let answer = match ask(&self.tx, command) {
+            Ok(a) => a,
+            Err(e) => return failure(id, &e),
+        };
+        let mut fields: Vec<(String, Value)> = Vec::new();
+        if let Some(id) = id {
+            fields.push(("id".into(), id));
+        }
+        fields.push(("ok".into(), true.into()));
+        fields.push(("pid".into(), std::process::id().into()));
+        match answer {
+            Answer::Status(snapshot) => {
+                if let Value::Obj(status) = super::status::status(&snapshot, &self.cpu, &self.path) {
+                    fields.extend(status.into_iter().filter(|(k, _)| k != "pid"));
+                }
+            }
+            Answer::Scaled { desired } => fields.push(("desired".into(), desired.into())),
+            Answer::Rolling { generation } => fields.push(("generation".into(), generation.into())),
+            Answer::Stopping => fields.push(("stopping".into(), true.into())),
+            Answer::Reexec { path, version } => {
+                fields.push(("reexec".into(), Value::obj([("binary", path.into()), ("version", version.into())])))
+            }
+        }
+        Value::Obj(fields)
+    }
+}
+
+/// Hand `command` to the supervisor loop and wait (here, not there) for its reply.
+fn ask(tx: &Sender<Event>, command: Command) -> Result<Answer, String> {
+    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+    tx.send(Event::Control(command, reply_tx)).map_err(|_| "the launcher is exiting".to_string())?;
+    match reply_rx.recv_timeout(REPLY_TIMEOUT) {
+        Ok(reply) => reply,
+        Err(RecvTimeoutError::Timeout) => Err(format!("the launcher did not answer within {REPLY_TIMEOUT:?}")),
+        Err(RecvTimeoutError::Disconnected) => Err("the launcher is exiting".to_string()),
+    }
+}
+
+/// The client's uid must be ours or root's.
+fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+    let creds = getsockopt(stream, PeerCredentials).map_err(|e| format!("cannot read its credentials: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if creds.uid() == me || creds.uid() == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} (pid {}) may not control this launcher (only uid {me} and root may)",
+            creds.uid(),
+            creds.pid()
+        ))
+    }
+}
+
+/// Read up to the next newline (returned without it). Ok(None) at end of input; Err with the
+/// message to send back for a line too long or not finished by `deadline`. Bytes after the
+/// newline stay in `buf` for the next call. A last line without newline counts at EOF.
+fn read_line(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<Option<Vec<u8>>, String> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let rest = buf.split_off(i + 1);
+            let mut line = std::mem::replace(buf, rest);
+            line.pop();
+            return Ok(Some(line));
+        }
+        if buf.len() > MAX_LINE {
+            return Err(format!("request longer than {MAX_LINE} bytes"));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no complete request line within {REQUEST_TIMEOUT:?}; closing"));
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut chunk) {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => return Ok(Some(std::mem::take(buf))),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+fn failure(id: Option<Value>, error: &str) -> Value {
+    let mut fields = Vec::new();
+    if let Some(id) = id {
+        fields.push(("id".to_string(), id));
+    }
+    fields.push(("ok".into(), false.into()));
+    fields.push(("error".into(), error.into()));
+    Value::Obj(fields)
+}
+
+fn reply(stream: &mut UnixStream, v: &Value) -> io::Result<()> {
+    stream.write_all(format!("{v}\n").as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Reply;
+    use std::io::{BufRead, BufReader};
+
+    /// A fake loop that answers each control event like the supervisor would.
+    fn fake_loop() -> Sender<Event> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Event>();
+        std::thread::spawn(move || {
+            for ev in rx {
+                if let Event::Control(cmd, reply) = ev {
+                    let r: Reply = match cmd {
+                        Command::Roll => Ok(Answer::Rolling { generation: 2 }),
+                        Command::Scale(crate::event::Scale::To(n)) => Ok(Answer::Scaled { desired: n }),
+                        Command::Scale(_) => Err("control: cannot scale to 0 workers: at least 1 must run".into()),
+                        _ => Ok(Answer::Stopping),
+                    };
+                    let _ = reply.send(r);
+                }
+            }
+        });
+        tx
+    }
+
+    fn temp_socket(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rl-ctl-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("c.sock")
+    }
+
+    #[test]
+    fn lines_in_lines_out_and_garbage_is_an_error() {
+        let path = temp_socket("lines");
+        let guard = ControlSocket::start(Some(path.clone()), fake_loop()).unwrap().unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777, 0o700);
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"{\"cmd\":\"roll\",\"id\":7}\nnot json\n{\"cmd\":\"scale\",\"workers\":3}\n").unwrap();
+        s.write_all(
+            b"{\"cmd\":\"scale\",\"workers\":\"-9\"}\n{\"cmd\":\"dance\"}\n{\"cmd\":\"scale\",\"workers\":-1}\n",
+        )
+        .unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut next = || {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            json::parse(&l).unwrap()
+        };
+        let roll = next();
+        assert_eq!(roll.get("id").and_then(Value::as_u64), Some(7));
+        assert_eq!(roll.get("generation").and_then(Value::as_u64), Some(2));
+        let bad = next();
+        assert_eq!(bad.get("ok"), Some(&Value::Bool(false)));
+        assert!(bad.get("error").and_then(Value::as_str).unwrap().starts_with("invalid request: invalid JSON"));
+        assert_eq!(next().get("desired").and_then(Value::as_u64), Some(3));
+        assert!(next().get("error").and_then(Value::as_str).unwrap().contains("at least 1"));
+        assert!(next().get("error").and_then(Value::as_str).unwrap().starts_with("unknown cmd 'dance'"));
+        assert!(next().get("error").and_then(Value::as_str).unwrap().contains("-1 is not a number of workers"));
+        // A line over the cap: an error, then the connection is closed.
+        s.write_all(&vec![b'x'; MAX_LINE + 10]).unwrap();
+        let huge = next();
+        assert!(huge.get("error").and_then(Value::as_str).unwrap().contains("longer than"), "{huge}");
+        drop(guard);
+        assert!(!path.exists(), "the socket is removed with its guard");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
+        let path = temp_socket("stale");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let stale = UnixListener::bind(&path).unwrap();
+        drop(stale); // the file stays, nobody listens: stale
+        let first = ControlSocket::start(Some(path.clone()), fake_loop()).unwrap().unwrap();
+        let second = ControlSocket::start(Some(path.clone()), fake_loop());
+        assert!(second.err().unwrap().to_string().contains("another launcher answers"));
+        drop(first);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}

@@ -1,0 +1,168 @@
+//! The `status` response: the loop's [`Snapshot`] plus what the server thread measures
+//! (`measure`), as the JSON object documented in the README. One row per worker process, and
+//! one row with `"pid": null, "state": "backoff"` for a slot that has none.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::json::Value;
+use super::measure::{self, CpuHistory, Usage};
+use crate::snapshot::{SlotSnapshot, Snapshot};
+
+/// Build the status object (measuring CPU, memory and queues now; this may take
+/// [`measure::MIN_WINDOW`]).
+pub fn status(snap: &Snapshot, cpu: &CpuHistory, control: &str) -> Value {
+    let pids: Vec<i32> = snap.slots.iter().flat_map(|s| s.workers.iter().map(|w| w.pid)).collect();
+    let usage: HashMap<i32, Usage> = pids.iter().copied().zip(cpu.measure(&pids)).collect();
+    let queues: Vec<Option<(u32, u32)>> = snap.slots.iter().map(|s| measure::queue(&s.listeners)).collect();
+    build(snap, &usage, &queues, control)
+}
+
+/// The object from the snapshot and the measurements (pure, for tests).
+fn build(snap: &Snapshot, usage: &HashMap<i32, Usage>, queues: &[Option<(u32, u32)>], control: &str) -> Value {
+    let mut rows = Vec::new();
+    for (slot, queue) in snap.slots.iter().zip(queues) {
+        let queue = *queue;
+        if slot.workers.is_empty() {
+            rows.push(row(slot, None, queue));
+        }
+        for w in &slot.workers {
+            let u = usage.get(&w.pid).copied().unwrap_or_default();
+            let worker = Value::obj([
+                ("pid", w.pid.into()),
+                ("generation", w.generation.into()),
+                ("state", w.state.into()),
+                ("uptime_s", seconds(w.uptime)),
+                ("cpu_percent", u.cpu_percent.into()),
+                ("rss_bytes", u.rss_bytes.into()),
+            ]);
+            rows.push(row(slot, Some(worker), queue));
+        }
+    }
+    let roll = match snap.roll {
+        Some((generation, done, slots)) => {
+            Value::obj([("generation", generation.into()), ("done", done.into()), ("slots", slots.into())])
+        }
+        None => Value::Null,
+    };
+    Value::obj([
+        ("pid", snap.pid.into()),
+        ("mode", snap.mode.as_str().into()),
+        ("binds", Value::Arr(snap.binds.iter().map(|b| b.to_string().into()).collect())),
+        ("generation", snap.generation.into()),
+        ("desired", snap.desired.into()),
+        ("ready", snap.ready.into()),
+        ("roll", roll),
+        ("stopping", snap.stopping.into()),
+        ("control", control.into()),
+        ("version", env!("CARGO_PKG_VERSION").into()),
+        ("image", image().into()),
+        ("workers", Value::Arr(rows)),
+    ])
+}
+
+/// This process image's own number: it changes with a `reexec` (the pid does not).
+pub fn image() -> String {
+    static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            format!("{:x}", t.as_nanos())
+        })
+        .clone()
+}
+
+/// One row: the worker's own fields (None: a slot without one, in backoff) and the slot's.
+fn row(slot: &SlotSnapshot, worker: Option<Value>, queue: Option<(u32, u32)>) -> Value {
+    let worker = worker.unwrap_or_else(|| {
+        Value::obj([
+            ("pid", Value::Null),
+            ("generation", slot.generation.into()),
+            ("state", "backoff".into()),
+            ("uptime_s", Value::Null),
+            ("cpu_percent", Value::Null),
+            ("rss_bytes", Value::Null),
+        ])
+    });
+    let Value::Obj(mut fields) = worker else { unreachable!("rows are objects") };
+    fields.insert(0, ("slot".into(), slot.slot.into()));
+    let causes = Value::obj(slot.restarts.iter().map(|(cause, n)| (*cause, Value::from(*n))));
+    fields.extend([
+        ("restarts".to_string(), slot.restarts_total().into()),
+        ("restarts_by_cause".to_string(), causes),
+        ("last_exit".to_string(), slot.last_exit.clone().into()),
+        ("queue".to_string(), queue.map(|q| q.0).into()),
+        ("queue_max".to_string(), queue.map(|q| q.1).into()),
+        ("backoff_s".to_string(), slot.backoff.filter(|_| slot.workers.is_empty()).map_or(Value::Null, seconds)),
+        ("retiring".to_string(), slot.retiring.into()),
+    ]);
+    Value::Obj(fields)
+}
+
+/// Seconds with millisecond precision.
+fn seconds(d: Duration) -> Value {
+    Value::Num((d.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::WorkerSnapshot;
+
+    #[test]
+    fn a_worker_row_and_a_backoff_row() {
+        let snap = Snapshot {
+            pid: 10,
+            mode: "reuseport".into(),
+            binds: vec!["127.0.0.1:8080".parse().unwrap()],
+            generation: 2,
+            desired: 2,
+            ready: 1,
+            roll: None,
+            stopping: false,
+            slots: vec![
+                SlotSnapshot {
+                    slot: 0,
+                    generation: 2,
+                    workers: vec![WorkerSnapshot {
+                        pid: 11,
+                        generation: 2,
+                        state: "ready",
+                        uptime: Duration::from_millis(1500),
+                    }],
+                    restarts: vec![("crash", 1)],
+                    last_exit: Some("killed by SIGKILL".into()),
+                    backoff: None,
+                    retiring: false,
+                    listeners: vec![],
+                },
+                SlotSnapshot {
+                    slot: 1,
+                    generation: 1,
+                    workers: vec![],
+                    restarts: vec![("crash", 2), ("watchdog", 1)],
+                    last_exit: Some("exited with status 1".into()),
+                    backoff: Some(Duration::from_millis(750)),
+                    retiring: false,
+                    listeners: vec![],
+                },
+            ],
+        };
+        let usage = HashMap::from([(11, Usage { cpu_percent: Some(1.5), rss_bytes: Some(4096) })]);
+        let v = build(&snap, &usage, &[Some((0, 128)), None], "/run/x.sock");
+        let text = v.to_string();
+        assert!(
+            text.starts_with(r#"{"pid":10,"mode":"reuseport","binds":["127.0.0.1:8080"],"generation":2,"#),
+            "{text}"
+        );
+        let rows = v.get("workers").and_then(Value::as_array).unwrap();
+        assert_eq!(
+            rows[0].to_string(),
+            r#"{"slot":0,"pid":11,"generation":2,"state":"ready","uptime_s":1.5,"cpu_percent":1.5,"rss_bytes":4096,"restarts":1,"restarts_by_cause":{"crash":1},"last_exit":"killed by SIGKILL","queue":0,"queue_max":128,"backoff_s":null,"retiring":false}"#
+        );
+        assert_eq!(
+            rows[1].to_string(),
+            r#"{"slot":1,"pid":null,"generation":1,"state":"backoff","uptime_s":null,"cpu_percent":null,"rss_bytes":null,"restarts":3,"restarts_by_cause":{"crash":2,"watchdog":1},"last_exit":"exited with status 1","queue":null,"queue_max":null,"backoff_s":0.75,"retiring":false}"#
+        );
+    }
+}
