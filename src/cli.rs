@@ -12,6 +12,7 @@ use clap::Parser;
 use nix::sys::signal::Signal;
 
 use crate::error::Error;
+pub use crate::logs::Prefix as LogPrefix;
 use crate::socket::{BindSpec, Mode};
 
 const AFTER_HELP: &str = "\
@@ -40,7 +41,7 @@ LAUNCHER ENVIRONMENT:
   REUSE_LAUNCH_MODE, REUSE_LAUNCH_BACKLOG, REUSE_LAUNCH_GRACE, REUSE_LAUNCH_STOP_SIGNAL,
   REUSE_LAUNCH_READY, REUSE_LAUNCH_READY_DELAY, REUSE_LAUNCH_READY_TIMEOUT,
   REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP,
-  REUSE_LAUNCH_SOCKET_ON_STDIN;
+  REUSE_LAUNCH_SOCKET_ON_STDIN, REUSE_LAUNCH_LOG_PREFIX;
   PORT sets the default bind; RUST_LOG the log level. Started with LISTEN_FDS/LISTEN_PID
   (systemd socket activation) it adopts those sockets instead of binding; with NOTIFY_SOCKET it
   reports READY=1, RELOADING=1, STATUS=, STOPPING=1 to its own supervisor.
@@ -137,6 +138,12 @@ pub struct Args {
     #[arg(long, env = "REUSE_LAUNCH_PIN", value_parser = clap::builder::FalseyValueParser::new())]
     pub pin: bool,
 
+    /// How workers' stdout and stderr reach the launcher's: `slot-pid` (through the launcher,
+    /// line by line, each line prefixed `[SLOT PID] `; lines never mix) or `none` (workers
+    /// inherit the launcher's stdout and stderr).
+    #[arg(long, env = "REUSE_LAUNCH_LOG_PREFIX", default_value = "slot-pid", value_name = "slot-pid|none")]
+    pub log_prefix: String,
+
     /// Give up (exit 1) when every slot's worker died this many times in a row before it
     /// became ready.
     #[arg(long, env = "REUSE_LAUNCH_MAX_START_FAILURES", default_value = "5", value_name = "N")]
@@ -200,6 +207,8 @@ pub struct Config {
     pub steer: Steer,
     /// Pin each worker to one CPU (`--pin`, or implied by `--steer cpu`).
     pub pin: bool,
+    /// `--log-prefix`: workers' output through the launcher, prefixed, or inherited.
+    pub log_prefix: LogPrefix,
     pub command: Vec<OsString>,
 }
 
@@ -240,6 +249,7 @@ impl Config {
                 format!("steering programs need --mode reuseport (not {mode}): drop --steer or change the mode"),
             ));
         }
+        let log_prefix = LogPrefix::parse(&args.log_prefix).map_err(|e| usage("--log-prefix", &args.log_prefix, e))?;
         let proxy_threads = match args.proxy_threads.as_str() {
             "auto" => std::thread::available_parallelism().map(|n| n.get().div_ceil(2)).unwrap_or(1),
             t => match t.parse::<usize>() {
@@ -296,6 +306,7 @@ impl Config {
             socket_on_stdin: args.socket_on_stdin,
             steer,
             pin: args.pin || steer == Steer::Cpu,
+            log_prefix,
             workers,
             binds,
             mode,
@@ -448,6 +459,14 @@ mod tests {
         assert!(e.to_string().contains("need --mode reuseport (not shared)"), "{e}");
         let e = Config::from_args(args(&["--steer", "magic"]), None).unwrap_err();
         assert_eq!(flag_of(e), "--steer");
+    }
+
+    #[test]
+    fn log_prefix_defaults_to_slot_pid() {
+        assert_eq!(Config::from_args(args(&[]), None).unwrap().log_prefix, LogPrefix::SlotPid);
+        assert_eq!(Config::from_args(args(&["--log-prefix", "none"]), None).unwrap().log_prefix, LogPrefix::None);
+        let e = Config::from_args(args(&["--log-prefix", "yes"]), None).unwrap_err();
+        assert_eq!(flag_of(e), "--log-prefix");
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod command;
 mod contract;
 mod error;
 mod event;
+mod logs;
 mod notify;
 mod proxy;
 mod readiness;
@@ -30,7 +31,6 @@ mod steer;
 mod supervisor;
 mod upstream;
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -39,16 +39,10 @@ use error::Error;
 use supervisor::{RealOs, Supervisor};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(|buf, record| {
-            let level = match record.level() {
-                log::Level::Info => String::new(),
-                l => format!("{}: ", l.as_str().to_lowercase()),
-            };
-            writeln!(buf, "reuse-launch: {level}{}", record.args())
-        })
-        .init();
-    match run() {
+    logs::init();
+    let result = run();
+    logs::finish();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("reuse-launch: {e}");
@@ -60,6 +54,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), Error> {
     let args = cli::Args::parse();
     let config = cli::Config::from_args(args, std::env::var("PORT").ok())?;
+    logs::start(config.log_prefix).map_err(|e| Error::Failed(format!("cannot start the log thread: {e}")))?;
     let program = command::Program::resolve(&config.command)?;
     let identity =
         config.user.as_deref().map(|user| command::resolve_identity(user, config.group.as_deref())).transpose()?;
