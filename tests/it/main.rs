@@ -5,12 +5,14 @@
 //! - `modes`: the balancing modes (issue 3).
 //! - `conventions`: readiness, the watchdog, sd_notify, `--user`, pid 1 (issue 4).
 //! - `real_servers`: servers of other languages, and systemd's tools.
+//! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
 //!
 //! Run one area with `cargo test --test it core::`.
 
 mod common;
 mod conventions;
 mod core;
+mod logs;
 mod modes;
 mod real_servers;
 mod runtimes;
