@@ -260,7 +260,9 @@ fn log_prefix_none_passes_output_unprefixed_by_flag_or_environment() {
         // Direct inheritance: the worker's fd 1 is the launcher's stdout itself.
         let pid = l.started()[0].pid;
         // (Once the shell has exec'd sleep: during `echo >&2` dash keeps fd 1 elsewhere.)
-        let direct = wait_until(secs(10), || fd_target(pid, 1).ends_with("/stdout") && cmdline(pid)[0] == "sleep");
+        let direct = wait_until(secs(10), || {
+            cmdline(pid).first().is_some_and(|c| c == "sleep") && fd_target(pid, 1).ends_with("/stdout")
+        });
         assert!(direct, "{how}: worker fds: {:?}", fd_targets(pid));
         l.signal(Signal::SIGTERM);
         assert_eq!(l.exit_code(secs(20)), 0);
