@@ -13,6 +13,7 @@ use clap::Parser;
 use nix::sys::signal::Signal;
 
 use crate::error::Error;
+pub use crate::logs::Prefix as LogPrefix;
 use crate::socket::{BindSpec, Mode};
 
 const AFTER_HELP: &str = "\
@@ -41,7 +42,7 @@ LAUNCHER ENVIRONMENT:
   REUSE_LAUNCH_MODE, REUSE_LAUNCH_BACKLOG, REUSE_LAUNCH_GRACE, REUSE_LAUNCH_STOP_SIGNAL,
   REUSE_LAUNCH_READY, REUSE_LAUNCH_READY_DELAY, REUSE_LAUNCH_READY_TIMEOUT,
   REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP,
-  REUSE_LAUNCH_SOCKET_ON_STDIN, REUSE_LAUNCH_CONTROL;
+  REUSE_LAUNCH_SOCKET_ON_STDIN, REUSE_LAUNCH_CONTROL, REUSE_LAUNCH_LOG_PREFIX;
   PORT sets the default bind; RUST_LOG the log level. Started with LISTEN_FDS/LISTEN_PID
   (systemd socket activation) it adopts those sockets instead of binding; with NOTIFY_SOCKET it
   reports READY=1, RELOADING=1, STATUS=, STOPPING=1 to its own supervisor.
@@ -157,6 +158,11 @@ pub struct Args {
     /// /tmp/reuse-launch-<uid>/<pid>.sock.
     #[arg(long, env = "REUSE_LAUNCH_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// How workers' stdout and stderr reach the launcher's: `slot-pid` (through the launcher,
+    /// line by line, each line prefixed `[SLOT PID] `; lines never mix) or `none` (workers
+    /// inherit the launcher's stdout and stderr).
+    #[arg(long, env = "REUSE_LAUNCH_LOG_PREFIX", default_value = "slot-pid", value_name = "slot-pid|none")]
+    pub log_prefix: String,
 
     /// Give up (exit 1) when every slot's worker died this many times in a row before it
     /// became ready.
@@ -225,6 +231,8 @@ pub struct Config {
     pub pin: bool,
     /// `--control`: where the control socket goes (None: the default directory).
     pub control: Option<PathBuf>,
+    /// `--log-prefix`: workers' output through the launcher, prefixed, or inherited.
+    pub log_prefix: LogPrefix,
     pub command: Vec<OsString>,
 }
 
@@ -265,6 +273,7 @@ impl Config {
                 format!("steering programs need --mode reuseport (not {mode}): drop --steer or change the mode"),
             ));
         }
+        let log_prefix = LogPrefix::parse(&args.log_prefix).map_err(|e| usage("--log-prefix", &args.log_prefix, e))?;
         let proxy_threads = match args.proxy_threads.as_str() {
             "auto" => std::thread::available_parallelism().map(|n| n.get().div_ceil(2)).unwrap_or(1),
             t => match t.parse::<usize>() {
@@ -326,6 +335,7 @@ impl Config {
             },
             pin: args.pin || steer == Steer::Cpu,
             control: args.control.filter(|p| !p.as_os_str().is_empty()),
+            log_prefix,
             workers,
             binds,
             mode,
@@ -521,6 +531,14 @@ mod tests {
         assert_eq!(Config::from_args(args(&[]), None).unwrap().control, None);
         let c = Config::from_args(args(&["--control", "/tmp/x.sock"]), None).unwrap();
         assert_eq!(c.control, Some(PathBuf::from("/tmp/x.sock")));
+    }
+
+    #[test]
+    fn log_prefix_defaults_to_slot_pid() {
+        assert_eq!(Config::from_args(args(&[]), None).unwrap().log_prefix, LogPrefix::SlotPid);
+        assert_eq!(Config::from_args(args(&["--log-prefix", "none"]), None).unwrap().log_prefix, LogPrefix::None);
+        let e = Config::from_args(args(&["--log-prefix", "yes"]), None).unwrap_err();
+        assert_eq!(flag_of(e), "--log-prefix");
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod contract;
 mod control;
 mod error;
 mod event;
+mod logs;
 mod notify;
 mod proxy;
 mod readiness;
@@ -37,7 +38,6 @@ mod steer;
 mod supervisor;
 mod upstream;
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -53,16 +53,10 @@ fn main() -> ExitCode {
     if control::client::is_subcommand(argv.get(1)) {
         return ExitCode::from(control::client::main(argv));
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(|buf, record| {
-            let level = match record.level() {
-                log::Level::Info => String::new(),
-                l => format!("{}: ", l.as_str().to_lowercase()),
-            };
-            writeln!(buf, "reuse-launch: {level}{}", record.args())
-        })
-        .init();
-    match run() {
+    logs::init();
+    let result = run();
+    logs::finish();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("reuse-launch: {e}");
@@ -74,6 +68,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), Error> {
     let args = cli::Args::parse();
     let config = cli::Config::from_args(args, std::env::var("PORT").ok())?;
+    logs::start(config.log_prefix).map_err(|e| Error::Failed(format!("cannot start the log thread: {e}")))?;
     let program = command::Program::resolve(&config.command)?;
     let identity =
         config.user.as_deref().map(|user| command::resolve_identity(user, config.group.as_deref())).transpose()?;

@@ -58,6 +58,8 @@ pub struct State {
     pub listeners: ListenerState,
     /// The sentinel's pid and the launcher's end of its pipe.
     pub sentinel: Option<(u32, RawFd)>,
+    /// The workers' log pipes being pumped: (read end, stderr?, prefix).
+    pub logs: Vec<(RawFd, bool, String)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -221,6 +223,9 @@ impl State {
         if let Some((pid, fd)) = self.sentinel {
             let _ = writeln!(o, "sentinel {pid} {fd}");
         }
+        for (fd, stderr, prefix) in &self.logs {
+            let _ = writeln!(o, "log {fd} {} {}", if *stderr { "err" } else { "out" }, enc(prefix));
+        }
         let l = &self.listeners;
         let binds: Vec<String> = l.binds.iter().map(|(n, a)| format!("{}={}", enc(n), a)).collect();
         let fds: Vec<String> = l.sockets.iter().map(|f| f.to_string()).collect();
@@ -345,6 +350,11 @@ impl State {
                     num(f.next(), "memory new")? as u64,
                     num(f.next(), "memory slot")? as usize,
                     num(f.next(), "memory old")? as u64,
+                )),
+                Some("log") => s.logs.push((
+                    num(f.next(), "log fd")? as RawFd,
+                    f.next() == Some("err"),
+                    dec(f.next().unwrap_or("%")),
                 )),
                 Some("sentinel") => {
                     s.sentinel = Some((num(f.next(), "sentinel pid")? as u32, num(f.next(), "sentinel fd")? as RawFd))
@@ -574,6 +584,7 @@ mod tests {
                 sockets: vec![3, 4, 5, 6, 7, 8],
             },
             sentinel: Some((777, 12)),
+            logs: vec![(20, false, "[0 1234] ".into()), (21, true, "[0 1234] ".into())],
         }
     }
 

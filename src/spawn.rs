@@ -10,7 +10,10 @@
 //!    launcher started with;
 //! 3. the slot's listening sockets moved to fds 3, 4, ... (without CLOEXEC); every other fd
 //!    above them is marked CLOEXEC, so the worker sees 0-2 and its own sockets, nothing else;
-//!    with `--socket-on-stdin`, fd 3 is then also dup2'd onto fd 0 (inetd "wait" style);
+//!    with `--socket-on-stdin`, fd 3 is then also dup2'd onto fd 0 (inetd "wait" style); with
+//!    log pipes (`--log-prefix slot-pid`, see `logs`), their write ends are dup2'd onto fds 1
+//!    and 2 (first moved above the target range, like the sockets; the parent made them, with
+//!    O_CLOEXEC, and closes its copies after the fork);
 //! 4. with `--user`: supplementary groups, gid, uid dropped (and checked);
 //! 5. `PR_SET_PDEATHSIG = SIGKILL` (after 4: a credential change clears it), then a check that
 //!    the launcher is still its parent. The death signal fires when the *thread* that forked
@@ -64,6 +67,9 @@ pub struct Spec<'a> {
     /// Pin the worker to this CPU.
     pub cpu: Option<usize>,
     pub creds: Option<&'a Credentials>,
+    /// Become the worker's fds 1 and 2 (the write ends of its log pipes, see `logs`); None:
+    /// it inherits the launcher's.
+    pub stdio: Option<[RawFd; 2]>,
 }
 
 /// What the child reads between fork and exec: built in the parent, so the child allocates nothing.
@@ -73,6 +79,8 @@ struct ChildCtx {
     nfds: usize,
     /// dup2 fd 3 (the first listening socket, once in place) onto fd 0.
     stdin_socket: bool,
+    /// dup2 onto fds 1 and 2 (the log pipes' write ends).
+    stdio: Option<[RawFd; 2]>,
     /// CPU affinity to set (built in the parent).
     cpus: Option<CpuSet>,
     pipe_w: RawFd,
@@ -126,6 +134,7 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
         fds: [-1; MAX_FDS],
         nfds: spec.fds.len(),
         stdin_socket: spec.socket_on_stdin,
+        stdio: spec.stdio,
         cpus: spec.cpu.and_then(cpu_set),
         pipe_w: pipe_w.as_raw_fd(),
         pid_slots,
@@ -208,6 +217,16 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         if pipe < 0 {
             fail(ctx.pipe_w);
         }
+        // The log pipes too: their numbers may be among 3.. (or even 1 and 2).
+        let mut stdio = [-1 as RawFd; 2];
+        if let Some(fds) = &ctx.stdio {
+            for (t, &fd) in stdio.iter_mut().zip(fds) {
+                *t = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
+                if *t < 0 {
+                    fail(pipe);
+                }
+            }
+        }
         let mut tmp = [-1 as RawFd; MAX_FDS];
         for (t, &fd) in tmp.iter_mut().zip(&ctx.fds).take(nfds) {
             *t = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
@@ -224,6 +243,10 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         // inetd "wait" style: the first listening socket is also stdin (replacing whatever fd 0
         // was); dup2 leaves fd 0 without CLOEXEC.
         if ctx.stdin_socket && libc::dup2(3, 0) < 0 {
+            fail(pipe);
+        }
+        // The log pipes become stdout and stderr (dup2 leaves them without CLOEXEC).
+        if ctx.stdio.is_some() && (libc::dup2(stdio[0], 1) < 0 || libc::dup2(stdio[1], 2) < 0) {
             fail(pipe);
         }
         if let Some(set) = &ctx.cpus {

@@ -57,6 +57,8 @@ impl<O: Os> Supervisor<O> {
     /// Start a worker of generation `gen` on `slot`; `candidate` when a roll starts it.
     pub(super) fn spawn(&mut self, slot: usize, gen: u64, candidate: bool, now: Instant) -> std::io::Result<WorkerId> {
         let id = self.workers.next_id();
+        // With --log-prefix slot-pid: the worker's stdout and stderr pipes (closed on failure).
+        let log_pipes = crate::logs::pipes()?;
         let notify_socket = match &self.notify {
             Some(hub) => Some(hub.open(id)?),
             None => None,
@@ -70,7 +72,8 @@ impl<O: Os> Supervisor<O> {
         let creds = self.contract.identity.as_ref().map(|i| &i.creds);
         let socket_on_stdin = self.cfg.socket_on_stdin;
         let cpu = self.cpus.as_ref().map(|cpus| cpus[slot % cpus.len()]);
-        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, socket_on_stdin, cpu, creds };
+        let stdio = log_pipes.as_ref().map(|p| p.child_fds());
+        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, socket_on_stdin, cpu, creds, stdio };
         let pid = match self.os.spawn(&self.program, &spec) {
             Ok(pid) => pid,
             Err(e) => {
@@ -80,6 +83,9 @@ impl<O: Os> Supervisor<O> {
                 return Err(e);
             }
         };
+        if let Some(pipes) = log_pipes {
+            pipes.register(slot, pid.as_raw());
+        }
         let ready_at = match self.cfg.ready {
             Ready::Delay(d) => Some(now + d),
             Ready::Auto(d) if self.slot_inodes.is_none() => Some(now + d),

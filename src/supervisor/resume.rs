@@ -106,6 +106,11 @@ impl<O: Os> Supervisor<O> {
         keep.extend(notify.iter().map(|n| n.1));
         let sentinel = self.sentinel.as_ref().map(|s| (s.pid(), s.pipe_fd()));
         keep.extend(sentinel.map(|s| s.1));
+        let logs: Vec<(RawFd, bool, String)> = crate::logs::handover()
+            .into_iter()
+            .map(|(fd, err, prefix)| (fd, err, String::from_utf8_lossy(&prefix).into_owned()))
+            .collect();
+        keep.extend(logs.iter().map(|l| l.0));
         let state = State {
             desired: self.desired,
             next_id: self.workers.next_id(),
@@ -124,6 +129,7 @@ impl<O: Os> Supervisor<O> {
                 sockets,
             },
             sentinel,
+            logs,
         };
         (state, keep)
     }
@@ -185,6 +191,9 @@ impl<O: Os> Supervisor<O> {
             }
         }
         self.memory.restore(&state.memory);
+        for (fd, stderr, prefix) in state.logs {
+            crate::logs::adopt(fd, stderr, prefix.into_bytes());
+        }
         // The old image's steering program is still attached to the groups: whatever this one
         // decides at its first turn replaces it.
         self.bpf = Some(Vec::new());

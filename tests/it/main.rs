@@ -8,6 +8,7 @@
 //! - `runtimes`: Go, puma, Starman, Rust listenfd and Java workers rolled under load.
 //! - `sticky`: socket.io long-polling sessions under `--steer ip` and `--steer hash` (issue 8).
 //! - `control`: the control socket and the client subcommands (issue 9).
+//! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
 //!
 //! Run one area with `cargo test --test it core::`.
 
@@ -16,6 +17,7 @@ mod control;
 mod conventions;
 mod core;
 mod leftovers;
+mod logs;
 mod modes;
 mod real_servers;
 mod restart;
