@@ -742,6 +742,16 @@ pub fn processes() -> Vec<ProcInfo> {
         .collect()
 }
 
+/// Is `pid` a launcher's sentinel (`reuse-launch __sentinel`, see src/sentinel.rs)?
+pub fn is_sentinel(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"__sentinel"))
+}
+
+/// The children of `launcher` but its sentinel: its workers and the orphans it adopted.
+pub fn launcher_children(launcher: i32) -> Vec<ProcInfo> {
+    children_of(launcher).into_iter().filter(|p| !is_sentinel(p.pid)).collect()
+}
+
 /// The children of process `ppid`, zombies included.
 pub fn children_of(ppid: i32) -> Vec<ProcInfo> {
     processes().into_iter().filter(|p| p.ppid == ppid).collect()

@@ -400,8 +400,7 @@ fn ten_reexecs_under_load_lose_nothing_and_keep_every_worker() {
     assert_eq!(pids(&after), pids(&before), "the workers changed");
     assert_eq!(l.count("resumed after reexec: 3 workers in 3 slots"), 10, "{}", l.log());
     let launcher = after.get("pid").and_then(Value::as_u64).unwrap() as i32;
-    let sentinels =
-        children_of(launcher).into_iter().filter(|c| cmdline(c.pid).iter().any(|a| a == "__sentinel")).count();
+    let sentinels = children_of(launcher).into_iter().filter(|c| is_sentinel(c.pid)).count();
     assert_eq!(sentinels, 1, "the sentinel is handed over, not started again");
     // Still a launcher: a roll, then a crash respawn.
     assert_eq!(client(&["roll", "--control", sock.str()]).code, 0);

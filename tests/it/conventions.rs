@@ -165,8 +165,8 @@ fn runs_as_pid_1_of_a_pid_namespace() {
     let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
     assert!(nspid.ends_with("\t1"), "the launcher is not pid 1 in its namespace: {nspid}");
     l.poll_answers(secs(20), |r| distinct(r).len() >= 2);
-    let zombies = || children_of(launcher).iter().filter(|p| p.state == "Z").count();
-    let orphans_gone = || children_of(launcher).len() == 2;
+    let zombies = || launcher_children(launcher).iter().filter(|p| p.state == "Z").count();
+    let orphans_gone = || launcher_children(launcher).len() == 2;
     assert!(wait_until(secs(10), || zombies() == 0 && orphans_gone()), "orphans not reaped: {:?}", processes());
     signal(launcher, Signal::SIGTERM);
     assert_eq!(l.exit_code(secs(20)), 0, "{}", l.log());

@@ -280,9 +280,9 @@ fn no_zombies_after_many_respawns() {
     }
     assert_eq!(l.started().len(), 15);
     let launcher = l.pid();
-    let zombies = || children_of(launcher).iter().filter(|p| p.state == "Z").count();
+    let zombies = || launcher_children(launcher).iter().filter(|p| p.state == "Z").count();
     assert!(wait_until(secs(10), || zombies() == 0), "zombies left: {:?}", processes());
-    let children = || children_of(launcher).len();
+    let children = || launcher_children(launcher).len();
     assert!(wait_until(secs(10), || children() == 3), "launcher children: {}", children());
     l.poll_answers(secs(20), |r| distinct(r).len() >= 3);
 }
