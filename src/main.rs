@@ -16,6 +16,7 @@ mod command;
 mod contract;
 mod error;
 mod event;
+mod metrics;
 mod notify;
 mod proxy;
 mod readiness;

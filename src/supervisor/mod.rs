@@ -13,9 +13,11 @@
 //! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
 
 mod commands;
+mod drain;
 mod lifecycle;
 mod memory;
 mod os;
+mod publish;
 mod ready;
 mod routing;
 mod scale;
@@ -29,6 +31,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use signal_hook::consts::signal::*;
 
+pub use memory::group_rss;
 pub use os::{Os, RealOs};
 
 use crate::cli::{Config, Ready};
@@ -98,6 +101,12 @@ pub struct Supervisor<O: Os> {
     /// when to look at starting workers next.
     slot_inodes: Option<Vec<Vec<u64>>>,
     next_probe: Option<Instant>,
+    /// `--metrics`: what the endpoint's thread reads, and when and from what the loop last
+    /// published (see `publish`).
+    board: Option<std::sync::Arc<crate::metrics::Board>>,
+    published: Option<(Instant, u64)>,
+    /// `--drain-delay`: TERM/INT arrived; the workers are stopped at this time.
+    drain_until: Option<Instant>,
 }
 
 impl<O: Os> Supervisor<O> {
@@ -161,7 +170,7 @@ impl<O: Os> Supervisor<O> {
         let slots_n = cfg.workers;
         let cpus = cfg.pin.then(allowed_cpus);
         let slots = (0..cfg.workers).map(|_| Slot { gen: 1, ..Slot::default() }).collect();
-        Ok(Supervisor {
+        let mut supervisor = Supervisor {
             roll: Roll::new(cfg.workers, cfg.ready_timeout),
             cfg,
             listeners,
@@ -190,7 +199,12 @@ impl<O: Os> Supervisor<O> {
             reporter: Reporter::from_env(Instant::now()),
             slot_inodes,
             next_probe: None,
-        })
+            board: None,
+            published: None,
+            drain_until: None,
+        };
+        supervisor.start_metrics(Instant::now())?;
+        Ok(supervisor)
     }
 
     /// Where the signal thread sends its events.
@@ -245,8 +259,11 @@ impl<O: Os> Supervisor<O> {
     fn handle(&mut self, ev: Event, now: Instant) {
         match ev {
             Event::Signal(SIGCHLD) => self.reap(now),
-            Event::Signal(SIGTERM | SIGINT) if self.shutdown.is_none() => self.stop_all(Shutdown::Graceful, now),
-            Event::Signal(SIGTERM | SIGINT | SIGQUIT) => self.stop_all(Shutdown::Immediate, now),
+            Event::Signal(SIGTERM) => self.stop_signal("TERM", now),
+            Event::Signal(SIGINT) => self.stop_signal("INT", now),
+            Event::Signal(SIGQUIT) => self.stop_all(Shutdown::Immediate, now),
+            Event::Signal(sig @ (SIGUSR2 | SIGHUP | SIGTTIN | SIGTTOU))
+                if self.refused_while_draining(if sig == SIGTTIN || sig == SIGTTOU { "scaling" } else { "roll" }) => {}
             Event::Signal(SIGUSR2) => self.request_roll("USR2", now),
             Event::Signal(SIGHUP) => self.request_roll("HUP", now),
             Event::Signal(SIGTTIN) => {
@@ -284,6 +301,7 @@ impl<O: Os> Supervisor<O> {
     /// Everything that is due at `now`, in order.
     fn tick(&mut self, now: Instant) -> Result<(), Error> {
         self.kill_overdue(now);
+        self.drain_due(now);
         self.fire_timers(now);
         self.reporter.tick(now);
         let actions = self.roll.step(crate::roll::Input::Tick, now);
@@ -296,6 +314,7 @@ impl<O: Os> Supervisor<O> {
         self.steer();
         self.announce_ready();
         self.report_status();
+        self.publish(now);
         Ok(())
     }
 
@@ -318,6 +337,8 @@ impl<O: Os> Supervisor<O> {
             .chain(self.next_probe())
             .chain(self.next_sample())
             .chain(self.next_memory_sample())
+            .chain(self.drain_until.filter(|_| self.shutdown.is_none()))
+            .chain(self.next_beat())
             .min()
     }
 
@@ -333,6 +354,8 @@ impl<O: Os> Supervisor<O> {
         }
         if self.shutdown.is_some() {
             status = format!("stopping, {} workers left", self.workers.len());
+        } else if self.drain_until.is_some() {
+            status = format!("draining before the stop, {}/{} workers ready", self.workers.ready_count(), self.desired);
         }
         self.reporter.status(status);
     }
