@@ -5,12 +5,14 @@
 //! - `modes`: the balancing modes (issue 3).
 //! - `conventions`: readiness, the watchdog, sd_notify, `--user`, pid 1 (issue 4).
 //! - `real_servers`: servers of other languages, and systemd's tools.
+//! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
 //!
 //! Run one area with `cargo test --test it core::`.
 
 mod common;
 mod conventions;
 mod core;
+mod fleet;
 mod modes;
 mod real_servers;
 mod runtimes;
