@@ -20,8 +20,10 @@ const AFTER_HELP: &str = "\
 SIGNALS (send to the launcher's pid):
   USR2, HUP     rolling restart: one slot at a time, new worker ready before the old one stops
   TERM, INT     graceful stop: stop signal to every worker, SIGKILL after --grace, exit 0
+                (with --drain-delay: /readyz says 503 at once, workers keep serving that long)
   second TERM/INT, QUIT
-                immediate stop: SIGKILL every worker's process group, exit
+                immediate stop: SIGKILL every worker's process group, exit (a second TERM/INT
+                during --drain-delay ends the delay: the graceful stop starts at once)
 
 WORKER ENVIRONMENT (fds 3.. are the listening sockets, in --bind order):
   LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES   systemd socket-activation variables (sd_listen_fds)
@@ -42,7 +44,8 @@ LAUNCHER ENVIRONMENT:
   REUSE_LAUNCH_MODE, REUSE_LAUNCH_BACKLOG, REUSE_LAUNCH_GRACE, REUSE_LAUNCH_STOP_SIGNAL,
   REUSE_LAUNCH_READY, REUSE_LAUNCH_READY_DELAY, REUSE_LAUNCH_READY_TIMEOUT,
   REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP,
-  REUSE_LAUNCH_SOCKET_ON_STDIN, REUSE_LAUNCH_CONTROL, REUSE_LAUNCH_LOG_PREFIX;
+  REUSE_LAUNCH_SOCKET_ON_STDIN, REUSE_LAUNCH_CONTROL, REUSE_LAUNCH_LOG_PREFIX, REUSE_LAUNCH_METRICS,
+  REUSE_LAUNCH_MIN_READY, REUSE_LAUNCH_DRAIN_DELAY;
   PORT sets the default bind; RUST_LOG the log level. Started with LISTEN_FDS/LISTEN_PID
   (systemd socket activation) it adopts those sockets instead of binding; with NOTIFY_SOCKET it
   reports READY=1, RELOADING=1, STATUS=, STOPPING=1 to its own supervisor.
@@ -164,6 +167,22 @@ pub struct Args {
     #[arg(long, env = "REUSE_LAUNCH_LOG_PREFIX", default_value = "slot-pid", value_name = "slot-pid|none")]
     pub log_prefix: String,
 
+    /// Serve `GET /metrics` (Prometheus text), `/healthz` (the supervisor loop turns) and
+    /// `/readyz` (enough workers ready, not stopping) on this address (HOST:PORT, :PORT), from a
+    /// thread of its own.
+    #[arg(long, env = "REUSE_LAUNCH_METRICS", value_name = "ADDR")]
+    pub metrics: Option<String>,
+
+    /// With --metrics: `/readyz` answers 200 once this many workers are ready (default: every
+    /// desired worker; never more than the desired number).
+    #[arg(long, env = "REUSE_LAUNCH_MIN_READY", value_name = "N")]
+    pub min_ready: Option<String>,
+
+    /// On TERM/INT, keep serving this long before stopping the workers, while `/readyz` already
+    /// says 503 (Kubernetes' preStop sleep, without a sleep binary in the image).
+    #[arg(long, env = "REUSE_LAUNCH_DRAIN_DELAY", default_value = "0s", value_name = "DURATION")]
+    pub drain_delay: String,
+
     /// Give up (exit 1) when every slot's worker died this many times in a row before it
     /// became ready.
     #[arg(long, env = "REUSE_LAUNCH_MAX_START_FAILURES", default_value = "5", value_name = "N")]
@@ -233,6 +252,12 @@ pub struct Config {
     pub control: Option<PathBuf>,
     /// `--log-prefix`: workers' output through the launcher, prefixed, or inherited.
     pub log_prefix: LogPrefix,
+    /// `--metrics`: where to serve /metrics, /healthz and /readyz.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// `--min-ready`: ready workers /readyz needs (None: every desired one).
+    pub min_ready: Option<usize>,
+    /// `--drain-delay`: serving on after TERM/INT before the workers are stopped.
+    pub drain_delay: Duration,
     pub command: Vec<OsString>,
 }
 
@@ -319,6 +344,29 @@ impl Config {
             },
             None => None,
         };
+        let metrics = match &args.metrics {
+            Some(m) if m.contains('=') => {
+                return Err(usage("--metrics", m, "expected HOST:PORT, [V6]:PORT or :PORT (no name)"))
+            }
+            Some(m) => Some(BindSpec::parse(m, 0).map_err(|e| usage("--metrics", m, e))?.addr),
+            None => None,
+        };
+        let min_ready = match &args.min_ready {
+            Some(n) => match n.parse::<usize>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(usage("--min-ready", n, "expected a positive number")),
+            },
+            None => None,
+        };
+        if min_ready.is_some() && metrics.is_none() {
+            return Err(usage(
+                "--min-ready",
+                args.min_ready.as_deref().unwrap_or(""),
+                "needs --metrics (it is /readyz's rule)",
+            ));
+        }
+        let drain_delay =
+            parse_duration(&args.drain_delay).map_err(|e| usage("--drain-delay", &args.drain_delay, e))?;
         if args.group.is_some() && args.user.is_none() {
             return Err(usage("--group", args.group.as_deref().unwrap_or(""), "needs --user as well"));
         }
@@ -336,6 +384,9 @@ impl Config {
             pin: args.pin || steer == Steer::Cpu,
             control: args.control.filter(|p| !p.as_os_str().is_empty()),
             log_prefix,
+            metrics,
+            min_ready,
+            drain_delay,
             workers,
             binds,
             mode,
@@ -539,6 +590,24 @@ mod tests {
         assert_eq!(Config::from_args(args(&["--log-prefix", "none"]), None).unwrap().log_prefix, LogPrefix::None);
         let e = Config::from_args(args(&["--log-prefix", "yes"]), None).unwrap_err();
         assert_eq!(flag_of(e), "--log-prefix");
+    }
+
+    #[test]
+    fn metrics_min_ready_and_drain_delay() {
+        let c = Config::from_args(args(&[]), None).unwrap();
+        assert_eq!((c.metrics, c.min_ready, c.drain_delay), (None, None, Duration::ZERO));
+        let c = Config::from_args(args(&["--metrics", "127.0.0.1:9100", "--min-ready", "2"]), None).unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.min_ready, Some(2));
+        let c = Config::from_args(args(&["--metrics", ":9100", "--drain-delay", "5s"]), None).unwrap();
+        assert_eq!(c.metrics, Some("0.0.0.0:9100".parse().unwrap()));
+        assert_eq!(c.drain_delay, Duration::from_secs(5));
+        assert_eq!(flag_of(Config::from_args(args(&["--metrics", "9100"]), None).unwrap_err()), "--metrics");
+        assert_eq!(flag_of(Config::from_args(args(&["--metrics", "m=:9100"]), None).unwrap_err()), "--metrics");
+        let e = Config::from_args(args(&["--metrics", ":9100", "--min-ready", "0"]), None).unwrap_err();
+        assert_eq!(flag_of(e), "--min-ready");
+        assert_eq!(flag_of(Config::from_args(args(&["--min-ready", "1"]), None).unwrap_err()), "--min-ready");
+        assert_eq!(flag_of(Config::from_args(args(&["--drain-delay", "soon"]), None).unwrap_err()), "--drain-delay");
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod control;
 mod error;
 mod event;
 mod logs;
+mod metrics;
 mod notify;
 mod proxy;
 mod readiness;

@@ -102,7 +102,7 @@ impl<O: Os> Supervisor<O> {
             desired: self.desired,
             ready: self.workers.ready_count(),
             roll: self.roll.progress(),
-            stopping: self.shutdown.is_some(),
+            stopping: self.shutdown.is_some() || self.drain_until.is_some(),
             slots,
         }
     }

@@ -157,8 +157,11 @@ impl<O: Os> Supervisor<O> {
                 }
             }
         }
-        if self.shutdown.is_none() {
+        if self.shutdown.is_none() && self.drain_until.is_none() {
             self.reporter.stopping();
+        }
+        if let Some(board) = &self.board {
+            board.set_stopping();
         }
         self.shutdown = Some(how);
     }

@@ -13,9 +13,11 @@
 //! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
 
 mod commands;
+mod drain;
 mod lifecycle;
 mod memory;
 mod os;
+mod publish;
 mod ready;
 mod resume;
 mod routing;
@@ -30,6 +32,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use signal_hook::consts::signal::*;
 
+pub use memory::group_rss;
 pub use os::{Os, RealOs};
 pub use resume::listeners_from;
 
@@ -102,6 +105,12 @@ pub struct Supervisor<O: Os> {
     /// when to look at starting workers next.
     slot_inodes: Option<Vec<Vec<u64>>>,
     next_probe: Option<Instant>,
+    /// `--metrics`: what the endpoint's thread reads, and when and from what the loop last
+    /// published (see `publish`).
+    board: Option<std::sync::Arc<crate::metrics::Board>>,
+    published: Option<(Instant, u64)>,
+    /// `--drain-delay`: TERM/INT arrived; the workers are stopped at this time.
+    drain_until: Option<Instant>,
 }
 
 impl<O: Os> Supervisor<O> {
@@ -170,7 +179,7 @@ impl<O: Os> Supervisor<O> {
         let slots = (0..slots_n)
             .map(|s| Slot { gen: 1, retiring: (s >= cfg.workers).then_some(now), ..Slot::default() })
             .collect();
-        Ok(Supervisor {
+        let mut supervisor = Supervisor {
             roll: Roll::new(cfg.workers, cfg.ready_timeout),
             cfg,
             listeners,
@@ -200,7 +209,12 @@ impl<O: Os> Supervisor<O> {
             reporter: Reporter::from_env(Instant::now()),
             slot_inodes,
             next_probe: None,
-        })
+            board: None,
+            published: None,
+            drain_until: None,
+        };
+        supervisor.start_metrics(Instant::now())?;
+        Ok(supervisor)
     }
 
     /// Give the supervisor the sentinel (see `sentinel`), released when it exits in order.
@@ -273,8 +287,11 @@ impl<O: Os> Supervisor<O> {
     fn handle(&mut self, ev: Event, now: Instant) {
         match ev {
             Event::Signal(SIGCHLD) => self.reap(now),
-            Event::Signal(SIGTERM | SIGINT) if self.shutdown.is_none() => self.stop_all(Shutdown::Graceful, now),
-            Event::Signal(SIGTERM | SIGINT | SIGQUIT) => self.stop_all(Shutdown::Immediate, now),
+            Event::Signal(SIGTERM) => self.stop_signal("TERM", now),
+            Event::Signal(SIGINT) => self.stop_signal("INT", now),
+            Event::Signal(SIGQUIT) => self.stop_all(Shutdown::Immediate, now),
+            Event::Signal(sig @ (SIGUSR2 | SIGHUP | SIGTTIN | SIGTTOU))
+                if self.refused_while_draining(if sig == SIGTTIN || sig == SIGTTOU { "scaling" } else { "roll" }) => {}
             Event::Signal(SIGUSR2) => self.request_roll("USR2", now),
             Event::Signal(SIGHUP) => self.request_roll("HUP", now),
             Event::Signal(SIGTTIN) => {
@@ -312,6 +329,7 @@ impl<O: Os> Supervisor<O> {
     /// Everything that is due at `now`, in order.
     fn tick(&mut self, now: Instant) -> Result<(), Error> {
         self.kill_overdue(now);
+        self.drain_due(now);
         self.fire_timers(now);
         self.reporter.tick(now);
         let actions = self.roll.step(crate::roll::Input::Tick, now);
@@ -324,6 +342,7 @@ impl<O: Os> Supervisor<O> {
         self.steer();
         self.announce_ready();
         self.report_status();
+        self.publish(now);
         Ok(())
     }
 
@@ -346,6 +365,8 @@ impl<O: Os> Supervisor<O> {
             .chain(self.next_probe())
             .chain(self.next_sample())
             .chain(self.next_memory_sample())
+            .chain(self.drain_until.filter(|_| self.shutdown.is_none()))
+            .chain(self.next_beat())
             .min()
     }
 
@@ -361,6 +382,8 @@ impl<O: Os> Supervisor<O> {
         }
         if self.shutdown.is_some() {
             status = format!("stopping, {} workers left", self.workers.len());
+        } else if self.drain_until.is_some() {
+            status = format!("draining before the stop, {}/{} workers ready", self.workers.ready_count(), self.desired);
         }
         self.reporter.status(status);
     }

@@ -9,6 +9,7 @@
 //! - `sticky`: socket.io long-polling sessions under `--steer ip` and `--steer hash` (issue 8).
 //! - `control`: the control socket and the client subcommands (issue 9).
 //! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
+//! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
 //!
 //! Run one area with `cargo test --test it core::`.
 
@@ -16,6 +17,7 @@ mod common;
 mod control;
 mod conventions;
 mod core;
+mod fleet;
 mod leftovers;
 mod logs;
 mod modes;
