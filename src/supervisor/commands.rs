@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::os::Os;
 use super::workers::State;
-use super::{Shutdown, Supervisor};
+use super::Supervisor;
 use crate::event::{Answer, Command, Reply, Scale};
 use crate::snapshot::{SlotSnapshot, Snapshot, WorkerSnapshot};
 
@@ -17,6 +17,9 @@ impl<O: Os> Supervisor<O> {
     pub(super) fn command(&mut self, command: Command, now: Instant) -> Reply {
         match command {
             Command::Status => Ok(Answer::Status(Box::new(self.snapshot(now)))),
+            Command::Scale(_) | Command::Roll | Command::Reexec if self.drain_until.is_some() => {
+                Err("the launcher is draining before its stop".into())
+            }
             Command::Scale(to) => self.scale(to, "control", now).map(|desired| Answer::Scaled { desired }),
             Command::Roll => {
                 if self.shutdown.is_some() {
@@ -29,8 +32,9 @@ impl<O: Os> Supervisor<O> {
             Command::Reexec => self.reexec_check().map(|(path, version)| Answer::Reexec { path, version }),
             Command::ReexecNow => Err(self.reexec_now(now)),
             Command::Stop => {
-                if self.shutdown.is_none() {
-                    self.stop_all(Shutdown::Graceful, now);
+                // As TERM: through --drain-delay first, if set (a stop already under way stays).
+                if self.shutdown.is_none() && self.drain_until.is_none() {
+                    self.stop_signal("stop", now);
                 }
                 Ok(Answer::Stopping)
             }

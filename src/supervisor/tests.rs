@@ -452,3 +452,20 @@ fn with_metrics_the_loop_beats_every_second_and_publishes_only_changes() {
     s.handle(Event::Signal(signal_hook::consts::SIGTERM), t + 1300 * MS);
     assert!(board.stopping());
 }
+
+/// The control socket's stop goes through --drain-delay like TERM, and nothing else is taken
+/// meanwhile.
+#[test]
+fn control_stop_drains_first_and_refuses_changes_meanwhile() {
+    let t0 = Instant::now();
+    let mut s = supervisor(&["-n", "1", "--drain-delay", "2s"]);
+    s.start_all(t0).unwrap();
+    s.tick(t0 + 100 * MS).unwrap();
+    let pid = s.pid_on(0);
+    assert_eq!(s.command(Command::Stop, t0 + 200 * MS), Ok(Answer::Stopping));
+    assert!(s.os.signals_to(pid).is_empty(), "no stop signal during the drain delay");
+    assert!(s.command(Command::Roll, t0 + 300 * MS).unwrap_err().contains("draining"));
+    assert!(s.command(Command::Scale(Scale::To(3)), t0 + 300 * MS).unwrap_err().contains("draining"));
+    s.tick(t0 + 2200 * MS).unwrap();
+    assert_eq!(s.os.signals_to(pid), vec![Signal::SIGTERM]);
+}
