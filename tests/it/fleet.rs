@@ -252,9 +252,11 @@ fn healthz_and_readyz_follow_the_loop_and_the_workers() {
 #[test]
 fn min_ready_keeps_readyz_up_while_enough_workers_serve() {
     let flag = TempPath::new("crash-loop");
+    // Ready when seen accepting (not after a delay): a worker must have passed its start-up
+    // check of the flag before the test creates it.
     let l = Launch::new()
         .workers(3)
-        .ready_delay("200ms")
+        .ready("auto")
         .flag("--metrics", "127.0.0.1:0")
         .flag("--min-ready", "2")
         .py(&["--exit-if-file", flag.str()])
