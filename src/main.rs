@@ -31,6 +31,9 @@ mod steer;
 mod supervisor;
 mod upstream;
 
+#[cfg(test)]
+mod proptests;
+
 use std::io::Write;
 use std::process::ExitCode;
 
