@@ -120,8 +120,7 @@ def markdown(data, segs, per, totals) -> str:
             L.append(f"| {name} | {p['requests']} | {k['kills']} | {k['losses']} | {k['mean']:.2f} | {k['max']} | "
                      f"{k['zero']} | {p['unexplained']} ({p['errors']}) | {every:.2f} |")
         L += ["", "SIGKILLs are the only fault in these two segments, so every failure there follows a kill; "
-              "\"other failures\" are those the rules do not attribute (for Node cluster: a connection the "
-              "primary had handed to the killed worker hangs until the client's 10 s timeout).", ""]
+              "\"other failures\" are those the rules do not attribute (timeouts, refusals).", ""]
     L += ["## Faults injected", "", "| kind | " + " | ".join(s.name for s in segs) + " |",
           "|---|" + "---|" * len(segs)]
     kinds = sorted({k for s in segs for k in per[s.name]["faults"]})
