@@ -427,7 +427,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let (num, unit) = t.split_at(split);
     let value: f64 = num.parse().map_err(|_| err())?;
     let unit = unit.trim().to_ascii_uppercase();
-    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
+    // One optional `B` or `iB` after the letter (`B` alone: bytes), not several.
+    let letter = unit.strip_suffix("IB").filter(|l| !l.is_empty()).or_else(|| unit.strip_suffix('B')).unwrap_or(&unit);
+    let shift = match letter {
         "" => 0,
         "K" => 10,
         "M" => 20,
@@ -442,24 +444,42 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Parse `500ms`, `2s`, `1.5s`, `1m`, `1h`; a bare number is seconds.
+/// Parse `500ms`, `2s`, `1.5s`, `1m`, `1h`; a bare number is seconds. Exact to the nanosecond
+/// (decimal arithmetic, not floating point: `9737498469ms` is that many milliseconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || "expected a duration like 500ms, 2s or 1m".to_string();
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| err())?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
+    let nanos_per_unit: u128 = match unit {
+        "ms" => 1_000_000,
+        "" | "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
         _ => return Err(err()),
     };
-    if !secs.is_finite() || !(0.0..=86400.0 * 365.0).contains(&secs) {
+    let (whole, fraction) = num.split_once('.').unwrap_or((num, ""));
+    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
         return Err(err());
     }
-    Ok(Duration::from_secs_f64(secs))
+    // Leading zeros aside, more than 20 digits is far beyond the limit below anyway.
+    let whole = whole.trim_start_matches('0');
+    if whole.len() > 20 {
+        return Err(err());
+    }
+    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| err())? };
+    // Digits past the 18th are below a nanosecond for every unit: dropped.
+    let fraction = &fraction[..fraction.len().min(18)];
+    let fraction_nanos = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse::<u128>().map_err(|_| err())? * nanos_per_unit / 10u128.pow(fraction.len() as u32)
+    };
+    let nanos = whole * nanos_per_unit + fraction_nanos;
+    if nanos > 86400 * 365 * 1_000_000_000 {
+        return Err(err());
+    }
+    Ok(Duration::from_nanos(nanos as u64))
 }
 
 /// Parse `TERM`, `SIGTERM`, `term` or `15`.

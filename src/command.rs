@@ -83,21 +83,37 @@ pub struct Placeholders<'a> {
 
 impl Program {
     /// argv for one worker: `{fd}` (first listening fd), `{fds}` (all, comma-separated),
-    /// `{port}` (first bind's port) and `{slot}` replaced; anything else is left as written.
+    /// `{port}` (first bind's port) and `{slot}` replaced; anything else is left as written,
+    /// byte for byte (an argument need not be UTF-8).
     pub fn argv(&self, p: &Placeholders) -> Vec<CString> {
         if !self.argv.iter().any(|a| a.as_bytes().contains(&b'{')) {
             return self.argv.clone();
         }
         let fds: Vec<String> = (0..p.fds.len()).map(|i| (3 + i).to_string()).collect();
+        let values = [
+            ("{fds}", fds.join(",")),
+            ("{fd}", "3".to_string()),
+            ("{port}", p.port.to_string()),
+            ("{slot}", p.slot.to_string()),
+        ];
         self.argv
             .iter()
             .map(|a| {
-                let text = String::from_utf8_lossy(a.as_bytes())
-                    .replace("{fds}", &fds.join(","))
-                    .replace("{fd}", "3")
-                    .replace("{port}", &p.port.to_string())
-                    .replace("{slot}", &p.slot.to_string());
-                CString::new(text).unwrap_or_else(|_| a.clone())
+                let mut out = Vec::with_capacity(a.as_bytes().len());
+                let mut rest = a.as_bytes();
+                while let Some((&first, tail)) = rest.split_first() {
+                    match values.iter().find(|(name, _)| rest.starts_with(name.as_bytes())) {
+                        Some((name, value)) => {
+                            out.extend_from_slice(value.as_bytes());
+                            rest = &rest[name.len()..];
+                        }
+                        None => {
+                            out.push(first);
+                            rest = tail;
+                        }
+                    }
+                }
+                CString::new(out).unwrap_or_else(|_| a.clone())
             })
             .collect()
     }

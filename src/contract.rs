@@ -64,8 +64,8 @@ pub fn environment(inherited: &[(OsString, OsString)], c: &Contract, w: &WorkerV
     let replaced_by_identity = |k: &OsStr| c.identity.is_some() && ["USER", "LOGNAME", "HOME"].iter().any(|n| k == *n);
     let mut env: Vec<CString> = inherited
         .iter()
-        .filter(|(k, _)| !is_dropped(k) && !replaced_by_identity(k))
-        .map(|(k, v)| entry(&k.to_string_lossy(), v))
+        .filter(|(k, _)| representable(k) && !is_dropped(k) && !replaced_by_identity(k))
+        .map(|(k, v)| entry(k, v))
         .collect();
     env.push(entry("PORT", c.addrs[0].port().to_string()));
     env.push(entry("REUSE_LAUNCH_PID", c.launcher_pid.to_string()));
@@ -77,7 +77,7 @@ pub fn environment(inherited: &[(OsString, OsString)], c: &Contract, w: &WorkerV
         env.push(entry("SERVER_STARTER_PORT", starter.join(";")));
         env.push(entry("EINHORN_FD_COUNT", c.names.len().to_string()));
         for i in 0..c.names.len() {
-            env.push(entry(&format!("EINHORN_FD_{i}"), (3 + i).to_string()));
+            env.push(entry(format!("EINHORN_FD_{i}"), (3 + i).to_string()));
         }
     }
     if let Some(id) = &c.identity {
@@ -113,12 +113,21 @@ fn is_dropped(key: &OsStr) -> bool {
     DROPPED.iter().any(|d| key == OsStr::new(d)) || key.as_bytes().starts_with(DROPPED_PREFIX.as_bytes())
 }
 
-/// `KEY=VALUE` for execve (a value with a NUL byte, which no environment can hold, is emptied).
-fn entry(key: &str, value: impl AsRef<OsStr>) -> CString {
-    let mut v = key.as_bytes().to_vec();
+/// A name an environment can hold: not empty, no NUL, no `=` (but as its first byte, which
+/// `std::env::vars_os` can return).
+fn representable(key: &OsStr) -> bool {
+    let k = key.as_bytes();
+    !k.is_empty() && !k.contains(&0) && !k[1..].contains(&b'=')
+}
+
+/// `KEY=VALUE` for execve, byte for byte (names and values need not be UTF-8); a value with a
+/// NUL byte, which no environment can hold, is emptied.
+fn entry(key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> CString {
+    let mut v = key.as_ref().as_bytes().to_vec();
     v.push(b'=');
+    let name = v.clone();
     v.extend_from_slice(value.as_ref().as_bytes());
-    CString::new(v).unwrap_or_else(|_| CString::new(format!("{key}=")).expect("no NUL in key"))
+    CString::new(v).unwrap_or_else(|_| CString::new(name).expect("names with a NUL are filtered out"))
 }
 
 #[cfg(test)]

@@ -39,6 +39,9 @@ mod steer;
 mod supervisor;
 mod upstream;
 
+#[cfg(test)]
+mod proptests;
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -10,7 +10,8 @@
  *   PORT, HOST                 passed through to the workers (default 127.0.0.1:8080)
  *
  * Prints `primary pid=N policy=P: all K workers listening` once every worker listens.
- * Dead workers are not replaced (a benchmark wants to see it, not hide it).
+ * Dead workers are not replaced (a benchmark wants to see it, not hide it), unless RESPAWN=1
+ * (scripts/chaos: Node cluster under the same SIGKILLs as reuse-launch), which forks a new one.
  * SIGTERM/SIGINT stop every worker, then the primary exits.
  */
 const cluster = require('node:cluster');
@@ -37,7 +38,10 @@ function workerCount() {
   return n;
 }
 
+let stopping = false;
+
 function stopAll() {
+  stopping = true;
   for (const worker of Object.values(cluster.workers)) {
     worker.process.kill('SIGTERM');
   }
@@ -60,6 +64,9 @@ function main() {
   });
   cluster.on('exit', (worker, code, signal) => {
     console.error(`cluster.js: worker pid=${worker.process.pid} exited (${signal || code})`);
+    if (process.env.RESPAWN === '1' && !stopping) {
+      cluster.fork();
+    }
   });
   for (let i = 0; i < count; i++) {
     cluster.fork();

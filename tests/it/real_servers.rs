@@ -159,6 +159,40 @@ fn node_listen_fd_3() {
     assert_eq!(l.count(&listens), 4, "{}", l.log());
 }
 
+/// Regression (issue 11, found by scripts/chaos): node-fd.js stopped with `server.close()`,
+/// which in Node 19+ destroys every connection without a request in progress, so a connection
+/// between two keep-alive requests, or one accepted but not yet read, was reset when its
+/// request came just after the stop signal. Both must get an answer (with Connection: close).
+#[test]
+fn node_fd_sigterm_reset_connections_between_requests() {
+    use std::io::{Read, Write};
+    require(&["node", "--version"], "install Node.js 20 (apt-get install nodejs)");
+    let l = Launch::new().workers(1).grace("10s").ready_delay("300ms").cmd(&["node", &worker("node-fd.js")]).start();
+    l.wait_for(") ready after", secs(20));
+    let pid = l.latest_pid(0);
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", l.port())).unwrap();
+    // A keep-alive connection that has had one answer: now between two requests.
+    let mut kept = connect();
+    kept.set_read_timeout(Some(secs(10))).unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut first = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&first).contains(&format!("pid={pid} ")) {
+        let n = kept.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the first answer");
+        first.extend_from_slice(&buf[..n]);
+    }
+    // A connection the worker accepts, whose request has not come yet.
+    let mut fresh = connect();
+    std::thread::sleep(Duration::from_millis(300));
+    signal(pid, Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    for (name, conn) in [("keep-alive", &mut kept), ("accepted", &mut fresh)] {
+        let reply = read_reply(conn).unwrap_or_else(|e| panic!("{name} connection: {e}\n{}", l.log()));
+        assert_eq!(reply.pid, pid, "{name}");
+    }
+}
+
 #[test]
 fn gunicorn_adopts_listen_fds_and_reports_ready() {
     let gunicorn = venv("gunicorn");
