@@ -4,7 +4,10 @@
 //!
 //! Rules (also in the README):
 //! - A slot whose worker dies is respawned at once the first time, then after 0.5 s x1.5 per
-//!   further quick death, capped at 15 s. A worker that ran 30 s or more resets the count.
+//!   further quick death, capped at 15 s. A worker that ran 30 s or more, or that had been ready
+//!   and ran 5 s or more, resets the count: a serving worker killed now and then (an OOM kill, a
+//!   chaos test) is replaced at once each time, while one that crashes at or right after start
+//!   backs off.
 //! - A worker that dies before it was ready counts as a start failure of its slot. When every
 //!   slot has failed `--max-start-failures` times in a row, the launcher stops with an error.
 //!   One bad slot never stops the others.
@@ -32,6 +35,8 @@ use crate::spawn::Spec;
 const BACKOFF_START: Duration = Duration::from_millis(500);
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(15);
 pub(super) const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// A worker that had been ready and lived this long died of something else than its start.
+pub(super) const SERVED_AFTER: Duration = Duration::from_secs(5);
 
 /// Respawn delay after the `quick_deaths`-th quick death in a row (0 = the first).
 pub fn backoff(quick_deaths: u32) -> Duration {
@@ -257,7 +262,7 @@ impl<O: Os> Supervisor<O> {
     /// and schedule the slot's next worker.
     fn record_failure(&mut self, slot: usize, now: Instant, lived: Duration, was_ready: bool, what: String) {
         let s = &mut self.slots[slot];
-        if lived >= STABLE_AFTER {
+        if lived >= STABLE_AFTER || (was_ready && lived >= SERVED_AFTER) {
             s.quick_deaths = 0;
         }
         let delay = backoff(s.quick_deaths);

@@ -238,6 +238,7 @@ impl<O: Os> Supervisor<O> {
             let now = Instant::now();
             if let Err(e) = self.tick(now) {
                 self.kill_all_and_reap();
+                drop(self.rescue.take());
                 if let Some(s) = self.sentinel.take() {
                     s.release();
                 }
@@ -251,6 +252,8 @@ impl<O: Os> Supervisor<O> {
                 if let Some(n) = self.rescue.as_ref().map(|r| r.relayed()).filter(|n| *n > 0) {
                     log::info!("{n} connections were taken back from stalled or stopped workers and relayed");
                 }
+                // Its threads poll the listeners' fds: they end before the fds close.
+                drop(self.rescue.take());
                 log::info!("all workers stopped; exiting");
                 return Ok(());
             }

@@ -110,6 +110,28 @@ fn a_crash_respawns_at_once_then_with_growing_backoff() {
 }
 
 #[test]
+fn a_worker_that_served_for_5s_resets_its_backoff_one_that_did_not_backs_off() {
+    let t0 = Instant::now();
+    let mut s = supervisor(&["-n", "1"]);
+    s.start_all(t0).unwrap();
+    s.slots[0].quick_deaths = 6;
+    s.tick(t0 + 100 * MS).unwrap();
+    let pid = s.pid_on(0);
+    // Ready at 100 ms, killed at 4.9 s: still a quick death (backoff grows).
+    s.exit(pid, 1, t0 + 4900 * MS);
+    assert_eq!(s.spawns(), 1, "backing off");
+    assert_eq!(s.slots[0].quick_deaths, 7);
+    let at = s.slots[0].respawn_at.unwrap();
+    s.tick(at).unwrap();
+    s.tick(at + 100 * MS).unwrap();
+    // This one serves for 5 s, then is killed: replaced at once.
+    let pid = s.pid_on(0);
+    s.exit(pid, 1, at + 5000 * MS);
+    assert_eq!(s.spawns(), 3, "a worker that served 5 s is replaced at once");
+    assert_eq!(s.slots[0].quick_deaths, 1);
+}
+
+#[test]
 fn a_worker_that_ran_long_resets_its_backoff() {
     let t0 = Instant::now();
     let mut s = supervisor(&["-n", "1"]);
