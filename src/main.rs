@@ -15,6 +15,7 @@ mod command;
 mod contract;
 mod error;
 mod event;
+mod load;
 mod notify;
 mod proxy;
 mod readiness;

@@ -8,8 +8,10 @@
 //!   it used no CPU at all for [`StallWatch::FROZEN_AFTER`] (a deadlock, a blocking call). A
 //!   worker that accepts is never frozen: accepting takes CPU, and an idle one empties its queue
 //!   within microseconds. Back as soon as it is neither stopped nor idle (it used CPU again).
-//! - **Not accepting**: its queue has not once been empty for [`StallWatch::BUSY_AFTER`] while
-//!   some other slot's was (a worker burning CPU on one long request, or in a loop): the others
+//! - **Not accepting**: its queue has been neither empty nor shorter than at the sample before
+//!   for [`StallWatch::BUSY_AFTER`] while some other slot's was empty (a worker burning CPU on
+//!   one long request, or in a loop; a queue that got shorter was accepted from, so a worker
+//!   that accepts in batches between long requests is not singled out): the others
 //!   keep up and this one does not. When every queue stays full the machine is overloaded and
 //!   nobody is singled out. It is tried again after a probation (1 s, doubled each time it
 //!   stalls again, up to 30 s; reset after a minute of serving).
@@ -26,10 +28,13 @@ pub struct Sample {
     pub worker: Option<i32>,
     /// Accept-queue length (the longest over the slot's binds); None where unreadable.
     pub queue: Option<u32>,
-    /// CPU time used so far by the worker's processes (clock ticks); None where unread.
+    /// CPU used so far by the worker's processes, as a counter that grows whenever one of them
+    /// runs (see [`proc_state`]); None where unread.
     pub cpu: Option<u64>,
     /// One of the worker's processes is stopped.
     pub stopped: bool,
+    /// One of the worker's processes is runnable (state R): waiting for a CPU is not being stuck.
+    pub runnable: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +46,9 @@ pub enum Why {
 #[derive(Debug, Default, Clone)]
 struct SlotWatch {
     worker: Option<i32>,
-    /// Since when the queue has been non-empty at every sample.
+    /// Since when the queue has been non-empty, and never shorter than at the sample before.
     queued_since: Option<Instant>,
+    last_queue: Option<u32>,
     /// Since when the queue has been non-empty with no CPU used, and the CPU time then.
     idle_since: Option<(Instant, u64)>,
     /// Stopped with a queue at the previous sample.
@@ -95,8 +101,11 @@ impl StallWatch {
             if s.cpu.is_some() {
                 w.last_cpu = s.cpu;
             }
-            w.queued_since = if queued { Some(w.queued_since.unwrap_or(now)) } else { None };
+            let accepted = matches!((w.last_queue, s.queue), (Some(a), Some(b)) if b < a);
+            w.last_queue = s.queue;
+            w.queued_since = if queued && !accepted { Some(w.queued_since.unwrap_or(now)) } else { None };
             w.idle_since = match (queued, s.cpu, w.idle_since) {
+                _ if s.runnable => None,
                 (true, Some(cpu), Some((t, at))) if cpu == at => Some((t, at)),
                 (true, Some(cpu), _) => Some((now, cpu)),
                 _ => None,
@@ -154,11 +163,16 @@ impl StallWatch {
     }
 }
 
-/// State and CPU time of processes `pids`: (any stopped, user + system clock ticks in all);
-/// None for the ticks when none could be read.
-pub fn proc_state(pids: &[i32]) -> (bool, Option<u64>) {
+/// State and CPU use of processes `pids`: (any stopped, any runnable, a CPU counter); None for
+/// the counter when none could be read. The counter adds, per process, its CPU time over all threads in
+/// clock ticks (`/proc/PID/stat`, 10 ms steps: a worker that gets a few ms of CPU per 100 ms
+/// on a busy machine may show no tick for a while) and its main thread's run time in ns
+/// (`/proc/PID/schedstat`, precise), so it grows whenever any thread runs a tick's worth or the
+/// main thread runs at all.
+pub fn proc_state(pids: &[i32]) -> (bool, bool, Option<u64>) {
     let mut stopped = false;
-    let mut ticks = None;
+    let mut runnable = false;
+    let mut counter = None;
     for pid in pids {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
         let Some((_, rest)) = stat.rsplit_once(')') else { continue };
@@ -167,13 +181,21 @@ pub fn proc_state(pids: &[i32]) -> (bool, Option<u64>) {
         if matches!(fields.first(), Some(&"T") | Some(&"t")) {
             stopped = true;
         }
+        runnable |= fields.first() == Some(&"R");
         let t =
             fields.get(11).and_then(|u| u.parse::<u64>().ok()).zip(fields.get(12).and_then(|s| s.parse::<u64>().ok()));
         if let Some((u, s)) = t {
-            ticks = Some(ticks.unwrap_or(0) + u + s);
+            let ran = main_thread_ns(*pid).unwrap_or(0);
+            counter = Some(counter.unwrap_or(0) + u + s + ran);
         }
     }
-    (stopped, ticks)
+    (stopped, runnable, counter)
+}
+
+/// Time the main thread of `pid` has spent on a CPU, in ns (first field of /proc/PID/schedstat).
+fn main_thread_ns(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -183,7 +205,7 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn at(queue: u32, cpu: u64) -> Sample {
-        Sample { worker: Some(1), queue: Some(queue), cpu: Some(cpu), stopped: false }
+        Sample { worker: Some(1), queue: Some(queue), cpu: Some(cpu), stopped: false, runnable: false }
     }
 
     fn stopped(queue: u32, cpu: u64) -> Sample {
@@ -223,6 +245,16 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_waiting_for_a_cpu_is_not_frozen() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        let starved = Sample { runnable: true, ..at(4, 70) };
+        for i in 0..20 {
+            assert!(w.observe(t0 + i * 20 * MS, &[starved, at(3, 10 + i as u64)]).is_empty(), "sample {i}");
+        }
+    }
+
+    #[test]
     fn cpu_used_in_between_restarts_the_idle_clock() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(1);
@@ -256,6 +288,17 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_that_accepts_in_batches_between_long_requests_is_not_singled_out() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        for i in 0..200u64 {
+            // Its queue never empties at a sample, but it drops every 100 ms: it accepts.
+            let queue = 2 + (i % 5) as u32 * 3;
+            assert!(w.observe(t0 + i as u32 * 20 * MS, &[at(queue, i), at(0, 2 * i)]).is_empty(), "sample {i}");
+        }
+    }
+
+    #[test]
     fn an_overloaded_machine_singles_out_nobody_who_works() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(2);
@@ -278,10 +321,11 @@ mod tests {
 
     #[test]
     fn proc_state_of_this_process() {
-        let me = std::process::id() as i32;
-        let (stopped, ticks) = proc_state(&[me]);
-        assert!(!stopped);
+        // This thread (its /proc/TID/stat), which is running while it reads it.
+        let me = nix::unistd::gettid().as_raw();
+        let (stopped, runnable, ticks) = proc_state(&[me]);
+        assert!(!stopped && runnable, "this thread reads its own stat while running");
         assert!(ticks.is_some());
-        assert_eq!(proc_state(&[i32::MAX]), (false, None));
+        assert_eq!(proc_state(&[i32::MAX]), (false, false, None));
     }
 }

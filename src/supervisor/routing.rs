@@ -21,11 +21,10 @@ use crate::rescue::loopback;
 use crate::stall::{self, Sample, StallWatch, Why};
 use crate::steer::{self, Program};
 
-/// `--steer least-loaded`: a slot's weight from its accept-queue length at the last sample
-/// (an unreadable queue counts as empty). Halving per waiting connection favours the short
-/// queues strongly without sending a burst to one slot only.
-fn load_weight(queue: Option<u32>) -> u32 {
-    1024 >> queue.unwrap_or(0).min(10)
+/// `--steer least-loaded`: a slot's weight from its load at the last sample (queue plus held
+/// connections, see `load`; unknown counts as 0).
+fn load_weight(load: Option<u32>) -> u32 {
+    crate::load::weight(load)
 }
 
 /// How long a worker's list of processes (one scan of /proc) is trusted.
@@ -93,19 +92,23 @@ impl<O: Os> Supervisor<O> {
         self.members.retain(|pid, _| live.contains(pid));
         let samples: Vec<Sample> = (0..slots)
             .map(|s| {
-                let (stopped, cpu) = match (queues[s], workers[s]) {
+                let (stopped, runnable, cpu) = match (queues[s], workers[s]) {
                     (Some(n), Some(pid)) if n > 0 => {
                         stall::proc_state(self.members.get(&pid).map(|m| m.0.as_slice()).unwrap_or(&[pid]))
                     }
                     (_, Some(pid)) if self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s)) => {
                         stall::proc_state(self.members.get(&pid).map(|m| m.0.as_slice()).unwrap_or(&[pid]))
                     }
-                    _ => (false, None),
+                    _ => (false, false, None),
                 };
-                Sample { worker: workers[s], queue: queues[s], cpu, stopped }
+                Sample { worker: workers[s], queue: queues[s], cpu, stopped, runnable }
             })
             .collect();
-        self.loads.clone_from(&queues);
+        if self.cfg.steer == Steer::LeastLoaded {
+            let held: Vec<Option<u32>> = workers.iter().map(|w| w.and_then(|pid| self.held.sample(pid))).collect();
+            self.loads = queues.iter().zip(&held).map(|(q, h)| q.map(|q| q + h.unwrap_or(0)).or(*h)).collect();
+            self.held.retain(&live);
+        }
         let Some((watch, next)) = &mut self.stalls else { return };
         *next = now + StallWatch::EVERY;
         for (slot, why) in watch.observe(now, &samples) {
