@@ -169,7 +169,7 @@ class Runner:
         try:
             cpu_before = dep.overhead_cpu()
             if stopped is None:
-                result = run_wrk(self.registry, wl, dep.port, self.settings.duration, lua, raw_out=raw)
+                result = run_wrk(self.registry, wl, dep.port, self.settings.duration * wl.length, lua, raw_out=raw)
             else:
                 result = self._wrk_with_stop(wl, dep.port, lua, raw, stopped, stop_at)
             cpu_used = max(0.0, dep.overhead_cpu() - cpu_before)
@@ -188,7 +188,8 @@ class Runner:
 
         def load() -> None:
             try:
-                done["result"] = run_wrk(self.registry, wl, port, self.settings.duration, lua, raw_out=raw)
+                done["result"] = run_wrk(self.registry, wl, port, self.settings.duration * wl.length, lua,
+                                         raw_out=raw)
             except BaseException as e:  # re-raised in the caller's thread
                 done["error"] = e
         thread = threading.Thread(target=load, daemon=True)

@@ -22,6 +22,8 @@ class Workload:
     stop_one: bool
     about: str
     configs: Optional[FrozenSet[str]] = None  # None: every configuration
+    timeout: str = WRK_TIMEOUT  # wrk --timeout: slower requests count as timeouts, not in p99
+    length: int = 1  # the measured run lasts `length` x --duration (slow cells need more requests)
 
     def worker_count(self, default: int) -> int:
         return self.workers if self.workers is not None else default
@@ -55,11 +57,12 @@ WORKLOADS = [
     Workload("cpu-close", "CPU-heavy, new connection per request", "/cpu", 16, True, 2, False,
              f'`wrk -t1 -c16 -H "{CLOSE_HEADER}"`, GET /cpu (1e7 iterations, 80-100 ms here), 2 workers: every '
              "request is long, so a connection that lands behind others waits; how well each way of spreading "
-             "connections keeps the tail short.", STEER_CONFIGS),
+             "connections keeps the tail short. wrk `--timeout 10s` and 3x the run length here (few requests per "
+             "second), so the tail is measured, not cut at 2 s.", STEER_CONFIGS, "10s", 3),
     Workload("mixed", "Mixed: 1 request in 10 CPU-heavy", "/mixed", 16, True, 2, False,
              f'`wrk -t1 -c16 -H "{CLOSE_HEADER}"`, GET /mixed (hello.js: 1 request in 10, at random, runs a '
              "6e6-iteration loop, ~50 ms here; the rest are trivial), 2 workers: trivial requests stuck behind a "
-             "heavy one make the tail.", STEER_CONFIGS),
+             "heavy one make the tail (wrk `--timeout 10s`, 2x the run length).", STEER_CONFIGS, "10s", 2),
     Workload("stopped", "One of 4 workers SIGSTOPped during the run", "/", 32, True, 4, True,
              f'`wrk -t1 -c32 -H "{CLOSE_HEADER}" --timeout {WRK_TIMEOUT}`, 4 workers; one is SIGSTOPped 1 s into '
              "the measured run (a fifth of it if shorter) and stays stopped until after the hung probe (SIGCONT "

@@ -105,7 +105,10 @@ impl<O: Os> Supervisor<O> {
             })
             .collect();
         if self.cfg.steer == Steer::LeastLoaded {
-            let held: Vec<Option<u32>> = workers.iter().map(|w| w.and_then(|pid| self.held.sample(pid))).collect();
+            // Only a ready worker's fds: a starting one is still opening its own.
+            let held: Vec<Option<u32>> = (0..slots)
+                .map(|s| workers[s].filter(|_| self.workers.ready_on(s)).and_then(|pid| self.held.sample(pid, now)))
+                .collect();
             self.loads = queues.iter().zip(&held).map(|(q, h)| q.map(|q| q + h.unwrap_or(0)).or(*h)).collect();
             self.held.retain(&live);
         }
@@ -187,6 +190,7 @@ impl<O: Os> Supervisor<O> {
             }
             Steer::LeastLoaded => {
                 let weights: Vec<(usize, u32)> = serving.iter().map(|&s| (s, load_weight(self.loads[s]))).collect();
+                log::trace!("least-loaded: loads {:?}, weights {weights:?}", self.loads);
                 let equal = weights.iter().all(|w| w.1 == weights[0].1);
                 match (equal, every) {
                     (true, true) => None,
