@@ -12,8 +12,10 @@
 //!   not stopped; an idle one as soon as it runs, or after a probation (1 s, doubling up to
 //!   30 s) when nothing shows it (an idle worker may use no CPU for long): if it is still stuck,
 //!   connections queue again and it is frozen again within [`StallWatch::FROZEN_AFTER`].
-//! - **Not accepting**: its queue has not once been empty for [`StallWatch::BUSY_AFTER`] while
-//!   some other slot's was (a worker burning CPU on one long request, or in a loop): the others
+//! - **Not accepting**: its queue has been neither empty nor shorter than at the sample before
+//!   for [`StallWatch::BUSY_AFTER`] while some other slot's was empty (a worker burning CPU on
+//!   one long request, or in a loop; a queue that got shorter was accepted from, so a worker
+//!   that accepts in batches between long requests is not singled out): the others
 //!   keep up and this one does not. When every queue stays full the machine is overloaded and
 //!   nobody is singled out. It is tried again after a probation (1 s, doubled each time it
 //!   stalls again, up to 30 s; reset after a minute of serving).
@@ -30,7 +32,8 @@ pub struct Sample {
     pub worker: Option<i32>,
     /// Accept-queue length (the longest over the slot's binds); None where unreadable.
     pub queue: Option<u32>,
-    /// CPU time used so far by the worker's processes (clock ticks); None where unread.
+    /// CPU used so far by the worker's processes, as a counter that grows whenever one of them
+    /// runs (see [`proc_state`]); None where unread.
     pub cpu: Option<u64>,
     /// One of the worker's processes is stopped.
     pub stopped: bool,
@@ -47,8 +50,9 @@ pub enum Why {
 #[derive(Debug, Default, Clone)]
 struct SlotWatch {
     worker: Option<i32>,
-    /// Since when the queue has been non-empty at every sample.
+    /// Since when the queue has been non-empty, and never shorter than at the sample before.
     queued_since: Option<Instant>,
+    last_queue: Option<u32>,
     /// Since when the queue has been non-empty with no CPU used, and the CPU time then.
     idle_since: Option<(Instant, u64)>,
     /// Stopped with a queue at the previous sample.
@@ -108,7 +112,9 @@ impl StallWatch {
             if s.cpu.is_some() {
                 w.last_cpu = s.cpu;
             }
-            w.queued_since = if queued { Some(w.queued_since.unwrap_or(now)) } else { None };
+            let accepted = matches!((w.last_queue, s.queue), (Some(a), Some(b)) if b < a);
+            w.last_queue = s.queue;
+            w.queued_since = if queued && !accepted { Some(w.queued_since.unwrap_or(now)) } else { None };
             w.idle_since = match (queued && !s.running, s.cpu, w.idle_since) {
                 (true, Some(cpu), Some((t, at))) if cpu == at => Some((t, at)),
                 (true, Some(cpu), _) => Some((now, cpu)),
@@ -170,12 +176,16 @@ impl StallWatch {
     }
 }
 
-/// State and CPU time of processes `pids`: (any stopped, any running or runnable, user + system
-/// clock ticks in all); None for the ticks when none could be read.
+/// State and CPU use of processes `pids`: (any stopped, any running or runnable, a CPU counter); None for
+/// the counter when none could be read. The counter adds, per process, its CPU time over all threads in
+/// clock ticks (`/proc/PID/stat`, 10 ms steps: a worker that gets a few ms of CPU per 100 ms
+/// on a busy machine may show no tick for a while) and its main thread's run time in ns
+/// (`/proc/PID/schedstat`, precise), so it grows whenever any thread runs a tick's worth or the
+/// main thread runs at all.
 pub fn proc_state(pids: &[i32]) -> (bool, bool, Option<u64>) {
     let mut stopped = false;
     let mut running = false;
-    let mut ticks = None;
+    let mut counter = None;
     for pid in pids {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
         let Some((_, rest)) = stat.rsplit_once(')') else { continue };
@@ -189,10 +199,17 @@ pub fn proc_state(pids: &[i32]) -> (bool, bool, Option<u64>) {
         let t =
             fields.get(11).and_then(|u| u.parse::<u64>().ok()).zip(fields.get(12).and_then(|s| s.parse::<u64>().ok()));
         if let Some((u, s)) = t {
-            ticks = Some(ticks.unwrap_or(0) + u + s);
+            let ran = main_thread_ns(*pid).unwrap_or(0);
+            counter = Some(counter.unwrap_or(0) + u + s + ran);
         }
     }
-    (stopped, running, ticks)
+    (stopped, running, counter)
+}
+
+/// Time the main thread of `pid` has spent on a CPU, in ns (first field of /proc/PID/schedstat).
+fn main_thread_ns(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -255,6 +272,16 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_waiting_for_a_cpu_is_not_frozen() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        let starved = Sample { running: true, ..at(4, 70) };
+        for i in 0..20 {
+            assert!(w.observe(t0 + i * 20 * MS, &[starved, at(3, 10 + i as u64)]).is_empty(), "sample {i}");
+        }
+    }
+
+    #[test]
     fn cpu_used_in_between_restarts_the_idle_clock() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(1);
@@ -287,6 +314,17 @@ mod tests {
         assert_eq!(w.observe(t2, &[at(3, cpu + 90), at(0, 5)]), vec![(0, Some(Why::NotAccepting))]);
         assert!(w.observe(t2 + 1999 * MS, &[at(0, cpu + 99), at(0, 5)]).is_empty());
         assert_eq!(w.observe(t2 + 2000 * MS, &[at(0, cpu + 99), at(0, 5)]), vec![(0, None)]);
+    }
+
+    #[test]
+    fn a_worker_that_accepts_in_batches_between_long_requests_is_not_singled_out() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(2);
+        for i in 0..200u64 {
+            // Its queue never empties at a sample, but it drops every 100 ms: it accepts.
+            let queue = 2 + (i % 5) as u32 * 3;
+            assert!(w.observe(t0 + i as u32 * 20 * MS, &[at(queue, i), at(0, 2 * i)]).is_empty(), "sample {i}");
+        }
     }
 
     #[test]

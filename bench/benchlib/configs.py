@@ -163,10 +163,11 @@ def start_single(worker: str) -> Callable[[Context, int], Deployment]:
     return start
 
 
-def start_launcher(mode: str, worker: str) -> Callable[[Context, int], Deployment]:
+def start_launcher(mode: str, worker: str, steer: Optional[str] = None) -> Callable[[Context, int], Deployment]:
     def start(ctx: Context, n: int) -> Deployment:
         port = free_port()
-        argv = [str(ctx.paths.launcher), "-n", str(n), "-b", f"127.0.0.1:{port}", "--mode", mode,
+        steering = ["--steer", steer] if steer else []
+        argv = [str(ctx.paths.launcher), "-n", str(n), "-b", f"127.0.0.1:{port}", "--mode", mode, *steering,
                 "--ready-delay", "300ms", "--grace", "3s", "--", *worker_argv(ctx, worker)]
         proc = ctx.registry.start("reuse-launch", argv, ctx.env(RUST_LOG="info"), ctx.log("launcher"))
         dep = Deployment(port, [], overhead=lambda: [proc.pid], procs=[proc])
@@ -317,6 +318,8 @@ def start_bare_c(ctx: Context, n: int) -> Deployment:
 # ---------- the list ----------
 
 def _launcher_config(mode: str, worker: str) -> Config:
+    """reuse-launch in `mode`; reuseport mode with `--steer hash` (the kernel's hash while every slot
+    serves), named explicitly so the figures keep their meaning whatever the default is."""
     short = {"reuseport": "reuseport", "shared": "shared", "round-robin": "rr", "self": "self"}[mode]
     abouts = {
         "reuseport": "one SO_REUSEPORT socket per worker, the kernel hashes each new connection to one",
@@ -325,17 +328,30 @@ def _launcher_config(mode: str, worker: str) -> Config:
         "self": "the launcher binds nothing, each worker binds PORT with SO_REUSEPORT itself (supervision only)",
     }
     lang = "node" if worker == "node" else "C"
+    steer = "hash" if mode == "reuseport" else None
+    flags = f"--mode {mode}" + (f" --steer {steer}" if steer else "")
     return Config(f"rl-{short}-{worker}", f"reuse-launch {mode} ({lang})", "reuse-launch", worker,
-                  start_launcher(mode, worker), "launcher",
-                  f"`reuse-launch -n N --mode {mode}` running {'hello.js' if worker == 'node' else 'hello.c'}: "
+                  start_launcher(mode, worker, steer), "launcher",
+                  f"`reuse-launch -n N {flags}` running {'hello.js' if worker == 'node' else 'hello.c'}: "
                   f"{abouts[mode]}.", needs=frozenset({"hello-c"} if worker == "c" else ()),
                   kernel_spread=mode in ("reuseport", "self"))
+
+
+def _least_loaded_config(worker: str) -> Config:
+    lang = "node" if worker == "node" else "C"
+    return Config(f"rl-ll-{worker}", f"reuse-launch reuseport least-loaded ({lang})", "reuse-launch", worker,
+                  start_launcher("reuseport", worker, "least-loaded"), "launcher",
+                  f"`reuse-launch -n N --mode reuseport --steer least-loaded` running "
+                  f"{'hello.js' if worker == 'node' else 'hello.c'}: one SO_REUSEPORT socket per worker, the "
+                  "launcher weights new connections towards the workers with the least load (see README).",
+                  needs=frozenset({"hello-c"} if worker == "c" else ()), kernel_spread=True)
 
 
 CONFIGS: List[Config] = [
     Config("single-node", "single node process", "peer", "node", start_single("node"), "-",
            "one `node hello.js` binding the port itself: the 1-process baseline.", fixed_workers=1),
     _launcher_config("reuseport", "node"),
+    _least_loaded_config("node"),
     _launcher_config("shared", "node"),
     _launcher_config("round-robin", "node"),
     Config("cluster-rr-node", "Node cluster SCHED_RR", "peer", "node", start_node_cluster("rr"), "primary",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .procs import Registry
-from .workloads import CLOSE_HEADER, WRK_TIMEOUT, Workload
+from .workloads import CLOSE_HEADER, Workload
 
 HOST = "127.0.0.1"
 BENCH_LINE = re.compile(r"^BENCH (.*)$", re.M)
@@ -50,7 +50,7 @@ class WrkResult:
 
 
 def wrk_argv(workload: Workload, port: int, seconds: int, lua: Path) -> List[str]:
-    argv = ["wrk", "-t1", f"-c{workload.connections}", f"-d{seconds}s", "--timeout", WRK_TIMEOUT, "--latency",
+    argv = ["wrk", "-t1", f"-c{workload.connections}", f"-d{seconds}s", "--timeout", workload.timeout, "--latency",
             "-s", str(lua)]
     if workload.close:
         argv += ["-H", CLOSE_HEADER]

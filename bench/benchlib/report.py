@@ -28,6 +28,11 @@ COMPARISONS: List[Tuple[str, str, str]] = [
     ("rl-reuseport-c", "rl-rr-c", "reuseport vs launcher round-robin (C)"),
     ("rl-reuseport-c", "rl-shared-c", "reuseport vs launcher shared (C)"),
     ("rl-self-c", "bare-reuseport-c", "launcher self mode vs bare self-bound (C)"),
+    ("rl-ll-node", "rl-reuseport-node", "least-loaded vs hash (node)"),
+    ("rl-ll-node", "rl-shared-node", "least-loaded vs launcher shared (node)"),
+    ("rl-ll-node", "cluster-rr-node", "least-loaded vs Node cluster SCHED_RR"),
+    ("rl-rr-node", "cluster-rr-node", "launcher round-robin vs Node cluster SCHED_RR"),
+    ("rl-rr-c", "cluster-rr-node", "launcher round-robin (C) vs Node cluster SCHED_RR"),
 ]
 
 
@@ -217,9 +222,57 @@ def targets_section(found: Dict[Tuple[str, str], Summary]) -> str:
         rows.append([label, goal, measured, verdict])
     measured, verdict = _target(found, "cpu-n2", "rl-reuseport-node", "rl-reuseport-node", 1.9, base="cpu-n1")
     rows.append(["CPU-heavy N=2 >= 1.9x N=1 (reuseport, node)", ">= 1.90x", measured, verdict])
+    rows += stopped_targets(found) + least_loaded_targets(found)
     caveat = ("Each verdict compares medians of this run; with one round (`--quick`) or on a busy machine it is a "
               "hint, not a measurement.")
     return "## Targets\n\n" + caveat + "\n\n" + table(["target", "goal", "measured", "verdict"], rows)
+
+
+def stopped_targets(found: Dict[Tuple[str, str], Summary]) -> List[List[str]]:
+    """Issue 8: a worker stopped under load costs reuseport no more than 10% of shared's req/s and no
+    timeout; the launcher's round-robin keeps 90% of Node cluster SCHED_RR's req/s."""
+    rows = []
+    for ours, theirs in (("rl-reuseport-node", "rl-shared-node"), ("rl-ll-node", "rl-shared-node"),
+                         ("rl-reuseport-c", "rl-shared-c")):
+        a = found.get(("stopped", ours))
+        measured, verdict = _target(found, "stopped", ours, theirs, 0.9)
+        if a is not None and verdict != "-":
+            measured += f", {a.errors['timeout']} timeouts"
+            verdict = "met" if verdict == "met" and a.errors["timeout"] == 0 else "NOT met"
+        rows.append([f"stopped worker: {ours} >= 0.9x {theirs}, 0 timeouts", ">= 0.90x, 0 timeouts", measured,
+                     verdict])
+    for ours in ("rl-rr-node", "rl-rr-c"):
+        measured, verdict = _target(found, "stopped", ours, "cluster-rr-node", 0.9)
+        rows.append([f"stopped worker: {ours} >= 0.9x cluster-rr-node", ">= 0.90x", measured, verdict])
+    return rows
+
+
+LL_CPU_MAX_PCT = 2.0
+
+
+def least_loaded_targets(found: Dict[Tuple[str, str], Summary]) -> List[List[str]]:
+    """Issue 8: least-loaded's p99 <= shared mode's and <= 0.8x hash's, req/s >= 0.98x hash's,
+    launcher CPU <= 2% of a core, on the CPU-heavy and mixed cells."""
+    rows = []
+    for workload in ("cpu-close", "mixed"):
+        ll, hash_, shared = (found.get((workload, c)) for c in ("rl-ll-node", "rl-reuseport-node", "rl-shared-node"))
+        if not (ll and hash_ and shared):
+            rows.append([f"{workload}: least-loaded vs hash and shared", "-", "not measured in this run", "-"])
+            continue
+        checks = [
+            ("p99 <= 1.0x shared", ratio(ll.p99, shared.p99), 1.0, "max"),
+            ("p99 <= 0.8x hash", ratio(ll.p99, hash_.p99), 0.8, "max"),
+            ("req/s >= 0.98x hash", ratio(ll.rps, hash_.rps), 0.98, "min"),
+        ]
+        for label, value, bound, kind in checks:
+            ok = value is not None and (value <= bound if kind == "max" else value >= bound)
+            rows.append([f"{workload}: least-loaded {label}", f"{'<=' if kind == 'max' else '>='} {bound:.2f}x",
+                         times(value), "met" if ok else "NOT met"])
+        cpu = ll.overhead_pct
+        ok = cpu is not None and cpu <= LL_CPU_MAX_PCT
+        rows.append([f"{workload}: least-loaded launcher CPU <= {LL_CPU_MAX_PCT:g}%", f"<= {LL_CPU_MAX_PCT:g}%",
+                     "-" if cpu is None else f"{cpu:.1f}%", "met" if ok else "NOT met"])
+    return rows
 
 
 def reading_section(outcome: Outcome, settings: Settings) -> str:

@@ -5,9 +5,10 @@ once, workload by workload, with the configurations in an order rotated by one e
 slow drift of a shared machine hits every configuration alike; reports use medians over rounds.
 
 One run of a cell: start the configuration, wait until every worker is ready, warm up with a
-short unrecorded wrk run, (SIGSTOP one worker for the `stopped` workload), read the CPU time of
-the process(es) in between, run wrk, read the CPU time again, (SIGCONT), sample how 200 new
-connections spread over the workers, stop everything the cell started.
+short unrecorded wrk run, read the CPU time of the process(es) in between, run wrk (for the
+`stopped` workload: SIGSTOP one worker while wrk runs, `Workload.stop_at` seconds in), read the
+CPU time again, (probe for hung connections, SIGCONT), sample how 200 new connections spread
+over the workers, stop everything the cell started.
 
 A configuration that fails to start is skipped for the rest of the run, with the reason kept
 for the report (e.g. a launcher that rejects `--mode round-robin` with exit 2).
@@ -15,6 +16,8 @@ for the report (e.g. a launcher that rejects `--mode round-robin` with exit 2).
 import re
 import signal
 import statistics
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -89,6 +92,8 @@ def plan(configs: List[Config], workloads: List[Workload], default_workers: int,
                 continue
             if workload.stop_one and n < 2:
                 continue
+            if workload.configs is not None and config.name not in workload.configs:
+                continue
             if selected(workload, config):
                 cells.append(Cell(workload, config, n))
     return cells
@@ -160,11 +165,13 @@ class Runner:
         if self.settings.warmup > 0:
             run_wrk(self.registry, wl, dep.port, self.settings.warmup, lua, raw_out=None)
         stopped = dep.workers[0] if wl.stop_one else None
-        if stopped is not None:
-            self.registry.signal_recorded(stopped, signal.SIGSTOP)
+        stop_at = wl.stop_at(self.settings.duration)
         try:
             cpu_before = dep.overhead_cpu()
-            result = run_wrk(self.registry, wl, dep.port, self.settings.duration, lua, raw_out=raw)
+            if stopped is None:
+                result = run_wrk(self.registry, wl, dep.port, self.settings.duration * wl.length, lua, raw_out=raw)
+            else:
+                result = self._wrk_with_stop(wl, dep.port, lua, raw, stopped, stop_at)
             cpu_used = max(0.0, dep.overhead_cpu() - cpu_before)
             hangs = probe_hangs(dep.port) if stopped is not None else None
         finally:
@@ -173,6 +180,26 @@ class Runner:
         spread = sample_spread(dep.port, self.settings.spread_sample)
         overhead = None if cell.config.overhead_label == "-" else cpu_used
         return Run(r, result, overhead, spread, raw, hangs)
+
+    def _wrk_with_stop(self, wl: Workload, port: int, lua: Path, raw: Path, victim: int,
+                       stop_at: float) -> WrkResult:
+        """Run wrk and SIGSTOP `victim` `stop_at` seconds after wrk started (it stays stopped)."""
+        done: Dict[str, object] = {}
+
+        def load() -> None:
+            try:
+                done["result"] = run_wrk(self.registry, wl, port, self.settings.duration * wl.length, lua,
+                                         raw_out=raw)
+            except BaseException as e:  # re-raised in the caller's thread
+                done["error"] = e
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        time.sleep(stop_at)
+        self.registry.signal_recorded(victim, signal.SIGSTOP)
+        thread.join()
+        if "error" in done:
+            raise done["error"]  # type: ignore[misc]
+        return done["result"]  # type: ignore[return-value]
 
 
 def describe(run: Run) -> str:

@@ -11,7 +11,9 @@
  *   - otherwise: its own socket on HOST:PORT (default 127.0.0.1:8080), for the single-process
  *     configuration and for nginx's upstream backends.
  *
- * Routes: `/` answers "hello from pid N"; `/cpu` runs a busy loop of 1e7 iterations first.
+ * Routes: `/` answers "hello from pid N"; `/cpu` runs a busy loop of 1e7 iterations first;
+ * `/mixed` runs a busy loop of 6e6 iterations (about 50 ms on the bench machine) for 1 request in
+ * 10, picked at random, and answers at once otherwise (`/mixed?n=K` picks 1 in K).
  * Every response carries an `X-Pid` header so the bench can count how requests spread.
  * Once listening it prints `ready pid=N` on stdout; SIGTERM makes it exit at once.
  */
@@ -19,11 +21,12 @@ const cluster = require('node:cluster');
 const http = require('node:http');
 
 const CPU_ITERATIONS = 1e7;
+const MIXED_ITERATIONS = 6e6;
 const PID = String(process.pid);
 
-function busyLoop() {
+function busyLoop(iterations = CPU_ITERATIONS) {
   let acc = 0;
-  for (let i = 0; i < CPU_ITERATIONS; i++) {
+  for (let i = 0; i < iterations; i++) {
     acc = (acc * 31 + i) | 0;
   }
   return acc;
@@ -36,6 +39,10 @@ function handle(req, res) {
     body = `hello from pid ${PID}\n`;
   } else if (req.url === '/cpu' || req.url.startsWith('/cpu?')) {
     body = `cpu ${busyLoop()} from pid ${PID}\n`;
+  } else if (req.url === '/mixed' || req.url.startsWith('/mixed?')) {
+    const k = Number(new URLSearchParams(req.url.slice(6)).get('n')) || 10;
+    const heavy = Math.random() * k < 1;
+    body = heavy ? `heavy ${busyLoop(MIXED_ITERATIONS)} from pid ${PID}\n` : `light from pid ${PID}\n`;
   } else {
     status = 404;
     body = `not found (pid ${PID})\n`;

@@ -87,8 +87,10 @@ pub struct Supervisor<O: Os> {
     steered: Option<Vec<usize>>,
     /// The program attached to the reuseport groups (None: the kernel's hash).
     bpf: Option<Vec<libc::sock_filter>>,
-    /// Each slot's accept-queue length at the last sample (`--steer least-loaded`).
+    /// Each slot's load at the last sample (`--steer least-loaded`: see `load`).
     loads: Vec<Option<u32>>,
+    /// `--steer least-loaded`: the open-fd baseline of each worker.
+    held: crate::load::Held,
     /// With --pin: the CPUs the launcher may run on; slot s is pinned to `cpus[s % len]`.
     cpus: Option<Vec<usize>>,
     proxy: Option<Proxy>,
@@ -200,6 +202,7 @@ impl<O: Os> Supervisor<O> {
             steered: None,
             bpf: None,
             loads: vec![None; slots_n],
+            held: Default::default(),
             cpus,
             stalls,
             members: Default::default(),

@@ -20,11 +20,10 @@ use crate::rescue::loopback;
 use crate::stall::{self, Sample, StallWatch, Why};
 use crate::steer::{self, Program};
 
-/// `--steer least-loaded`: a slot's weight from its accept-queue length at the last sample
-/// (an unreadable queue counts as empty). Halving per waiting connection favours the short
-/// queues strongly without sending a burst to one slot only.
-fn load_weight(queue: Option<u32>) -> u32 {
-    1024 >> queue.unwrap_or(0).min(10)
+/// `--steer least-loaded`: a slot's weight from its load at the last sample (queue plus held
+/// connections, see `load`; unknown counts as 0).
+fn load_weight(load: Option<u32>) -> u32 {
+    crate::load::weight(load)
 }
 
 /// How long a worker's list of processes (one scan of /proc) is trusted.
@@ -104,7 +103,14 @@ impl<O: Os> Supervisor<O> {
                 Sample { worker: workers[s], queue, cpu, stopped, running }
             })
             .collect();
-        self.loads.clone_from(&queues);
+        if self.cfg.steer == Steer::LeastLoaded {
+            // Only a ready worker's fds: a starting one is still opening its own.
+            let held: Vec<Option<u32>> = (0..slots)
+                .map(|s| workers[s].filter(|_| self.workers.ready_on(s)).and_then(|pid| self.held.sample(pid, now)))
+                .collect();
+            self.loads = queues.iter().zip(&held).map(|(q, h)| q.map(|q| q + h.unwrap_or(0)).or(*h)).collect();
+            self.held.retain(&live);
+        }
         let Some((watch, next)) = &mut self.stalls else { return };
         *next = now + StallWatch::EVERY;
         for (slot, why) in watch.observe(now, &samples) {
@@ -183,6 +189,7 @@ impl<O: Os> Supervisor<O> {
             }
             Steer::LeastLoaded => {
                 let weights: Vec<(usize, u32)> = serving.iter().map(|&s| (s, load_weight(self.loads[s]))).collect();
+                log::trace!("least-loaded: loads {:?}, weights {weights:?}", self.loads);
                 let equal = weights.iter().all(|w| w.1 == weights[0].1);
                 match (equal, every) {
                     (true, true) => None,
