@@ -139,3 +139,60 @@ fn a_deadlocked_worker_strands_nothing() {
     l.wait_for(&format!("(pid {stuck}, gen 1) is not running"), secs(10));
     assert!(stuck_proc.alive(), "the deadlocked worker is still there, still stuck");
 }
+
+/// `--steer least-loaded`: new connections go mostly to the worker that keeps up, and a worker
+/// that is fast again gets its share back within a few samples. Compared in the same test with
+/// `--steer hash`, which sends every second connection to the slow worker whatever it does.
+#[test]
+fn least_loaded_favours_the_worker_that_keeps_up() {
+    let flags = TempPath::dir("slow");
+    let slow = format!("{}/slow-{{slot}}", flags.str());
+    let slow1 = format!("{}/slow-1", flags.str());
+    // The share of requests answered by slot 1 over `span`, 8 clients on new connections.
+    let share = |l: &Launcher, span: std::time::Duration| -> (f64, usize) {
+        let end = std::time::Instant::now() + span;
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let port = l.port();
+                std::thread::spawn(move || {
+                    let (mut one, mut all) = (0usize, 0usize);
+                    while std::time::Instant::now() < end {
+                        if let Ok(r) = get(port) {
+                            all += 1;
+                            one += usize::from(r.slot == "1");
+                        }
+                    }
+                    (one, all)
+                })
+            })
+            .collect();
+        let (one, all) = threads.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        (one as f64 / all.max(1) as f64, all)
+    };
+    let run = |steer: &str| -> (f64, f64) {
+        std::fs::write(&slow1, "").unwrap();
+        let l = Launch::new()
+            .workers(2)
+            .ready("auto")
+            .args(&["--steer", steer])
+            .py(&["--handle-delay", "0.2", "--slow-if-file", &slow])
+            .start();
+        l.wait_for("all 2 workers ready", secs(20));
+        let (slow_share, n) = share(&l, secs(3));
+        assert!(n > 20, "{steer}: only {n} requests");
+        std::fs::remove_file(&slow1).unwrap();
+        // A few sampling periods (20 ms each) later, and over a while: slot 1 is as fast again.
+        let (fast_share, m) = share(&l, secs(2));
+        assert!(m > 20, "{steer}: only {m} requests");
+        (slow_share, fast_share)
+    };
+    let (hash_slow, _) = run("hash");
+    let (ll_slow, ll_fast) = run("least-loaded");
+    eprintln!("slot 1's share while slow: hash {hash_slow:.2}, least-loaded {ll_slow:.2}; fast again: {ll_fast:.2}");
+    assert!(hash_slow > 0.3, "hash sends the slow slot its half: {hash_slow:.2}");
+    assert!(
+        ll_slow < hash_slow / 2.0,
+        "least-loaded spared the slow slot too little: {ll_slow:.2} vs hash {hash_slow:.2}"
+    );
+    assert!(ll_fast > 0.3, "least-loaded did not give the fast-again slot its share back: {ll_fast:.2}");
+}

@@ -16,6 +16,7 @@ the tests:
     --start-delay SECS   sleep before listening (a slow start)
     --notify             send READY=1 on NOTIFY_SOCKET once serving
     --handle-delay SECS  take this long to answer each request
+    --slow-if-file PATH  with --handle-delay: only while PATH exists (a worker that turns slow)
     --mark-listening DIR create DIR/<pid> just before it starts serving
     --watchdog-ping      send WATCHDOG=1 every WATCHDOG_USEC/3 (sd_notify watchdog)
     --fd N               serve on fd N even if LISTEN_PID is not this process (started by a
@@ -45,6 +46,7 @@ def parse_args():
     p.add_argument("--start-delay", type=float, default=0.0)
     p.add_argument("--notify", action="store_true")
     p.add_argument("--handle-delay", type=float, default=0.0)
+    p.add_argument("--slow-if-file")
     p.add_argument("--mark-listening")
     p.add_argument("--watchdog-ping", action="store_true")
     p.add_argument("--fd", type=int)
@@ -86,9 +88,10 @@ def listening_socket(fd, bind_self):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     delay = 0.0
+    slow_if_file = None
 
     def do_GET(self):
-        if self.delay:
+        if self.delay and (not self.slow_if_file or os.path.exists(self.slow_if_file)):
             time.sleep(self.delay)
         body = "pid={} slot={} gen={}\n".format(
             os.getpid(),
@@ -133,6 +136,7 @@ def main():
     if args.start_delay:
         time.sleep(args.start_delay)
     Handler.delay = args.handle_delay
+    Handler.slow_if_file = args.slow_if_file
     Server.hang_if_file = args.hang_if_file
     server = Server(listening_socket(args.fd, args.bind_self))
     if not args.ignore_term:
