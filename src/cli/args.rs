@@ -14,6 +14,11 @@ SIGNALS (send to the launcher's pid):
   second TERM/INT, QUIT
                 immediate stop: SIGKILL every worker's process group, exit (a second TERM/INT
                 during --drain-delay ends the delay: the graceful stop starts at once)
+  TTIN, TTOU    one worker slot more, one fewer (never below 1)
+
+CONTROL (the same binary as a client of the running launcher's control socket):
+  reuse-launch status [--json] | scale N|+K|-K | roll | stop | reexec   [--pid PID | --control PATH]
+  reexec: the launcher re-executes its own binary in place (same pid, same workers)
 
 WORKER ENVIRONMENT (fds 3.. are the listening sockets, in --bind order):
   LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES   systemd socket-activation variables (sd_listen_fds)
