@@ -27,6 +27,15 @@ def all_pids() -> List[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
+def is_sentinel(pid: int) -> bool:
+    """Is `pid` a launcher's sentinel process (src/sentinel.rs)?"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"__sentinel" in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
 def children(ppid: int) -> List[Tuple[int, str]]:
     """(pid, state) of the children of `ppid`."""
     out = []

@@ -134,7 +134,8 @@ class Runner:
 
     @staticmethod
     def workers(server_pid: int) -> List[int]:
-        return sorted(p for p, st in procs.children(server_pid) if st != "Z")
+        # The launcher's children but its sentinel (`reuse-launch __sentinel`), which is no worker.
+        return sorted(p for p, st in procs.children(server_pid) if st != "Z" and not procs.is_sentinel(p))
 
     # ----- faults -----
 
@@ -351,7 +352,14 @@ def segments(args, feats: Features) -> List[Segment]:
     return [s for s in segs if s.name in chosen]
 
 
+def _interrupted(signum, _frame):
+    # TERM/HUP end the run like Ctrl-C: the segment's `finally` stops its server and its load.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(args) -> int:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     t_origin = time.monotonic()
     started = time.strftime("%Y-%m-%d-%H%M")
     if args.out:

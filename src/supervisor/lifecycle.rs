@@ -195,11 +195,9 @@ impl<O: Os> Supervisor<O> {
             match id {
                 Some(id) => self.on_exit(id, status, now),
                 None if self.sentinel.as_ref().is_some_and(|s| s.pid() as i32 == pid.as_raw()) => {
-                    log::warn!(
-                        "the sentinel (pid {pid}) {}: a SIGKILLed launcher may now leave workers' children behind",
-                        describe(status)
-                    );
-                    self.sentinel = None;
+                    self.sentinel = crate::sentinel::Sentinel::start();
+                    let next = self.sentinel.as_ref().map_or("none".to_string(), |s| format!("pid {}", s.pid()));
+                    log::warn!("the sentinel (pid {pid}) {}; a new one runs ({next})", describe(status));
                 }
                 None => log::debug!("reaped orphan pid {pid}: {status:?}"),
             }

@@ -154,7 +154,8 @@ impl<O: Os> Supervisor<O> {
             watchdog: cfg.watchdog,
         };
         // Sockets taken back from the fd store may be for more slots than -n: those retire.
-        let slots_n = listeners.slot_count().unwrap_or(cfg.workers).max(cfg.workers);
+        // As many slots as sockets (after a reexec or a scale, not -n); beyond -n they retire.
+        let slots_n = listeners.slot_count().unwrap_or(cfg.workers);
         let desired_n = cfg.workers;
         let slot_inodes = match cfg.ready {
             Ready::Auto(delay) => {

@@ -29,6 +29,20 @@ fn cause(word: &str) -> &'static str {
 }
 
 impl<O: Os> Supervisor<O> {
+    /// The per-slot tables for `n` slots (a resumed state's count in shared or self mode).
+    fn resize_slots(&mut self, n: usize) {
+        self.slots.resize_with(n, Slot::default);
+        self.loads.resize(n, None);
+        self.rescued.resize(n, false);
+        if let Some((watch, _)) = &mut self.stalls {
+            watch.resize(n);
+        }
+        if let Some(inodes) = &mut self.slot_inodes {
+            let first = inodes.first().cloned().unwrap_or_default();
+            inodes.resize(n, first);
+        }
+    }
+
     /// First step: may it be done, and with which binary?
     pub(super) fn reexec_check(&self) -> Result<(String, String), String> {
         if self.shutdown.is_some() {
@@ -143,14 +157,20 @@ impl<O: Os> Supervisor<O> {
             slot,
             waiting: w.map(|(id, d)| (id, at_ms(now, d))),
         });
-        self.roll.import(Saved { gen: state.roll_gen, active, pending: state.roll_pending });
-        if state.slots.len() != self.slots.len() {
-            return Err(Error::Failed(format!(
-                "cannot resume: {} slots in the state, {} in the sockets",
-                state.slots.len(),
-                self.slots.len()
-            )));
+        let n = state.slots.len();
+        if n != self.slots.len() {
+            if self.listeners.slot_count().is_some() {
+                return Err(Error::Failed(format!(
+                    "cannot resume: {n} slots in the state, {} in the sockets",
+                    self.slots.len()
+                )));
+            }
+            // Shared and self modes: the slots share the sockets; -n was scaled since.
+            self.resize_slots(n);
         }
+        let kept = state.slots.iter().filter(|s| s.retiring_ms.is_none()).count();
+        self.roll.set_slots(kept);
+        self.roll.import(Saved { gen: state.roll_gen, active, pending: state.roll_pending });
         for (slot, s) in self.slots.iter_mut().zip(state.slots) {
             *slot = Slot {
                 gen: s.gen,

@@ -450,3 +450,23 @@ fn a_reexec_into_a_broken_binary_keeps_everything_running() {
     assert_eq!(out.code, 0, "{out:?}\n{}", l.log());
     assert!(out.stdout.contains(&path), "{out:?}");
 }
+
+/// Found by scripts/chaos: a reexec after a scale-down panicked in the new image (it sized its
+/// slots from -n, not from the sockets it was handed) and took the workers with it.
+#[test]
+fn reexec_after_a_scale_down_keeps_every_worker() {
+    let sock = TempPath::new("reexec3.sock");
+    let l = Launch::new().workers(3).ready("auto").flag("--control", sock.str()).py(&[]).start();
+    l.wait_for("all 3 workers ready", secs(20));
+    assert_eq!(client(&["scale", "2", "--control", sock.str()]).code, 0);
+    l.wait_for("worker 2 removed", secs(30));
+    let out = client(&["reexec", "--control", sock.str()]);
+    assert_eq!(out.code, 0, "{out:?}\n{}", l.log());
+    let s = status(&["--control", sock.str()]).unwrap();
+    assert_eq!(s.get("desired").and_then(Value::as_u64), Some(2), "{s:?}");
+    assert_eq!(s.get("workers").and_then(Value::as_array).map(|w| w.len()), Some(2), "{s:?}");
+    l.wait_for("resumed after reexec: 2 workers in 2 slots", secs(5));
+    // And it scales up again from there.
+    assert_eq!(client(&["scale", "3", "--control", sock.str()]).code, 0);
+    l.wait_for_nth("all 3 workers ready", 2, secs(30));
+}

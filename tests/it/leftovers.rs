@@ -82,3 +82,23 @@ fn a_sigkilled_launcher_running_starman_leaves_no_starman_worker() {
     assert!(l.wait_exit(secs(10)).is_some());
     assert!(wait_until(secs(10), || procs.iter().all(|p| !p.alive())), "Starman processes outlived the launcher");
 }
+
+/// Found by scripts/chaos (it SIGKILLed the sentinel as if it were a worker): a sentinel that
+/// dies is replaced, and the new one still ends what the workers leave when the launcher dies.
+#[test]
+fn a_killed_sentinel_is_replaced_and_still_cleans_up() {
+    let (token, trace) = (token(), TempPath::new("sentinel"));
+    let mut l = forky(&token, &trace);
+    let launcher = l.pid();
+    let sentinel = || children_of(launcher).into_iter().find(|c| is_sentinel(c.pid) && c.state != "Z").map(|c| c.pid);
+    let first = sentinel().expect("a sentinel");
+    signal(first, Signal::SIGKILL);
+    l.wait_for(&format!("the sentinel (pid {first}) killed by SIGKILL; a new one runs"), secs(10));
+    assert!(wait_until(secs(10), || sentinel().is_some_and(|p| p != first)), "no new sentinel");
+    // The new one writes the same trace: wait until it has noted the workers' processes again.
+    std::fs::write(&*trace, "0").unwrap();
+    assert!(wait_until(secs(10), || noted(&trace) >= 10), "the new sentinel noted {}", noted(&trace));
+    l.signal(Signal::SIGKILL);
+    assert!(l.wait_exit(secs(10)).is_some());
+    assert!(wait_until(secs(10), || with_token(&token).is_empty()), "left behind: {:?}", with_token(&token));
+}
