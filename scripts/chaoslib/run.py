@@ -93,6 +93,7 @@ class Runner:
         self.bad = self.scratch / "bad-release"      # exists: new workers exit 1 at start
         self.grow = self.scratch / "grow-pid"         # holds the pid of the worker that must grow
         self.stopped: set = set()
+        self.servers: List[subprocess.Popen] = []
 
     # ----- the server under test -----
 
@@ -111,6 +112,7 @@ class Runner:
         logf = open(self.scratch / f"{seg.name}-server.log", "ab")
         p = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                              start_new_session=True)
+        self.servers.append(p)
         logf.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -299,6 +301,18 @@ class Runner:
         say(f"segment {seg.name}: {ok + bad} requests, {bad} failed, {unexplained} unexplained, "
             f"{len(seg.leaks)} leaks, {sum(1 for k in seg.kills if k.target == 'worker')} worker SIGKILLs")
 
+    def cleanup(self):
+        """Whatever server is still running when the run ends early (TERM, Ctrl-C, an error)."""
+        for p in self.servers:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.servers:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
     def stop_server(self, seg: Segment, server: subprocess.Popen) -> Optional[int]:
         if server.poll() is not None:
             return server.returncode
@@ -380,12 +394,15 @@ def main(args) -> int:
         seg.command = [a.replace("{bad}", str(runner.bad)).replace("{grow}", str(runner.grow)) for a in seg.command]
     load_start = os.getloadavg()
     errors = []
-    for seg in segs:
-        try:
-            runner.segment(seg)
-        except Exception as e:  # noqa: BLE001 - a segment that could not run is a failed run
-            errors.append(f"{seg.name}: {e}")
-            say(f"segment {seg.name} failed: {e}")
+    try:
+        for seg in segs:
+            try:
+                runner.segment(seg)
+            except Exception as e:  # noqa: BLE001 - a segment that could not run is a failed run
+                errors.append(f"{seg.name}: {e}")
+                say(f"segment {seg.name} failed: {e}")
+    finally:
+        runner.cleanup()
     totals = report.write(out, args, feats, segs, errors, load_start, os.getloadavg(), started, t_origin)
     print(report.table(totals, segs), flush=True)
     r, f, e, u, l = totals["R"], totals["F"], totals["E"], totals["U"], totals["L"]
