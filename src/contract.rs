@@ -33,6 +33,8 @@ pub const DROPPED: &[&str] = &[
     "WATCHDOG_PID",
     "SERVER_STARTER_PORT",
     "SERVER_STARTER_GENERATION",
+    // The launcher's own control socket: a worker that runs a launcher of its own must not take it.
+    "REUSE_LAUNCH_CONTROL",
 ];
 const DROPPED_PREFIX: &str = "EINHORN_FD_";
 
@@ -169,6 +171,7 @@ mod tests {
             ("SERVER_STARTER_GENERATION", "9"),
             ("EINHORN_FD_COUNT", "9"),
             ("EINHORN_FD_7", "9"),
+            ("REUSE_LAUNCH_CONTROL", "/run/reuse-launch/1.sock"),
         ]
         .into_iter()
         .map(|(k, v)| (k.into(), v.into()))
@@ -206,7 +209,7 @@ mod tests {
         assert_eq!(row("EINHORN_FD_COUNT"), Some("2"));
         assert_eq!((row("EINHORN_FD_0"), row("EINHORN_FD_1"), row("EINHORN_FD_7")), (Some("3"), Some("4"), None));
         // Dropped: Node's cluster markers; kept: the rest of the launcher's environment.
-        for k in ["NODE_UNIQUE_ID", "NODE_CHANNEL_FD", "NODE_CHANNEL_SERIALIZATION_MODE"] {
+        for k in ["NODE_UNIQUE_ID", "NODE_CHANNEL_FD", "NODE_CHANNEL_SERIALIZATION_MODE", "REUSE_LAUNCH_CONTROL"] {
             assert_eq!(row(k), None, "{k}");
         }
         assert_eq!((row("PATH"), row("HOME"), row("USER")), (Some("/usr/bin"), Some("/root"), Some("root")));
