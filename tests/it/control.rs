@@ -368,6 +368,11 @@ fn no_launcher_is_exit_code_3() {
     assert_eq!(client(&["status", "--bogus"]).code, 2);
 }
 
+/// The pids in a status object's worker rows (a slot in backoff has none).
+fn worker_pids(s: &Value) -> BTreeSet<u64> {
+    rows(s).iter().filter_map(|w| w.get("pid").and_then(Value::as_u64)).collect()
+}
+
 /// Issue 10: `reuse-launch reexec` upgrades the launcher in place. Ten in a row under continuous
 /// new-connection load: no request fails, the pid and every worker stay; a roll and a crash
 /// respawn work afterwards.
@@ -377,14 +382,6 @@ fn ten_reexecs_under_load_lose_nothing_and_keep_every_worker() {
     let l = Launch::new().workers(3).ready("auto").flag("--control", sock.str()).py(&[]).start();
     l.wait_for("all 3 workers ready", secs(20));
     let pick = ["--control", sock.str()];
-    let pids = |s: &Value| -> BTreeSet<u64> {
-        s.get("workers")
-            .and_then(Value::as_array)
-            .unwrap()
-            .iter()
-            .filter_map(|w| w.get("pid").and_then(Value::as_u64))
-            .collect()
-    };
     let before = status(&pick).unwrap();
     let load = Load::start(l.port(), 4);
     for i in 0..10 {
@@ -397,7 +394,7 @@ fn ten_reexecs_under_load_lose_nothing_and_keep_every_worker() {
     assert!(failures.is_empty(), "{} of {} failed across 10 reexecs: {failures:?}", failures.len(), ok);
     assert_eq!(after.get("pid"), before.get("pid"));
     assert_ne!(after.get("image"), before.get("image"));
-    assert_eq!(pids(&after), pids(&before), "the workers changed");
+    assert_eq!(worker_pids(&after), worker_pids(&before), "the workers changed");
     assert_eq!(l.count("resumed after reexec: 3 workers in 3 slots"), 10, "{}", l.log());
     let launcher = after.get("pid").and_then(Value::as_u64).unwrap() as i32;
     let sentinels = children_of(launcher).into_iter().filter(|c| is_sentinel(c.pid)).count();
@@ -405,10 +402,10 @@ fn ten_reexecs_under_load_lose_nothing_and_keep_every_worker() {
     // Still a launcher: a roll, then a crash respawn.
     assert_eq!(client(&["roll", "--control", sock.str()]).code, 0);
     l.wait_for("roll gen 2 done", secs(30));
-    let victim = *pids(&status(&pick).unwrap()).iter().next().unwrap() as i32;
+    let victim = *worker_pids(&status(&pick).unwrap()).iter().next().unwrap() as i32;
     signal(victim, Signal::SIGKILL);
     wait_status(&l, &pick, secs(20), "the killed worker replaced and all ready", |s| {
-        !pids(s).contains(&(victim as u64)) && s.get("ready").and_then(Value::as_u64) == Some(3)
+        !worker_pids(s).contains(&(victim as u64)) && s.get("ready").and_then(Value::as_u64) == Some(3)
     });
 }
 
@@ -432,16 +429,8 @@ fn a_reexec_into_a_broken_binary_keeps_everything_running() {
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("--version failed") && out.stderr.contains("broken build"), "{out:?}");
     let same = status(&pick).unwrap();
-    let pids = |s: &Value| -> Vec<u64> {
-        s.get("workers")
-            .and_then(Value::as_array)
-            .unwrap()
-            .iter()
-            .filter_map(|w| w.get("pid").and_then(Value::as_u64))
-            .collect()
-    };
     assert_eq!(same.get("image"), before.get("image"), "the old image runs on");
-    assert_eq!(pids(&same), pids(&before));
+    assert_eq!(worker_pids(&same), worker_pids(&before));
     assert_eq!(get(l.port()).unwrap().slot.len(), 1, "still serving");
     // The fixed binary installed at the same path takes over.
     std::fs::remove_file(&path).unwrap();
