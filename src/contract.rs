@@ -35,6 +35,7 @@ pub const DROPPED: &[&str] = &[
     "SERVER_STARTER_GENERATION",
     // The launcher's own control socket: a worker that runs a launcher of its own must not take it.
     "REUSE_LAUNCH_CONTROL",
+    "REUSE_LAUNCH_NOFILE",
 ];
 const DROPPED_PREFIX: &str = "EINHORN_FD_";
 

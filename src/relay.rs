@@ -50,6 +50,8 @@ struct RelayThread {
     tx: Sender<(TcpStream, SocketAddr)>,
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
+    /// Connections handed to it and not yet finished.
+    live: Arc<AtomicUsize>,
 }
 
 impl Relay {
@@ -62,14 +64,15 @@ impl Relay {
             let stop = Arc::new(AtomicBool::new(false));
             let pumps = Pumps::new()?;
             pumps.epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
-            let (thread_wake, thread_stop) = (wake.clone(), stop.clone());
+            let live = Arc::new(AtomicUsize::new(0));
+            let (thread_wake, thread_stop, thread_live) = (wake.clone(), stop.clone(), live.clone());
             let thread = format!("{name}-{i}");
             std::thread::Builder::new().name(thread.clone()).spawn(move || {
-                if let Err(e) = relay_loop(pumps, rx, &thread_wake, &thread_stop) {
+                if let Err(e) = relay_loop(pumps, rx, &thread_wake, &thread_stop, &thread_live) {
                     log::error!("relay thread {thread} stopped: {e}");
                 }
             })?;
-            handles.push(RelayThread { tx, wake, stop });
+            handles.push(RelayThread { tx, wake, stop, live });
         }
         Ok(Relay { threads: handles, next: AtomicUsize::new(0) })
     }
@@ -79,9 +82,18 @@ impl Relay {
     /// target closes the client's connection.
     pub fn hand(&self, client: TcpStream, target: SocketAddr) -> io::Result<()> {
         let t = &self.threads[self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len()];
-        t.tx.send((client, target)).map_err(|_| io::Error::other("relay thread stopped"))?;
+        t.live.fetch_add(1, Ordering::AcqRel);
+        if t.tx.send((client, target)).is_err() {
+            t.live.fetch_sub(1, Ordering::AcqRel);
+            return Err(io::Error::other("relay thread stopped"));
+        }
         t.wake.write(1)?;
         Ok(())
+    }
+
+    /// Connections handed over and not finished yet (a reexec would cut them).
+    pub fn carrying(&self) -> usize {
+        self.threads.iter().map(|t| t.live.load(Ordering::Acquire)).sum()
     }
 }
 
@@ -99,9 +111,12 @@ fn relay_loop(
     rx: Receiver<(TcpStream, SocketAddr)>,
     wake: &EventFd,
     stop: &AtomicBool,
+    live: &AtomicUsize,
 ) -> io::Result<()> {
     let mut events = vec![EpollEvent::empty(); 256];
     loop {
+        // Handed over but not taken in yet, plus what this thread carries.
+        live.store(rx.len() + pumps.carried(), Ordering::Release);
         let n = pumps.wait(&mut events, -1)?;
         for ev in &events[..n] {
             if ev.data() != WAKE {
@@ -206,6 +221,11 @@ impl Pumps {
     }
 
     /// Forget connection `id`: out of the epoll set, both sockets closed.
+    /// Connections in the set.
+    pub fn carried(&self) -> usize {
+        self.conns.len() - self.free.len()
+    }
+
     fn release(&mut self, id: usize) {
         if let Some(conn) = self.conns[id].take() {
             for s in &conn.sides {

@@ -158,6 +158,11 @@ impl Rescue {
         parked
     }
 
+    /// Relayed connections not finished yet (a reexec would cut them).
+    pub fn carrying(&self) -> usize {
+        self.relay.carrying()
+    }
+
     /// Connections taken and handed to the relay so far, from every slot.
     pub fn relayed(&self) -> u64 {
         self.relayed.load(Ordering::Relaxed)

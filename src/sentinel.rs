@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
+/// The launcher's start time as the sentinel first saw it (tells it from a later owner of its pid).
+static LAUNCHER_START: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
 /// How often the sentinel notes the launcher's descendants.
 pub const SCAN: Duration = Duration::from_millis(500);
 
@@ -97,6 +100,7 @@ pub fn run(launcher: i32) -> ! {
         let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
     }
     let me = std::process::id() as i32;
+    let _ = LAUNCHER_START.set(running(launcher));
     let (tx, rx) = crossbeam_channel::bounded::<bool>(1);
     std::thread::spawn(move || {
         let mut buf = [0u8; 64];
@@ -150,16 +154,25 @@ pub fn run(launcher: i32) -> ! {
 /// left (at most 50 rounds).
 fn end_all(launcher: i32, me: i32, mut noted: HashMap<i32, u64>, died: bool) {
     let mut killed: HashSet<i32> = HashSet::new();
-    let died = died || std::env::var_os("REUSE_LAUNCH_SENTINEL_TRACE").is_some();
+    let trace = died || std::env::var_os("REUSE_LAUNCH_SENTINEL_TRACE").is_some();
+    // Never a group the launcher or the sentinel belongs to (a launcher started by a shell,
+    // `npm start` or `make` shares its parent's group).
+    let protected: HashSet<i32> = [pgid(launcher), pgid(me), Some(launcher), Some(me)].into_iter().flatten().collect();
+    let launcher_start = LAUNCHER_START.get().copied().flatten();
     for round in 0..50 {
-        for (pid, start) in descendants(launcher, me) {
-            noted.insert(pid, start);
+        // Below the launcher only while it is the same process: once it is gone its pid may be
+        // another's, whose children are none of ours. What was noted before is enough then.
+        if launcher_start.is_some() && running(launcher) == launcher_start {
+            for (pid, start) in descendants(launcher, me) {
+                noted.insert(pid, start);
+            }
         }
         let alive: Vec<i32> = noted.iter().filter(|(p, s)| running(**p) == Some(**s)).map(|(p, _)| *p).collect();
         if alive.is_empty() {
             break;
         }
-        let groups: HashSet<i32> = alive.iter().filter_map(|p| pgid(*p)).filter(|g| *g != launcher && *g > 1).collect();
+        let groups: HashSet<i32> =
+            alive.iter().filter_map(|p| pgid(*p)).filter(|g| *g > 1 && !protected.contains(g)).collect();
         for g in groups {
             let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
         }
@@ -171,7 +184,7 @@ fn end_all(launcher: i32, me: i32, mut noted: HashMap<i32, u64>, died: bool) {
             }
         }
         for p in &alive {
-            if killed.insert(*p) && died {
+            if killed.insert(*p) && trace {
                 let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
                 let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
                 eprintln!("reuse-launch: sentinel: killing pid {p} ({})", cmd.trim());

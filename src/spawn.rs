@@ -43,14 +43,27 @@ static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock:
 
 /// Raise the launcher's soft limit on open fds to the hard limit (the round-robin forwarder
 /// holds two fds per connection). Workers are given the original limit back before exec.
+/// After a reexec: the limit the first image started with (`REUSE_LAUNCH_NOFILE=soft:hard`,
+/// set by the old image), not the raised one this image starts with.
+pub const NOFILE_VAR: &str = "REUSE_LAUNCH_NOFILE";
+
 pub fn raise_fd_limit() {
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
-    let _ = ORIGINAL_NOFILE.set(libc::rlimit { rlim_cur: soft, rlim_max: hard });
+    let inherited = std::env::var(NOFILE_VAR).ok().and_then(|v| {
+        let (s, h) = v.split_once(':')?;
+        Some(libc::rlimit { rlim_cur: s.parse().ok()?, rlim_max: h.parse().ok()? })
+    });
+    let _ = ORIGINAL_NOFILE.set(inherited.unwrap_or(libc::rlimit { rlim_cur: soft, rlim_max: hard }));
     if soft < hard {
         if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             log::debug!("cannot raise RLIMIT_NOFILE: {e}");
         }
     }
+}
+
+/// `REUSE_LAUNCH_NOFILE` for a reexec: the original limit, to be given to workers again.
+pub fn original_nofile() -> Option<String> {
+    ORIGINAL_NOFILE.get().map(|l| format!("{}:{}", l.rlim_cur, l.rlim_max))
 }
 
 /// Everything one fork/exec needs besides the program.
@@ -206,9 +219,6 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        if let Some(lim) = &ctx.nofile {
-            libc::setrlimit(libc::RLIMIT_NOFILE, lim);
-        }
 
         // Move everything we still need above the target range first, then dup2 into 3.. .
         let nfds = ctx.nfds;
@@ -302,6 +312,11 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
             }
         }
 
+        // The fd limit the launcher started with, last: lowered earlier, the dups above would fail
+        // (EMFILE) once the launcher holds more fds than that limit (relayed connections).
+        if let Some(lim) = &ctx.nofile {
+            libc::setrlimit(libc::RLIMIT_NOFILE, lim);
+        }
         libc::execve(ctx.path, ctx.argv, ctx.envp);
         fail(pipe)
     }

@@ -26,6 +26,7 @@ use std::ffi::{CString, OsString};
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,7 @@ pub fn own_path() -> Option<PathBuf> {
 pub fn check_binary(path: &std::path::Path) -> Result<String, String> {
     let mut child = std::process::Command::new(path)
         .arg("--version")
+        .process_group(0) // never in the launcher's group (see sentinel.rs)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -121,6 +123,10 @@ fn try_exec(
         })
         .collect::<Result<_, _>>()?;
     env.push(CString::new(format!("{STATE_VAR}={fd}"))?);
+    if let Some(nofile) = crate::spawn::original_nofile() {
+        env.retain(|e| !e.as_bytes().starts_with(format!("{}=", crate::spawn::NOFILE_VAR).as_bytes()));
+        env.push(CString::new(format!("{}={nofile}", crate::spawn::NOFILE_VAR))?);
+    }
     set_cloexec(keep, false);
     block(signals, true);
     let err = nix::unistd::execve(&cpath, &argv, &env).unwrap_err();

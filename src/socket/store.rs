@@ -71,26 +71,30 @@ impl Listeners {
         let mut fresh = Vec::new();
         match mode {
             Mode::Reuseport => {
-                let mut per_slot: Vec<Vec<Socket>> = Vec::new();
-                while let Some(row) =
-                    binds.iter().map(|b| take(&format!("rl.{}.{}", b.name, per_slot.len()))).collect::<Option<Vec<_>>>()
-                {
-                    per_slot.push(row);
-                }
-                restored = per_slot.len();
-                if let Some(first) = per_slot.first() {
-                    for (b, s) in first.iter().enumerate() {
-                        local[b] = addr_of(s).unwrap_or(local[b]);
+                // Each bind on its own: its stored sockets for slots 0, 1, ... (a prefix: members
+                // were only ever closed from the end). A bind added since has none, a slot one
+                // bind lacks gets a new socket, which joins that bind's group last, in slot order.
+                let mut per_bind: Vec<std::vec::IntoIter<Socket>> = Vec::new();
+                for (b, bind) in binds.iter().enumerate() {
+                    let mut kept = Vec::new();
+                    while let Some(s) = take(&format!("rl.{}.{}", bind.name, kept.len())) {
+                        kept.push(s);
                     }
+                    if let Some(first) = kept.first() {
+                        local[b] = addr_of(first).unwrap_or(local[b]);
+                    }
+                    restored = restored.max(kept.len());
+                    per_bind.push(kept.into_iter());
                 }
-                for row in per_slot {
-                    sockets.extend(row);
-                }
-                for _ in restored..slots.max(restored) {
-                    for addr in &local {
-                        let s = bound_socket(*addr, true)?;
-                        fresh.push(sockets.len());
-                        sockets.push(s);
+                for _slot in 0..slots.max(restored) {
+                    for (b, kept) in per_bind.iter_mut().enumerate() {
+                        match kept.next() {
+                            Some(s) => sockets.push(s),
+                            None => {
+                                fresh.push(sockets.len());
+                                sockets.push(bound_socket(local[b], true)?);
+                            }
+                        }
                     }
                 }
             }
@@ -136,5 +140,54 @@ impl Listeners {
             slots: restored,
             unknown: stored,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// A reuseport group of `n` listening sockets on one port, stored as `rl.<name>.<slot>`.
+    fn stored(name: &str, n: usize) -> (Vec<(Socket, String)>, SocketAddr) {
+        let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut out = Vec::new();
+        for slot in 0..n {
+            let s = bound_socket(addr, true).unwrap();
+            s.listen(16).unwrap();
+            addr = s.local_addr().unwrap().as_socket().unwrap();
+            out.push((s, format!("rl.{name}.{slot}")));
+        }
+        (out, addr)
+    }
+
+    /// Found in review: with a bind added since, every stored slot failed as a whole and its
+    /// sockets were dropped or left unserved in their group.
+    #[test]
+    fn a_bind_added_since_keeps_the_stored_slots_of_the_others() {
+        let (sockets, http) = stored("http", 2);
+        let fds: Vec<i32> = sockets.iter().map(|s| s.0.as_raw_fd()).collect();
+        let binds = vec![
+            BindSpec { name: "http".into(), addr: http },
+            BindSpec { name: "admin".into(), addr: "127.0.0.1:0".parse().unwrap() },
+        ];
+        let r = Listeners::restore(sockets, &binds, Mode::Reuseport, 3, 16).unwrap();
+        assert!(r.unknown.is_empty());
+        assert_eq!(r.slots, 2);
+        assert_eq!(r.listeners.slot_count(), Some(3));
+        // Slots 0 and 1 keep their stored http sockets; slot 2 and every admin socket are new.
+        assert_eq!(r.listeners.fds_for_slot(0)[0], fds[0]);
+        assert_eq!(r.listeners.fds_for_slot(1)[0], fds[1]);
+        assert!(!fds.contains(&r.listeners.fds_for_slot(2)[0]));
+        assert_eq!(r.listeners.local_addrs()[0], http);
+    }
+
+    #[test]
+    fn a_stored_bind_no_longer_configured_is_returned_unserved() {
+        let (sockets, _) = stored("old", 1);
+        let binds = vec![BindSpec { name: "http".into(), addr: "127.0.0.1:0".parse().unwrap() }];
+        let r = Listeners::restore(sockets, &binds, Mode::Reuseport, 2, 16).unwrap();
+        assert_eq!(r.unknown.iter().map(|u| u.1.as_str()).collect::<Vec<_>>(), vec!["rl.old.0"]);
+        assert_eq!((r.slots, r.listeners.slot_count()), (0, Some(2)));
     }
 }

@@ -237,6 +237,9 @@ impl<O: Os> Supervisor<O> {
         if fresh {
             self.reporter.store_fds(&self.listeners.store_names());
             self.start_all(Instant::now())?;
+        } else {
+            // A worker that exited around the exec: its SIGCHLD may have gone with the old image.
+            self.reap(Instant::now());
         }
         loop {
             let now = Instant::now();

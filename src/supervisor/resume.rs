@@ -45,14 +45,17 @@ impl<O: Os> Supervisor<O> {
 
     /// First step: may it be done, and with which binary?
     pub(super) fn reexec_check(&self) -> Result<(String, String), String> {
-        if self.shutdown.is_some() {
+        if self.shutdown.is_some() || self.drain_until.is_some() {
             return Err("the launcher is stopping".into());
         }
         if self.listeners.mode() == Mode::RoundRobin {
             return Err("not in round-robin mode: the forwarder's connections would be cut".into());
         }
-        if self.rescued.iter().any(|r| *r) {
-            return Err("connections are being relayed from a stalled slot right now; try again".into());
+        let carrying = self.rescue.as_ref().map_or(0, |r| r.carrying());
+        if self.rescued.iter().any(|r| *r) || carrying > 0 {
+            return Err(format!(
+                "connections taken back from a stalled slot are being relayed ({carrying} open); try again"
+            ));
         }
         let path = reexec::own_path().ok_or("cannot tell which binary the launcher was started from")?;
         let version = reexec::check_binary(&path)?;
