@@ -2,11 +2,14 @@
 //! the stall watch (every 20 ms).
 //!
 //! A slot's *load* is the connections waiting in its accept queue (`TCP_INFO` on the listener the
-//! launcher holds) plus the connections its worker holds: the worker's open fds (the entries of
-//! `/proc/PID/fd`, one `getdents`, no `readlink` of each) above its *floor*, the fewest it had
-//! over the last 5 to 10 s (two 5 s windows). The floor absorbs what a worker keeps open for
-//! good (listeners, pipes, eventfds and files its runtime opens lazily, pooled database
-//! connections, idle keep-alive connections), so what is left is the transient backlog. The
+//! launcher holds) plus the connections its worker holds *more than the least of them*: each
+//! worker's open sockets (the entries of `/proc/PID/fd` that link to `socket:[...]`; files,
+//! pipes and eventfds a runtime opens lazily are not counted) minus the fewest any ready worker
+//! holds at that sample ([`relative`]). Workers of one program keep the same sockets open for
+//! good (listeners, pooled database connections), so the difference is the backlog; only
+//! differences matter to the weights anyway. (A per-worker floor, the fewest it held over a few
+//! seconds, was tried first: a worker loaded from its first sample had its floor at its load
+//! and looked idle, and got more connections than a fast one.) The
 //! second term matters for servers that accept eagerly whenever their event loop runs (Node,
 //! anything that accepts in a loop): their accept queue is empty most of the time while they
 //! hold a backlog of accepted requests in user space. It is a least-connections count, as
@@ -17,49 +20,20 @@
 //! quarter of the share, never none, so a burst between two samples is spread by weights
 //! instead of herding onto the one slot that looked idle.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
-
-/// A worker's floor: the fewest open fds in the current window and in the one before.
-#[derive(Debug, Clone, Copy)]
-struct Floor {
-    since: Instant,
-    current: u32,
-    previous: u32,
+/// Each worker's sockets above the fewest any of them holds (None where unread).
+pub fn relative(counts: &[Option<u32>]) -> Vec<Option<u32>> {
+    let base = counts.iter().flatten().min().copied().unwrap_or(0);
+    counts.iter().map(|c| c.map(|c| c - base)).collect()
 }
 
-/// Each worker's fd floor, by pid.
-#[derive(Debug, Default)]
-pub struct Held {
-    floors: HashMap<i32, Floor>,
-}
-
-impl Held {
-    /// Length of one window of the floor.
-    pub const WINDOW: Duration = Duration::from_secs(5);
-
-    /// Connections worker `pid` holds at `now`: its open fds above its floor (the caller samples
-    /// only ready workers). None when /proc cannot be read (the caller counts the queue only).
-    pub fn sample(&mut self, pid: i32, now: Instant) -> Option<u32> {
-        let fds = open_fds(pid)?;
-        let f = self.floors.entry(pid).or_insert(Floor { since: now, current: fds, previous: fds });
-        if now.duration_since(f.since) >= Self::WINDOW {
-            *f = Floor { since: now, current: fds, previous: f.current };
-        }
-        f.current = f.current.min(fds);
-        Some(fds - f.current.min(f.previous))
-    }
-
-    /// Forget workers that are gone.
-    pub fn retain(&mut self, live: &[i32]) {
-        self.floors.retain(|pid, _| live.contains(pid));
-    }
-}
-
-/// Number of open fds of process `pid` (entries of /proc/PID/fd).
-pub fn open_fds(pid: i32) -> Option<u32> {
+/// Number of open sockets of process `pid` (entries of /proc/PID/fd linking to `socket:[...]`).
+pub fn open_sockets(pid: i32) -> Option<u32> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-    Some(dir.count() as u32)
+    let sockets = dir
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str().as_encoded_bytes().starts_with(b"socket:")))
+        .count();
+    Some(sockets as u32)
 }
 
 /// A slot's weight from its load (None: unknown, counted as 0): 2^20 / (1 + load)^2.
@@ -82,22 +56,21 @@ mod tests {
     }
 
     #[test]
-    fn held_connections_are_fds_above_the_floor_of_the_last_windows() {
+    fn held_is_relative_to_the_least_held() {
+        assert_eq!(relative(&[Some(9), Some(3), None, Some(4)]), vec![Some(6), Some(0), None, Some(1)]);
+        assert_eq!(relative(&[None, None]), vec![None, None]);
+    }
+
+    #[test]
+    fn sockets_are_counted_files_are_not() {
         let me = std::process::id() as i32;
-        let t0 = Instant::now();
-        let mut held = Held::default();
-        // Other tests open and close fds meanwhile: compare with margins.
-        let base = open_fds(me).unwrap();
-        held.sample(me, t0).unwrap();
-        let files: Vec<std::fs::File> = (0..40).map(|_| std::fs::File::open("/proc/self/stat").unwrap()).collect();
-        assert!(held.sample(me, t0 + Held::WINDOW / 2).unwrap() >= 30);
-        // Kept open for two windows: they become the floor.
-        held.sample(me, t0 + Held::WINDOW);
-        held.sample(me, t0 + Held::WINDOW * 2);
-        assert!(held.sample(me, t0 + Held::WINDOW * 2).unwrap() < 20, "floor was {base}");
-        drop(files);
-        assert_eq!(held.sample(i32::MAX, t0), None);
-        held.retain(&[]);
-        assert!(held.floors.is_empty());
+        let before = open_sockets(me).unwrap();
+        let files: Vec<std::fs::File> = (0..20).map(|_| std::fs::File::open("/proc/self/stat").unwrap()).collect();
+        let sockets: Vec<std::net::UdpSocket> = (0..20).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        // Other tests of this process open and close sockets meanwhile: a margin.
+        let now = open_sockets(me).unwrap();
+        assert!(now >= before + 15 && now < before + 40, "{before} -> {now}");
+        drop((files, sockets));
+        assert_eq!(open_sockets(i32::MAX), None);
     }
 }

@@ -89,8 +89,6 @@ pub struct Supervisor<O: Os> {
     bpf: Option<Vec<libc::sock_filter>>,
     /// Each slot's load at the last sample (`--steer least-loaded`: see `load`).
     loads: Vec<Option<u32>>,
-    /// `--steer least-loaded`: the open-fd baseline of each worker.
-    held: crate::load::Held,
     /// With --pin: the CPUs the launcher may run on; slot s is pinned to `cpus[s % len]`.
     cpus: Option<Vec<usize>>,
     proxy: Option<Proxy>,
@@ -203,7 +201,6 @@ impl<O: Os> Supervisor<O> {
             steered: None,
             bpf: None,
             loads: vec![None; slots_n],
-            held: Default::default(),
             cpus,
             stalls,
             members: Default::default(),
@@ -349,7 +346,7 @@ impl<O: Os> Supervisor<O> {
         self.watch_memory(now);
         self.reconcile(now)?;
         self.watch_queues(now);
-        self.steer();
+        self.steer(now);
         self.announce_ready();
         self.report_status();
         self.publish(now);

@@ -181,6 +181,7 @@ impl<O: Os> Supervisor<O> {
                 start_failures: s.start_failures,
                 respawn_at: s.respawn_ms.map(|ms| at_ms(now, ms)),
                 retiring: s.retiring_ms.map(|ms| at_ms(now, ms)),
+                excluded_at: None,
                 last_failure: s.last_failure,
                 last_exit: s.last_exit,
                 restarts: s.restarts.iter().map(|(k, v)| (cause(k), *v)).collect(),

@@ -105,11 +105,11 @@ impl<O: Os> Supervisor<O> {
             .collect();
         if self.cfg.steer == Steer::LeastLoaded {
             // Only a ready worker's fds: a starting one is still opening its own.
-            let held: Vec<Option<u32>> = (0..slots)
-                .map(|s| workers[s].filter(|_| self.workers.ready_on(s)).and_then(|pid| self.held.sample(pid, now)))
+            let counts: Vec<Option<u32>> = (0..slots)
+                .map(|s| workers[s].filter(|_| self.workers.ready_on(s)).and_then(crate::load::open_sockets))
                 .collect();
+            let held = crate::load::relative(&counts);
             self.loads = queues.iter().zip(&held).map(|(q, h)| q.map(|q| q + h.unwrap_or(0)).or(*h)).collect();
-            self.held.retain(&live);
         }
         let Some((watch, next)) = &mut self.stalls else { return };
         *next = now + StallWatch::EVERY;
@@ -137,7 +137,7 @@ impl<O: Os> Supervisor<O> {
     /// Send new connections only to the serving slots: the `--steer` program of each reuseport
     /// group (see `steer`), or the forwarder's backend list in round-robin mode. Then take back
     /// what waits on slots that cannot serve.
-    pub(super) fn steer(&mut self) {
+    pub(super) fn steer(&mut self, now: Instant) {
         let groups = self.listeners.groups();
         if groups.is_empty() && self.proxy.is_none() {
             return;
@@ -158,13 +158,28 @@ impl<O: Os> Supervisor<O> {
                     };
                     if let Err(e) = done {
                         log::warn!("cannot steer new connections ({:?}): {e}", self.cfg.steer);
+                        self.note_exclusions(&serving, false, now);
                         return;
                     }
                 }
                 self.bpf = program;
             }
         }
+        // Left out for sure: by the forwarder, or by an attached program (none: the hash).
+        let sure = self.proxy.is_some() || self.bpf.is_some();
+        self.note_exclusions(&serving, sure, now);
         self.rescue_stranded(&serving);
+    }
+
+    /// Since when each retiring slot has surely got no new connection.
+    fn note_exclusions(&mut self, serving: &[usize], sure: bool, now: Instant) {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if slot.retiring.is_some() && sure && !serving.contains(&i) {
+                slot.excluded_at.get_or_insert(now);
+            } else {
+                slot.excluded_at = None;
+            }
+        }
     }
 
     /// The program for the reuseport groups, or None for the kernel's own hash.

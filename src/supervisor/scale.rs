@@ -81,7 +81,18 @@ impl<O: Os> Supervisor<O> {
     /// Close the last slot while it is retired, empty and settled.
     fn close_retired(&mut self, now: Instant) {
         while let Some(slot) = self.slots.len().checked_sub(1) {
-            let Some(since) = self.slots[slot].retiring else { return };
+            let Some(retired) = self.slots[slot].retiring else { return };
+            // Counted from when steering surely left it out (reuseport, round-robin); in the
+            // other modes its sockets are shared and nothing is closed.
+            let steered = !self.listeners.groups().is_empty() || self.proxy.is_some();
+            let since = if steered {
+                match self.slots[slot].excluded_at {
+                    Some(t) => t,
+                    None => return,
+                }
+            } else {
+                retired
+            };
             let fds = self.listeners.fds_for_slot(slot);
             let queued = fds.iter().any(|fd| steer::queue_len(*fd).map_or(true, |n| n > 0));
             if now.saturating_duration_since(since) < SETTLE || self.workers.on(slot).next().is_some() || queued {

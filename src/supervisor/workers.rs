@@ -68,6 +68,10 @@ pub struct Slot {
     pub last_exit: Option<String>,
     /// Being removed by a scale-down since then: no respawn, no new connections.
     pub retiring: Option<Instant>,
+    /// Since when steering has kept new connections away from it for sure (a program that
+    /// leaves it out is attached, or the forwarder leaves it out): what a retiring slot's
+    /// settle time counts from.
+    pub excluded_at: Option<Instant>,
     pub quick_deaths: u32,
     pub start_failures: u32,
     /// When to start the slot's next worker, once it has none (None: at once).

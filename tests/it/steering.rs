@@ -175,7 +175,7 @@ fn least_loaded_favours_the_worker_that_keeps_up() {
             .workers(2)
             .ready("auto")
             .args(&["--steer", steer])
-            .py(&["--handle-delay", "0.2", "--slow-if-file", &slow])
+            .py(&["--handle-delay", "0.4", "--slow-if-file", &slow])
             .start();
         l.wait_for("all 2 workers ready", secs(20));
         let (slow_share, n) = share(&l, secs(3));
