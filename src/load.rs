@@ -31,7 +31,9 @@ pub fn open_sockets(pid: i32) -> Option<u32> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
     let sockets = dir
         .flatten()
-        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str().as_encoded_bytes().starts_with(b"socket:")))
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str().as_encoded_bytes().starts_with(b"socket:"))
+        })
         .count();
     Some(sockets as u32)
 }
@@ -66,7 +68,8 @@ mod tests {
         let me = std::process::id() as i32;
         let before = open_sockets(me).unwrap();
         let files: Vec<std::fs::File> = (0..20).map(|_| std::fs::File::open("/proc/self/stat").unwrap()).collect();
-        let sockets: Vec<std::net::UdpSocket> = (0..20).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let sockets: Vec<std::net::UdpSocket> =
+            (0..20).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
         // Other tests of this process open and close sockets meanwhile: a margin.
         let now = open_sockets(me).unwrap();
         assert!(now >= before + 15 && now < before + 40, "{before} -> {now}");
