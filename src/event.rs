@@ -22,6 +22,8 @@ pub enum Event {
     /// A request from the control socket; the loop answers at once on the channel (it never
     /// waits on the client: the control thread does the talking).
     Control(Command, Sender<Reply>),
+    /// A connection waits on a listener while the queue watch samples rarely (see `queues`).
+    Queued,
 }
 
 /// What a control client can ask the running launcher.

@@ -78,7 +78,18 @@ impl<O: Os> Supervisor<O> {
         let socket_on_stdin = self.cfg.socket_on_stdin;
         let cpu = self.cpus.as_ref().map(|cpus| cpus[slot % cpus.len()]);
         let stdio = log_pipes.as_ref().map(|p| p.child_fds());
-        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, socket_on_stdin, cpu, creds, stdio };
+        let contain = crate::spawn::Contain::default();
+        let spec = Spec {
+            argv: &argv,
+            fds: &fds,
+            env: &env,
+            pid_vars: &pid_vars,
+            socket_on_stdin,
+            cpu,
+            creds,
+            stdio,
+            contain,
+        };
         let pid = match self.os.spawn(&self.program, &spec) {
             Ok(pid) => pid,
             Err(e) => {

@@ -96,6 +96,9 @@ pub struct Supervisor<O: Os> {
     stalls: Option<(StallWatch, Instant)>,
     /// The processes of the workers that had connections waiting (see `routing`).
     members: Members,
+    /// The queue watch's reader of the slots' queues and its cadence (see `queues`); None:
+    /// `TCP_INFO` on every listener every 20 ms.
+    queues: Option<crate::queues::Queues>,
     /// Takes back connections queued on slots that cannot serve; which slots it takes from.
     rescue: Option<Rescue>,
     rescued: Vec<bool>,
@@ -169,6 +172,11 @@ impl<O: Os> Supervisor<O> {
         };
         let stalls = matches!(listeners.mode(), Mode::Reuseport | Mode::RoundRobin)
             .then(|| (StallWatch::new(slots_n), Instant::now()));
+        let queues = stalls.as_ref().and_then(|_| {
+            crate::queues::Queues::start(tx.clone())
+                .map_err(|e| log::warn!("cannot watch the queues with epoll ({e}); sampling every 20 ms"))
+                .ok()
+        });
         let rescue = match &stalls {
             Some(_) => {
                 Some(Rescue::start().map_err(|e| Error::Failed(format!("cannot start the rescue threads: {e}")))?)
@@ -204,6 +212,7 @@ impl<O: Os> Supervisor<O> {
             cpus,
             stalls,
             members: Default::default(),
+            queues,
             rescue,
             rescued: vec![false; slots_n],
             proxy,
@@ -309,6 +318,7 @@ impl<O: Os> Supervisor<O> {
             }
             Event::Signal(other) => log::debug!("ignoring signal {other}"),
             Event::Notify(id, fields) => self.on_notify(id, fields, now),
+            Event::Queued => self.on_queued(now),
             Event::Control(command, reply) => {
                 // The control thread waits for this answer, never the other way round.
                 let _ = reply.send(self.command(command, now));
