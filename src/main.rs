@@ -15,6 +15,7 @@
 //! ```
 
 mod activation;
+mod cgroup;
 mod cli;
 mod command;
 mod contract;
@@ -55,7 +56,8 @@ use supervisor::{RealOs, Supervisor};
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == "__sentinel") {
-        sentinel::run(argv.get(2).and_then(|p| p.to_str()).and_then(|p| p.parse().ok()).unwrap_or(0));
+        let cgroup = argv.get(3).filter(|a| *a == "--cgroup").and(argv.get(4)).map(std::path::PathBuf::from);
+        sentinel::run(argv.get(2).and_then(|p| p.to_str()).and_then(|p| p.parse().ok()).unwrap_or(0), cgroup);
     }
     if control::client::is_subcommand(argv.get(1)) {
         return ExitCode::from(control::client::main(argv));
@@ -94,11 +96,16 @@ fn run() -> Result<(), Error> {
     }
     spawn::raise_fd_limit();
     let control_path = config.control.clone();
+    let containment = cgroup::Containment::set_up(config.containment, resumed.is_some()).map_err(Error::Failed)?;
+    if resumed.is_none() {
+        log::info!("{}", containment.describe());
+    }
     let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
     supervisor.set_sentinel(match resumed.as_ref().and_then(|s| s.sentinel) {
         Some((pid, fd)) => Some(sentinel::Sentinel::adopt(pid, fd)),
-        None => sentinel::Sentinel::start(),
+        None => sentinel::Sentinel::start(containment.root()),
     });
+    supervisor.set_containment(containment);
     // Removed when `run` returns, on a clean stop and on a fatal error alike (a reexec keeps
     // the path: the new image finds nobody answering there and binds it again).
     let _control = control::ControlSocket::start(control_path, supervisor.sender())?;

@@ -24,6 +24,9 @@ pub fn render(status: &Value) -> String {
     if status.get("stopping").and_then(Value::as_bool) == Some(true) {
         header.push("stopping".into());
     }
+    if let Some(kind) = status.get("containment").and_then(Value::as_str) {
+        header.push(format!("containment {kind}"));
+    }
     let mut out = header.join("  ");
     out.push('\n');
 
@@ -126,6 +129,19 @@ mod tests {
         assert_eq!(
             lines[3],
             "1     -    2    backoff 2.2s  -       4         exited with status 1  -     -         3/4096"
+        );
+    }
+
+    #[test]
+    fn the_header_names_the_containment() {
+        let v = parse(
+            r#"{"pid":10,"mode":"reuseport","binds":["127.0.0.1:8080"],"generation":1,"desired":1,"ready":1,
+            "roll":null,"stopping":false,"containment":"cgroup","cgroup":"/sys/fs/cgroup/x/reuse-launch.10","workers":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            render(&v).lines().next().unwrap(),
+            "launcher 10  reuseport mode  127.0.0.1:8080  gen 1  1/1 workers ready  containment cgroup"
         );
     }
 

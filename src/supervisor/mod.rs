@@ -79,6 +79,8 @@ pub struct Supervisor<O: Os> {
     memory: memory::MemoryWatch,
     /// Ends what the workers left if the launcher dies abruptly (see `sentinel`).
     sentinel: Option<crate::sentinel::Sentinel>,
+    /// Each worker's cgroup, where one can be made (see `cgroup`).
+    containment: crate::cgroup::Containment,
     /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU.
     desired: usize,
     all_ready_logged: bool,
@@ -205,6 +207,7 @@ impl<O: Os> Supervisor<O> {
             desired: desired_n,
             memory: Default::default(),
             sentinel: None,
+            containment: Default::default(),
             all_ready_logged: false,
             steered: None,
             bpf: None,
@@ -230,6 +233,11 @@ impl<O: Os> Supervisor<O> {
     /// Give the supervisor the sentinel (see `sentinel`), released when it exits in order.
     pub fn set_sentinel(&mut self, sentinel: Option<crate::sentinel::Sentinel>) {
         self.sentinel = sentinel;
+    }
+
+    /// Give the supervisor the workers' containment (see `cgroup`).
+    pub fn set_containment(&mut self, containment: crate::cgroup::Containment) {
+        self.containment = containment;
     }
 
     /// Where the signal thread sends its events.
@@ -258,6 +266,7 @@ impl<O: Os> Supervisor<O> {
                 return Err(e);
             }
             if self.shutdown.is_some() && self.workers.is_empty() {
+                self.containment.finish();
                 if let Some(s) = self.sentinel.take() {
                     s.release();
                 }

@@ -1,0 +1,293 @@
+//! Containing each worker's whole tree in a cgroup v2 of its own, where the launcher may
+//! create cgroups (`--containment`, default `auto`).
+//!
+//! Layout: the launcher's own cgroup (its `0::` line of /proc/self/cgroup, under the cgroup2
+//! mount) gets one child, `reuse-launch.<pid>` (the [`Containment`]'s root), and each worker
+//! one below that, `w<id>` (its worker id, never reused). The child process of a spawn writes
+//! `"0"` into its own cgroup's `cgroup.procs` before exec (`spawn`, step 1): membership follows
+//! fork, so everything a worker ever starts is in its cgroup, detached or not.
+//! - A worker's exit: `cgroup.kill` of its cgroup (what it left, whatever its session), then
+//!   the directory is removed (once empty; retried at later reaps).
+//! - The launcher's end: in order, the same for the root; SIGKILLed, the sentinel (which runs
+//!   outside the root) writes the root's `cgroup.kill` when the launcher's pipe closes, with
+//!   no scan of /proc at all (see `sentinel`).
+//! - A worker's processes are read from its `cgroup.procs` ([`procs_of`]) instead of a scan
+//!   of /proc for its process group (readiness, stall watch, memory, status, metrics).
+//!
+//! Needs: the cgroup v2 hierarchy mounted (unified or hybrid), the launcher's cgroup writable
+//! (root; systemd `Delegate=yes`; a container with its own cgroup namespace and a writable
+//! mount) and `cgroup.kill` (Linux 5.14). Without any of these, `auto` falls back to the
+//! sentinel alone (the reason is logged); `--containment cgroup` is then an error (exit 1).
+//! No controller is enabled: the cgroups only group processes (CPU and memory limits stay the
+//! operator's), so the no-internal-processes rule never applies and the launcher stays in its
+//! own cgroup. A worker that moves itself to another cgroup (it needs write access to that
+//! cgroup's `cgroup.procs`, root usually) leaves this containment.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// `--containment`: what the operator asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Auto,
+    Cgroup,
+    Sentinel,
+}
+
+impl Want {
+    pub fn parse(text: &str) -> Result<Want, String> {
+        match text {
+            "auto" => Ok(Want::Auto),
+            "cgroup" => Ok(Want::Cgroup),
+            "sentinel" => Ok(Want::Sentinel),
+            _ => Err("expected 'auto', 'cgroup' or 'sentinel'".into()),
+        }
+    }
+}
+
+/// Worker pid -> its cgroup directory, for [`procs_of`] (read from any thread).
+static WORKERS: Mutex<Option<HashMap<i32, PathBuf>>> = Mutex::new(None);
+/// The root in use, for `status` ([`in_use`]).
+static ROOT: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// The containment in use, for `status` and its `containment` field: `("cgroup", Some(root))`
+/// or `("sentinel", None)`.
+pub fn in_use() -> (&'static str, Option<PathBuf>) {
+    match ROOT.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        Some(root) => ("cgroup", Some(root)),
+        None => ("sentinel", None),
+    }
+}
+
+/// The processes of the worker whose main process is `pid`, from its cgroup (None: it has no
+/// cgroup, or the file cannot be read; then the caller scans /proc for its process group).
+pub fn procs_of(pid: i32) -> Option<Vec<i32>> {
+    let dir = WORKERS.lock().unwrap_or_else(|e| e.into_inner()).as_ref()?.get(&pid)?.clone();
+    read_procs(&dir).ok()
+}
+
+fn read_procs(dir: &Path) -> io::Result<Vec<i32>> {
+    Ok(fs::read_to_string(dir.join("cgroup.procs"))?.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+/// How the launcher's workers are contained.
+#[derive(Debug, Default)]
+pub struct Containment {
+    /// `<launcher's cgroup>/reuse-launch.<pid>`; None: the sentinel alone.
+    root: Option<PathBuf>,
+    /// Why there is no cgroup (for the log).
+    why_not: Option<String>,
+    /// Workers' cgroups to remove once empty.
+    pending: Vec<PathBuf>,
+}
+
+impl Containment {
+    /// Decide and set up. `resumed` (after a reexec): adopt the root the old image made, if it
+    /// made one, and never make one (its sentinel would not know it).
+    pub fn set_up(want: Want, resumed: bool) -> Result<Containment, String> {
+        if want == Want::Sentinel {
+            return Ok(Containment { why_not: Some("--containment sentinel".into()), ..Default::default() });
+        }
+        let found = launcher_cgroup().and_then(|dir| make_root(&dir, resumed));
+        match found {
+            Ok(root) => {
+                *WORKERS.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
+                *ROOT.lock().unwrap_or_else(|e| e.into_inner()) = Some(root.clone());
+                Ok(Containment { root: Some(root), ..Default::default() })
+            }
+            Err(why) if want == Want::Cgroup => Err(format!("--containment cgroup: {why}")),
+            Err(why) => Ok(Containment { why_not: Some(why), ..Default::default() }),
+        }
+    }
+
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    /// The start-up log line.
+    pub fn describe(&self) -> String {
+        match (&self.root, &self.why_not) {
+            (Some(root), _) => format!(
+                "containment: cgroup {} (each worker's tree in a cgroup of its own, ended with cgroup.kill)",
+                root.display()
+            ),
+            (None, Some(why)) => format!(
+                "containment: sentinel (no cgroup: {why}); a process that leaves its worker's process group and session escapes until the sentinel's next scan"
+            ),
+            (None, None) => "containment: sentinel".into(),
+        }
+    }
+
+    /// Make worker `id`'s cgroup; the `cgroup.procs` to give the child (None: no cgroup).
+    pub fn prepare(&mut self, id: u64) -> io::Result<Option<OwnedFd>> {
+        let Some(root) = &self.root else { return Ok(None) };
+        let dir = root.join(format!("w{id}"));
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(io::Error::new(e.kind(), format!("cannot make the worker's cgroup {}: {e}", dir.display())))
+            }
+        }
+        let procs = fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?;
+        Ok(Some(procs.into()))
+    }
+
+    /// Worker `id` (main process `pid`) was started in its cgroup.
+    pub fn started(&self, id: u64, pid: i32) {
+        let Some(root) = &self.root else { return };
+        if let Some(map) = WORKERS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            map.insert(pid, root.join(format!("w{id}")));
+        }
+    }
+
+    /// Worker `id` (main process `pid`) exited, or could not start: end what is left in its
+    /// cgroup and remove it (now, or once empty).
+    pub fn exited(&mut self, id: u64, pid: i32) {
+        let Some(root) = &self.root else { return };
+        if let Some(map) = WORKERS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            map.remove(&pid);
+        }
+        let dir = root.join(format!("w{id}"));
+        let _ = kill(&dir);
+        if fs::remove_dir(&dir).is_err() && dir.exists() {
+            self.pending.push(dir);
+        }
+        self.tidy();
+    }
+
+    /// Remove the workers' cgroups that have emptied since.
+    pub fn tidy(&mut self) {
+        self.pending.retain(|dir| fs::remove_dir(dir).is_err() && dir.exists());
+    }
+
+    /// The launcher stops in order (its workers have exited): end whatever is left in the
+    /// root and remove it.
+    pub fn finish(&mut self) {
+        if let Some(root) = self.root.take() {
+            end(&root, Duration::from_secs(1));
+            *ROOT.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+}
+
+/// Write `cgroup.kill` of `dir` (it and every cgroup below: SIGKILL to all their processes).
+pub fn kill(dir: &Path) -> io::Result<()> {
+    fs::OpenOptions::new().write(true).open(dir.join("cgroup.kill"))?.write_all(b"1")
+}
+
+/// Kill everything in `root`, wait (at most `wait`) until it is empty, remove it and the
+/// cgroups below. Returns how many processes were in it.
+pub fn end(root: &Path, wait: Duration) -> usize {
+    let count = count(root);
+    let _ = kill(root);
+    let deadline = Instant::now() + wait;
+    while populated(root) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Ok(dir) = fs::read_dir(root) {
+        for e in dir.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+    let _ = fs::remove_dir(root);
+    count
+}
+
+/// The processes in `root` and the cgroups below it.
+pub fn count(root: &Path) -> usize {
+    let mut n = read_procs(root).map_or(0, |p| p.len());
+    if let Ok(dir) = fs::read_dir(root) {
+        for e in dir.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            n += count(&e.path());
+        }
+    }
+    n
+}
+
+/// `populated 1` in `cgroup.events`: a process lives in it or below.
+fn populated(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("cgroup.events")).is_ok_and(|t| t.lines().any(|l| l.trim() == "populated 1"))
+}
+
+/// The launcher's own cgroup v2 directory.
+fn launcher_cgroup() -> Result<PathBuf, String> {
+    let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+    let path = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("no cgroup v2 hierarchy (no 0:: line in /proc/self/cgroup)")?;
+    let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("cannot read mountinfo: {e}"))?;
+    let mount = mounts.lines().find_map(cgroup2_mount).ok_or("the cgroup v2 hierarchy is not mounted")?;
+    let (mount_root, mount_point) = mount;
+    // A mount of a subtree (a container's) shows cgroup paths below its own root.
+    let rel = path.strip_prefix(mount_root.trim_end_matches('/')).unwrap_or(path).trim_start_matches('/');
+    Ok(Path::new(&mount_point).join(rel))
+}
+
+/// (root, mount point) of a cgroup2 line of /proc/self/mountinfo.
+fn cgroup2_mount(line: &str) -> Option<(String, String)> {
+    let (left, right) = line.split_once(" - ")?;
+    if right.split_whitespace().next()? != "cgroup2" {
+        return None;
+    }
+    let f: Vec<&str> = left.split_whitespace().collect();
+    Some((f.get(3)?.to_string(), f.get(4)?.replace("\\040", " ")))
+}
+
+/// `reuse-launch.<pid>` below `dir`, checked to have `cgroup.kill`; stale ones of dead
+/// launchers beside it are ended and removed.
+fn make_root(dir: &Path, resumed: bool) -> Result<PathBuf, String> {
+    let me = std::process::id();
+    let root = dir.join(format!("reuse-launch.{me}"));
+    if resumed {
+        return if root.is_dir() { Ok(root) } else { Err("the launcher before the reexec used none".into()) };
+    }
+    remove_stale(dir);
+    if root.exists() {
+        end(&root, Duration::from_secs(1));
+    }
+    fs::create_dir(&root).map_err(|e| format!("cannot create a cgroup in {} ({e})", dir.display()))?;
+    if !root.join("cgroup.kill").exists() {
+        let _ = fs::remove_dir(&root);
+        return Err("no cgroup.kill (Linux 5.14 or later is needed)".into());
+    }
+    Ok(root)
+}
+
+/// End and remove the `reuse-launch.<pid>` cgroups in `dir` whose launcher is gone.
+fn remove_stale(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("reuse-launch.")).and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Any process with that pid: left alone (it may be that launcher, renamed or not).
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let n = end(&e.path(), Duration::from_secs(1));
+            log::info!("removed the cgroup of launcher {pid}, which is gone ({n} processes were left in it)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_name_the_cgroup2_mount() {
+        let line = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+        assert_eq!(cgroup2_mount(line), Some(("/".into(), "/sys/fs/cgroup/unified".into())));
+        let v1 = "35 30 0:30 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory";
+        assert_eq!(cgroup2_mount(v1), None);
+        assert_eq!(Want::parse("cgroup"), Ok(Want::Cgroup));
+        assert!(Want::parse("systemd").unwrap_err().contains("'auto'"));
+    }
+}
