@@ -43,6 +43,7 @@ const PORTS_MAX: usize = 4;
 #[derive(Debug, Default, Clone)]
 pub struct Cadence {
     busy_until: Option<Instant>,
+    idle: bool,
 }
 
 impl Cadence {
@@ -61,9 +62,18 @@ impl Cadence {
         if active {
             self.busy(now);
         }
-        match self.busy_until {
-            Some(t) if now < t => (Self::FAST, false),
-            _ => (Self::IDLE, true),
+        let was = self.idle;
+        self.idle = !self.busy_until.is_some_and(|t| now < t);
+        if self.idle != was {
+            match self.idle {
+                true => log::debug!("queue watch: idle (every {:?} until a connection waits)", Self::IDLE),
+                false => log::debug!("queue watch: busy (every {:?})", Self::FAST),
+            }
+        }
+        if self.idle {
+            (Self::IDLE, true)
+        } else {
+            (Self::FAST, false)
         }
     }
 }

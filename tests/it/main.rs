@@ -10,10 +10,14 @@
 //! - `control`: the control socket and the client subcommands (issue 9).
 //! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
 //! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
+//! - `watch`: the stall watch at scale and from its idle cadence (issue 18).
+//! - `containment`: nothing of a worker's tree outlives a SIGKILLed launcher: soon after a
+//!   start, a respawn, during a roll; with a delegated cgroup v2, detached processes too (issue 18).
 //!
 //! Run one area with `cargo test --test it core::`.
 
 mod common;
+mod containment;
 mod control;
 mod conventions;
 mod core;
@@ -27,3 +31,4 @@ mod runtimes;
 mod scaling;
 mod steering;
 mod sticky;
+mod watch;
