@@ -194,17 +194,27 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
     };
     ctx.fds[..spec.fds.len()].copy_from_slice(spec.fds);
 
-    let mut stack = vec![0u8; CHILD_STACK];
-    // The stack grows down from its end, which must be 16-byte aligned.
-    let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+    // One stack, made once and used by every spawn of this thread (a new one each time cost
+    // its page faults at every spawn).
+    thread_local! {
+        static STACK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let top = STACK.with_borrow_mut(|stack| {
+        if stack.is_empty() {
+            stack.resize(CHILD_STACK, 0);
+        }
+        // The stack grows down from its end, which must be 16-byte aligned.
+        (stack.as_mut_ptr() as usize + CHILD_STACK) & !15
+    });
     // Every signal is blocked while the child shares our memory (it unblocks them after
     // setting default dispositions), so none of the launcher's handlers runs in it.
     use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
     let mut old = SigSet::empty();
     pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old)).map_err(io::Error::from)?;
-    // SAFETY: clone with CLONE_VM | CLONE_VFORK runs `child_entry` on `stack` in a new process
+    // SAFETY: clone with CLONE_VM | CLONE_VFORK runs `child_entry` on STACK in a new process
     // that shares this memory; this thread is suspended until the child execs or exits, so
-    // `ctx` and the buffers it points to stay valid and unchanged meanwhile. The child only
+    // `ctx`, the stack (this thread's, used by nothing else meanwhile) and the buffers `ctx`
+    // points to stay valid and unchanged meanwhile. The child only
     // makes async-signal-safe calls on them (see child_exec) and ends in execve or _exit.
     let pid = unsafe {
         libc::clone(
@@ -216,7 +226,6 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
     };
     let clone_err = io::Error::last_os_error();
     let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    drop(stack);
     if pid < 0 {
         return Err(clone_err);
     }
