@@ -17,6 +17,7 @@ too, so a run says whether the cgroup or the sentinel's scan was in use.
     bench/idle.py --counts 2,64 --window 2        # a smoke run
     bench/idle.py --containment sentinel          # the fallback, as on a host without cgroup v2
     bench/idle.py --perf 512                      # also `perf record` the idle launcher at 512
+    bench/idle.py --extra "--max-memory 1G"       # launcher flags added to every run
 
 Targets (issue 18): at most 0.5% of a core at 512 workers and 1% at 1024 (launcher and
 sentinel together), all 1024 ready within 1.0 s, launcher RSS at most 8 MiB at 1024. The
@@ -112,7 +113,7 @@ class Launcher:
                "--control", self.control, "--ready-timeout", "60s"]
         if args.containment:
             cmd += ["--containment", args.containment]
-        cmd += ["--", hello]
+        cmd += args.extra.split() + ["--", hello]
         self.ready_after = None
         self.lines = []
         self.t0 = time.monotonic()
@@ -155,7 +156,7 @@ class Launcher:
 
 def perf_record(args, pid, seconds):
     data = os.path.join(args.tmp, "perf.data")
-    rec = subprocess.run(["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", data, "--", "sleep",
+    rec = subprocess.run(["perf", "record", "-F", "9999", "-g", "-p", str(pid), "-o", data, "--", "sleep",
                           str(seconds)], capture_output=True, text=True)
     if rec.returncode != 0:
         print(f"perf record failed: {rec.stderr.strip()[-300:]}")
@@ -163,7 +164,9 @@ def perf_record(args, pid, seconds):
     rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "--stdio", "--sort", "sym",
                           "--percent-limit", "2", "-g", "none"], capture_output=True, text=True)
     lines = [l for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#")]
-    print(f"perf, launcher pid {pid}, {seconds} s (top entries, self time):")
+    samples = [l for l in rep.stdout.splitlines() if l.startswith("# Samples")]
+    print(f"perf, launcher pid {pid} (every thread), {seconds:g} s at 9,999 Hz, "
+          f"{samples[0][2:] if samples else '? samples'} (top entries, self time):")
     for l in lines[:15]:
         print("   ", l.strip())
 
@@ -176,6 +179,7 @@ def measure(args, hello, n):
             print(f"{n:>6}  the workers were not all ready within {args.ready_timeout} s")
             for l in la.lines[-10:]:
                 print("       ", l)
+            la.stop()
             return None
         time.sleep(args.settle)
         sentinel = sentinel_of(la.proc.pid)
@@ -188,13 +192,12 @@ def measure(args, hello, n):
         pct = [None if a is None or b is None else (b - a) / 1e9 / dt * 100 for a, b in zip(before, after)]
         rss = [rss_kib(p) for p in pids]
         containment = la.status().get("containment", "?")
-        if args.perf == n:
-            perf_record(args, la.proc.pid, args.window)
         return {"n": n, "ready_s": ready, "launcher_pct": pct[0], "sentinel_pct": pct[1] if sentinel else None,
                 "launcher_rss_kib": rss[0], "sentinel_rss_kib": rss[1] if sentinel else None,
-                "containment": containment}
-    finally:
+                "containment": containment, "launcher": la}
+    except BaseException:
         la.stop()
+        raise
 
 
 def fmt(v, spec, unit=""):
@@ -214,6 +217,8 @@ def main():
     ap.add_argument("--bin")
     ap.add_argument("--containment", choices=["auto", "cgroup", "sentinel"])
     ap.add_argument("--perf", type=int, help="perf record the launcher at this worker count")
+    ap.add_argument("--perf-seconds", type=float, default=20.0, help="how long perf records")
+    ap.add_argument("--extra", default="", help="more launcher flags, e.g. '--steer least-loaded'")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
     ARGS = args
@@ -230,7 +235,7 @@ def main():
             if r is None:
                 failed = True
                 continue
-            results.append(r)
+            la = r.pop("launcher")
             both = None if r["launcher_pct"] is None else r["launcher_pct"] + (r["sentinel_pct"] or 0)
             r["together_pct"] = both
             print(f"{n:>7}  {fmt(r['ready_s'], '.2f', ' s'):>11}  {fmt(r['launcher_pct'], '.2f', '%'):>8}  "
@@ -238,6 +243,12 @@ def main():
                   f"{fmt(r['launcher_rss_kib'] and r['launcher_rss_kib'] / 1024, '.1f', ' MiB'):>12}  "
                   f"{fmt(r['sentinel_rss_kib'] and r['sentinel_rss_kib'] / 1024, '.1f', ' MiB'):>12}  "
                   f"{r['containment']}", flush=True)
+            try:
+                if args.perf == n:
+                    perf_record(args, la.proc.pid, args.perf_seconds)
+            finally:
+                la.stop()
+            results.append(r)
         load = os.getloadavg()
         print(f"load average {load[0]:.2f} {load[1]:.2f} at the end")
         for r in results:

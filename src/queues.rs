@@ -43,6 +43,8 @@ const PORTS_MAX: usize = 4;
 #[derive(Debug, Default, Clone)]
 pub struct Cadence {
     busy_until: Option<Instant>,
+    /// Until when connections count as arriving (a wake, a queue seen with connections).
+    traffic_until: Option<Instant>,
     idle: bool,
 }
 
@@ -51,19 +53,27 @@ impl Cadence {
     pub const IDLE: Duration = Duration::from_secs(1);
     pub const HOLD: Duration = Duration::from_secs(1);
 
-    /// Something happened (a wake, a queue with connections): sample fast for [`Self::HOLD`].
+    /// Connections arrive (a wake, a queue with connections): sample fast for [`Self::HOLD`].
     pub fn busy(&mut self, now: Instant) {
         self.busy_until = Some(now + Self::HOLD);
+        self.traffic_until = self.busy_until;
+    }
+
+    /// Connections arrived within [`Self::HOLD`] (what `--steer least-loaded`'s counts of held
+    /// connections are for: while none arrive the weights are not used, and a wake refreshes
+    /// them at once).
+    pub fn traffic(&self, now: Instant) -> bool {
+        self.traffic_until.is_some_and(|t| now < t)
     }
 
     /// After a sample at `now`: the delay to the next, and whether to arm the wake (idle).
     /// `active`: a queue holds connections, or a worker is starting, stopping or stalled.
     pub fn next(&mut self, now: Instant, active: bool) -> (Duration, bool) {
         if active {
-            self.busy(now);
+            self.busy_until = Some(now + Self::HOLD);
         }
         let was = self.idle;
-        self.idle = !self.busy_until.is_some_and(|t| now < t);
+        self.idle = self.busy_until.is_none_or(|t| now >= t);
         if self.idle != was {
             match self.idle {
                 true => log::debug!("queue watch: idle (every {:?} until a connection waits)", Self::IDLE),
@@ -335,7 +345,10 @@ mod tests {
         assert_eq!(c.next(t, true), (Cadence::FAST, false));
         assert_eq!(c.next(t + Duration::from_millis(999), false), (Cadence::FAST, false));
         assert_eq!(c.next(t + Duration::from_secs(1), false), (Cadence::IDLE, true));
+        assert!(!c.traffic(t), "workers starting or stopping are no traffic");
         c.busy(t + Duration::from_secs(2));
+        assert!(c.traffic(t + Duration::from_secs(2)));
         assert_eq!(c.next(t + Duration::from_secs(2), false), (Cadence::FAST, false));
+        assert!(!c.traffic(t + Duration::from_secs(3)));
     }
 }

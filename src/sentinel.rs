@@ -331,9 +331,9 @@ impl Scanner {
             dir.flatten().filter_map(|e| Some((e.file_name().to_str()?.parse::<i32>().ok()?, e.ino()))).collect();
         self.seen.retain(|pid, s| listed.get(pid) == Some(&s.ino));
         for (&pid, &ino) in &listed {
-            if !self.seen.contains_key(&pid) {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.seen.entry(pid) {
                 if let Some((ppid, _, start)) = stat(pid) {
-                    self.seen.insert(pid, Seen { ino, ppid, start, ours: None });
+                    e.insert(Seen { ino, ppid, start, ours: None });
                 }
             }
         }

@@ -106,7 +106,16 @@ impl<O: Os> Supervisor<O> {
                 Sample { worker: workers[s], queue, cpu, stopped, running }
             })
             .collect();
-        if self.cfg.steer == Steer::LeastLoaded {
+        let queued = queues.iter().any(|q| matches!(q, Some(n) if *n > 0));
+        if queued {
+            if let Some(q) = &mut self.queues {
+                q.cadence.busy(now);
+            }
+        }
+        // The held connections are counted only while connections arrive (a wake samples at
+        // once): reading every worker's fds once a second while idle would cost per slot.
+        let traffic = self.queues.as_ref().is_none_or(|q| q.cadence.traffic(now));
+        if self.cfg.steer == Steer::LeastLoaded && traffic {
             // Only a ready worker's fds: a starting one is still opening its own.
             let counts: Vec<Option<u32>> = (0..slots)
                 .map(|s| workers[s].filter(|_| self.workers.ready_on(s)).and_then(crate::load::open_sockets))
@@ -116,7 +125,6 @@ impl<O: Os> Supervisor<O> {
         }
         // Fast while a queue holds connections, or a worker starts, stops or is stalled.
         let changing = self.workers.iter().any(|(_, w)| w.state != super::workers::State::Ready);
-        let queued = queues.iter().any(|q| matches!(q, Some(n) if *n > 0));
         let Some((watch, next)) = &mut self.stalls else { return };
         let changed = watch.observe(now, &samples);
         let active = queued || changing || (0..slots).any(|s| watch.is_stalled(s));
