@@ -20,6 +20,7 @@ mod cli;
 mod command;
 mod contract;
 mod control;
+mod descendants;
 mod diag;
 mod error;
 mod event;
@@ -42,6 +43,7 @@ mod stall;
 mod steer;
 mod supervisor;
 mod upstream;
+mod vfork;
 
 #[cfg(test)]
 mod proptests;

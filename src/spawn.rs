@@ -6,20 +6,18 @@
 //! and exec the child only makes async-signal-safe system calls on memory it already has:
 //! it never allocates. The "fork" is `clone(CLONE_VM | CLONE_VFORK)` on a stack of its own,
 //! as `posix_spawn` does: the child shares the launcher's memory (no page tables copied, no
-//! copy-on-write faults in the launcher afterwards: with 1,024 workers a plain fork of the
-//! launcher cost milliseconds each) and the calling thread waits until the child has exec'd
-//! or exited. So a step must never wait for the launcher, must write no memory of the
-//! launcher's but the buffers prepared for it, and makes raw system calls where glibc's
-//! wrapper would consult its threads (setuid and friends); every signal is blocked in the
-//! parent around the clone, so no handler of the launcher's ever runs in the child. An exec
-//! failure's errno is left in the shared context. In the child, in order:
+//! copy-on-write faults after it: a plain fork cost milliseconds a worker at 1,024) and the
+//! calling thread waits until the child has exec'd or exited. So a step never waits for the
+//! launcher, writes no memory of the launcher's but the buffers prepared for it, and makes raw
+//! system calls where glibc's wrapper would consult its threads (setuid and friends); every
+//! signal is blocked in the parent around the clone, so no handler of the launcher's runs in
+//! the child. In the child, in order:
 //! 1. `setpgid(0, 0)`: the worker leads its own process group (stop signals go to the group).
-//!    Then the containment steps (see `cgroup` and `sentinel`), before anything of the
-//!    worker's runs: with a cgroup, `"0"` written to the worker's own `cgroup.procs` (opened
-//!    by the parent), which moves the child there, so that everything it will ever start is in
-//!    that cgroup too; with a sentinel, `+PID\n` written to the sentinel's pipe (non-blocking,
-//!    one atomic write), so that the sentinel knows the worker's process group even if the
-//!    launcher is SIGKILLed before the worker's first fork;
+//!    Then containment (see `cgroup`, `sentinel`), before anything of the worker's runs: with
+//!    a cgroup, `"0"` written to the worker's `cgroup.procs` (opened by the parent), so that
+//!    everything it will ever start is in that cgroup; with a sentinel, `+PID\n` written to its
+//!    pipe (non-blocking, atomic), so that the sentinel knows the worker's process group even
+//!    if the launcher is SIGKILLed before the worker's first fork;
 //! 2. every signal disposition back to default, an empty signal mask, and the fd limit the
 //!    launcher started with;
 //! 3. the slot's listening sockets moved to fds 3, 4, ... (without CLOEXEC); every other fd
@@ -111,9 +109,6 @@ pub struct Contain {
     pub sentinel: Option<RawFd>,
 }
 
-/// The child's stack (its frames are a few syscall wrappers deep).
-const CHILD_STACK: usize = 256 * 1024;
-
 /// What the child reads between fork and exec: built in the parent, so the child allocates nothing.
 struct ChildCtx {
     parent: libc::pid_t,
@@ -194,41 +189,8 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
     };
     ctx.fds[..spec.fds.len()].copy_from_slice(spec.fds);
 
-    // One stack, made once and used by every spawn of this thread (a new one each time cost
-    // its page faults at every spawn).
-    thread_local! {
-        static STACK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let top = STACK.with_borrow_mut(|stack| {
-        if stack.is_empty() {
-            stack.resize(CHILD_STACK, 0);
-        }
-        // The stack grows down from its end, which must be 16-byte aligned.
-        (stack.as_mut_ptr() as usize + CHILD_STACK) & !15
-    });
-    // Every signal is blocked while the child shares our memory (it unblocks them after
-    // setting default dispositions), so none of the launcher's handlers runs in it.
-    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
-    let mut old = SigSet::empty();
-    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old)).map_err(io::Error::from)?;
-    // SAFETY: clone with CLONE_VM | CLONE_VFORK runs `child_entry` on STACK in a new process
-    // that shares this memory; this thread is suspended until the child execs or exits, so
-    // `ctx`, the stack (this thread's, used by nothing else meanwhile) and the buffers `ctx`
-    // points to stay valid and unchanged meanwhile. The child only
-    // makes async-signal-safe calls on them (see child_exec) and ends in execve or _exit.
-    let pid = unsafe {
-        libc::clone(
-            child_entry,
-            top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&ctx as *const ChildCtx).cast_mut().cast(),
-        )
-    };
-    let clone_err = io::Error::last_os_error();
-    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    if pid < 0 {
-        return Err(clone_err);
-    }
+    // SAFETY: child_entry only runs child_exec on `ctx`, which lives until the child has exec'd.
+    let pid = unsafe { crate::vfork::run(child_entry, (&ctx as *const ChildCtx).cast_mut().cast())? };
     let errno = ctx.err.load(std::sync::atomic::Ordering::SeqCst);
     if errno == 0 {
         return Ok(Pid::from_raw(pid));
@@ -276,7 +238,7 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
             // `+PID\n`; a full pipe (EAGAIN: the sentinel is not reading) loses only the record.
             let mut rec = [0u8; 16];
             rec[0] = b'+';
-            let len = 1 + write_decimal(&mut rec[1..], libc::getpid() as u32);
+            let len = 1 + crate::vfork::write_decimal(&mut rec[1..], libc::getpid() as u32);
             rec[len] = b'\n';
             libc::write(ctx.sentinel, rec.as_ptr().cast(), len + 1);
         }
@@ -366,7 +328,7 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
 
         // The pid variables: write our pid's decimal digits into the prepared buffers.
         let mut digits = [0u8; 12];
-        let len = write_decimal(&mut digits, libc::getpid() as u32);
+        let len = crate::vfork::write_decimal(&mut digits, libc::getpid() as u32);
         for slot in &ctx.pid_slots[..ctx.npid] {
             for (i, d) in digits[..len].iter().enumerate() {
                 *slot.add(i) = *d;
@@ -381,22 +343,4 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         libc::execve(ctx.path, ctx.argv, ctx.envp);
         fail()
     }
-}
-
-/// `n` in decimal at the start of `buf` (at least 10 bytes): the number of digits. No allocation.
-fn write_decimal(buf: &mut [u8], mut n: u32) -> usize {
-    let mut rev = [0u8; 10];
-    let mut len = 0;
-    loop {
-        rev[len] = b'0' + (n % 10) as u8;
-        len += 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for i in 0..len {
-        buf[i] = rev[len - 1 - i];
-    }
-    len
 }
