@@ -21,6 +21,7 @@ mod contract;
 mod control;
 mod error;
 mod event;
+mod intercept;
 mod load;
 mod logs;
 mod metrics;

@@ -132,6 +132,14 @@ pub struct Args {
     #[arg(long, env = "REUSE_LAUNCH_SOCKET_ON_STDIN", value_parser = clap::builder::FalseyValueParser::new())]
     pub socket_on_stdin: bool,
 
+    /// A worker (or any process it starts) that binds a --bind port itself gets its slot's
+    /// socket on that fd instead, and its listen() leaves the launcher's backlog alone (seccomp
+    /// user notification, Linux 5.9+): servers that bind PORT run unchanged. `auto`: on where
+    /// the kernel allows it (a line at start says why not elsewhere); `on`: refuse to start
+    /// without it; `off`: workers must use fds 3.. (LISTEN_FDS). Not with --mode self.
+    #[arg(long, env = "REUSE_LAUNCH_INTERCEPT_BIND", default_value = "auto", value_name = "auto|on|off")]
+    pub intercept_bind: String,
+
     /// With --mode reuseport: how a new connection picks its slot among the serving ones.
     /// `hash` (the kernel's hash of the connection; uniformly at random while some slot is left
     /// out), `least-loaded` (favour slots with the shortest accept queues, by weights),

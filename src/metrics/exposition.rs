@@ -16,6 +16,8 @@
 //! | `reuse_launch_accept_queue` | gauge | `slot`, `bind` |
 //! | `reuse_launch_accept_queue_max` | gauge | `slot`, `bind` |
 //! | `reuse_launch_listen_overflows_total` | counter | |
+//! | `reuse_launch_intercepted_binds_total` | counter | |
+//! | `reuse_launch_intercepted_listens_total` | counter | |
 //!
 //! A slot's RSS and CPU are those of every process of its workers' process groups (during a
 //! roll, old and new worker together); CPU includes the children those processes reaped, and
@@ -242,6 +244,18 @@ pub fn render(view: &View, m: &Measured) -> String {
         );
         o.sample("reuse_launch_listen_overflows_total", &[], n);
     }
+    o.family(
+        "reuse_launch_intercepted_binds_total",
+        "counter",
+        "Workers' own bind() calls of a --bind port that got the slot's socket (--intercept-bind).",
+    );
+    o.sample("reuse_launch_intercepted_binds_total", &[], s.intercept.binds);
+    o.family(
+        "reuse_launch_intercepted_listens_total",
+        "counter",
+        "Workers' listen() calls on a launcher's socket answered without changing it (--intercept-bind).",
+    );
+    o.sample("reuse_launch_intercepted_listens_total", &[], s.intercept.listens);
     o.0
 }
 
@@ -278,6 +292,7 @@ mod tests {
                     slot(1, vec![worker(12, "stalled")], vec![], None),
                     slot(2, vec![], vec![("crash", 5), ("odd", 1)], Some(Duration::from_secs(2))),
                 ],
+                intercept: crate::snapshot::InterceptSnapshot { state: "on".into(), binds: 4, listens: 3 },
             },
             serving: 1,
         }
@@ -312,6 +327,9 @@ mod tests {
             "reuse_launch_accept_queue{slot=\"0\",bind=\"127.0.0.1:8080\"} 3",
             "reuse_launch_accept_queue_max{slot=\"0\",bind=\"127.0.0.1:8080\"} 4096",
             "reuse_launch_listen_overflows_total 7",
+            "# TYPE reuse_launch_intercepted_binds_total counter",
+            "reuse_launch_intercepted_binds_total 4",
+            "reuse_launch_intercepted_listens_total 3",
             &format!("reuse_launch_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");

@@ -12,6 +12,7 @@
 //! `lifecycle` (spawn, stop, reap, backoff, reconcile), `ready` (readiness, rolls), `routing`
 //! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
 
+mod binds;
 mod commands;
 mod drain;
 mod lifecycle;
@@ -111,6 +112,8 @@ pub struct Supervisor<O: Os> {
     published: Option<(Instant, u64)>,
     /// `--drain-delay`: TERM/INT arrived; the workers are stopped at this time.
     drain_until: Option<Instant>,
+    /// `--intercept-bind`: whether workers' own binds get their slot's socket (see `binds`).
+    intercept: crate::intercept::Interception,
 }
 
 impl<O: Os> Supervisor<O> {
@@ -176,6 +179,8 @@ impl<O: Os> Supervisor<O> {
             None => None,
         };
         let cpus = cfg.pin.then(allowed_cpus);
+        let intercept = crate::intercept::Interception::setup(cfg.intercept_bind, listeners.mode() != Mode::SelfBind)
+            .map_err(Error::Failed)?;
         let now = Instant::now();
         let slots = (0..slots_n)
             .map(|s| Slot { gen: 1, retiring: (s >= cfg.workers).then_some(now), ..Slot::default() })
@@ -213,6 +218,7 @@ impl<O: Os> Supervisor<O> {
             board: None,
             published: None,
             drain_until: None,
+            intercept,
         };
         supervisor.start_metrics(Instant::now())?;
         Ok(supervisor)

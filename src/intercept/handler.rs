@@ -1,0 +1,390 @@
+//! Answering one trapped `bind` or `listen` of a worker: read the call, decide, act.
+//!
+//! The caller's memory and fd table are untrusted input. What is read and how it is checked:
+//! - `bind(fd, addr, len)`: `len` must be 0..=128 (the kernel's `sockaddr_storage`); the address
+//!   is read with `process_vm_readv` (a bad pointer fails the read); the family must be AF_INET
+//!   with 16 bytes or more, or AF_INET6 with 24 or more. Anything else, a port the launcher does
+//!   not bind, port 0, or a socket that is not TCP (read from a copy of the caller's fd, taken
+//!   with `pidfd_getfd`) is **continued**: the kernel runs the call as the worker made it and
+//!   gives the error it would give (EFAULT, EINVAL, EBADF, ENOTSOCK, EADDRINUSE, ...).
+//! - `listen(fd, backlog)`: the caller's fd is named by its `/proc/TID/fd` link; a socket of
+//!   the launcher's gets 0 without reaching the kernel (its backlog stays the launcher's), any
+//!   other is continued.
+//!
+//! What a taken bind does: the caller's fd becomes the slot's socket (`SECCOMP_IOCTL_NOTIF_ADDFD`
+//! with `SECCOMP_ADDFD_FLAG_SETFD`, replacing the worker's own socket on the same fd number, with
+//! close-on-exec as the worker's fd had it), the socket's open file gets the worker's
+//! `O_NONBLOCK` setting, and the call returns 0 (`SECCOMP_IOCTL_NOTIF_SEND`). The only fds ever
+//! installed are the targets of the caller's own slot, so a worker can obtain no other socket
+//! and no other fd of the launcher.
+//!
+//! Nothing here depends on a decision the worker could invalidate by changing its memory after
+//! the read: a continued call is the worker's own call, and a taken bind gives the worker its
+//! own slot's socket, which it could also use from fd 3.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+
+use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+use nix::unistd::Pid;
+
+/// One listening socket a worker of the slot may get: the public address it stands for (the
+/// port a worker binds), the launcher's fd, and its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub fd: RawFd,
+    pub ino: u64,
+}
+
+/// What to answer a trapped call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Let the kernel run the call as made.
+    Continue,
+    /// Return this value without running it.
+    Return(i64),
+    /// Put `targets[target]` on the caller's fd `newfd`, then return 0 (`want`: the address
+    /// the caller asked for).
+    Install { target: usize, newfd: i32, cloexec: bool, nonblock: bool, want: SocketAddr },
+    /// The caller is gone (killed while it waited).
+    Gone,
+}
+
+/// One trapped call as read from the notification fd.
+pub struct Call {
+    pub id: u64,
+    /// The calling thread, in the launcher's pid namespace.
+    pub tid: i32,
+    pub nr: i64,
+    pub args: [u64; 6],
+}
+
+/// Read the next trapped call. Ok(None): it was withdrawn (the caller was killed meanwhile).
+pub fn receive(notif: BorrowedFd) -> io::Result<Option<Call>> {
+    // SAFETY: the kernel requires a zeroed struct (it checks), and fills it.
+    let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: ioctl on an open seccomp notification fd with a struct of the size its number encodes.
+    let r = unsafe { libc::ioctl(notif.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &mut n) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(Call { id: n.id, tid: n.pid as i32, nr: n.data.nr as i64, args: n.data.args }))
+}
+
+/// Is the call still waiting for its answer (so the tid still names its thread)?
+pub fn still_waiting(notif: BorrowedFd, id: u64) -> bool {
+    // SAFETY: ioctl on an open seccomp notification fd with a pointer to a u64.
+    unsafe { libc::ioctl(notif.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0 }
+}
+
+/// Decide how to answer `call`, a worker of the slot whose sockets are `targets`. `warn` is told
+/// why a bind of a launcher's port could not be taken over (once per cause is the caller's
+/// business).
+pub fn decide(notif: BorrowedFd, call: &Call, targets: &[Target], warn: &mut dyn FnMut(String)) -> Decision {
+    if call.nr == libc::SYS_bind {
+        decide_bind(notif, call, targets, warn)
+    } else if call.nr == libc::SYS_listen {
+        decide_listen(notif, call, targets)
+    } else {
+        Decision::Continue
+    }
+}
+
+fn decide_bind(notif: BorrowedFd, call: &Call, targets: &[Target], warn: &mut dyn FnMut(String)) -> Decision {
+    // The kernel reads fd and len as C ints.
+    let fd = call.args[0] as u32 as i32;
+    let len = call.args[2] as u32 as i32;
+    if fd < 0 || !(0..=128).contains(&len) {
+        return Decision::Continue;
+    }
+    let mut bytes = [0u8; 128];
+    let bytes = &mut bytes[..len as usize];
+    let remote = [RemoteIoVec { base: call.args[1] as usize, len: bytes.len() }];
+    match process_vm_readv(Pid::from_raw(call.tid), &mut [io::IoSliceMut::new(bytes)], &remote) {
+        Ok(n) if n == len as usize => {}
+        Ok(_) => return Decision::Continue,
+        Err(nix::errno::Errno::EFAULT) => return Decision::Continue,
+        Err(e) => {
+            warn(format!("cannot read its address (process_vm_readv: {})", e.desc()));
+            return Decision::Continue;
+        }
+    }
+    let Some(want) = parse_sockaddr(bytes) else { return Decision::Continue };
+    let Some(target) = choose(targets, &want) else { return Decision::Continue };
+    let sock = match caller_fd(call.tid, fd) {
+        Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => return Decision::Continue,
+        Err(e) => {
+            if still_waiting(notif, call.id) {
+                warn(format!("cannot look at its socket (pidfd_getfd: {e})"));
+            }
+            return Decision::Continue;
+        }
+    };
+    if !still_waiting(notif, call.id) {
+        return Decision::Gone;
+    }
+    if !is_tcp(&sock) {
+        return Decision::Continue;
+    }
+    let meta = std::fs::metadata(format!("/proc/self/fd/{}", sock.as_raw_fd()));
+    if meta.is_ok_and(|m| targets.iter().any(|t| t.ino == m.ino())) {
+        // Already the slot's socket (a bind restarted after a signal, or bound twice): done.
+        return Decision::Return(0);
+    }
+    let nonblock = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_GETFL).is_ok_and(|f| f & libc::O_NONBLOCK != 0);
+    let cloexec = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", call.tid))
+        .ok()
+        .and_then(|t| fdinfo_flags(&t))
+        .is_none_or(|f| f & libc::O_CLOEXEC as u32 != 0);
+    Decision::Install { target, newfd: fd, cloexec, nonblock, want }
+}
+
+fn decide_listen(notif: BorrowedFd, call: &Call, targets: &[Target]) -> Decision {
+    let fd = call.args[0] as u32 as i32;
+    if fd < 0 {
+        return Decision::Continue;
+    }
+    let Ok(link) = std::fs::read_link(format!("/proc/{}/fd/{fd}", call.tid)) else { return Decision::Continue };
+    let ours = socket_link_inode(&link.to_string_lossy()).is_some_and(|ino| targets.iter().any(|t| t.ino == ino));
+    if !still_waiting(notif, call.id) {
+        return Decision::Gone;
+    }
+    if ours {
+        Decision::Return(0)
+    } else {
+        Decision::Continue
+    }
+}
+
+/// Carry out `decision` for call `id`: Ok(true) once answered, Ok(false) when the caller was
+/// gone. For an `Install`, the caller guarantees that the target fds are open (it holds the
+/// registry's lock: see the module doc of `intercept`).
+pub fn carry_out(notif: BorrowedFd, id: u64, decision: Decision, targets: &[Target]) -> io::Result<bool> {
+    let sent = match decision {
+        Decision::Gone => return Ok(false),
+        Decision::Continue => respond(notif, id, 0, 0, libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32),
+        Decision::Return(v) => respond(notif, id, v, 0, 0),
+        Decision::Install { target, newfd, cloexec, nonblock, .. } => {
+            let t = &targets[target];
+            set_nonblock(t.fd, nonblock);
+            match add_fd(notif, id, t.fd, newfd, cloexec) {
+                Ok(()) => respond(notif, id, 0, 0, 0),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(e),
+                Err(e) => {
+                    // Tell the caller what failed rather than leave it waiting.
+                    let _ = respond(notif, id, 0, -e.raw_os_error().unwrap_or(libc::EIO), 0);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    match sent {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn respond(notif: BorrowedFd, id: u64, val: i64, error: i32, flags: u32) -> io::Result<()> {
+    let resp = libc::seccomp_notif_resp { id, val, error, flags };
+    // SAFETY: ioctl on an open seccomp notification fd with a struct of the size its number encodes.
+    if unsafe { libc::ioctl(notif.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &resp) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn add_fd(notif: BorrowedFd, id: u64, src: RawFd, newfd: i32, cloexec: bool) -> io::Result<()> {
+    let req = libc::seccomp_notif_addfd {
+        id,
+        flags: libc::SECCOMP_ADDFD_FLAG_SETFD as u32,
+        srcfd: src as u32,
+        newfd: newfd as u32,
+        newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
+    };
+    // SAFETY: ioctl on an open seccomp notification fd with a struct of the size its number
+    // encodes; `src` is one of the launcher's open listening sockets (the caller holds the lock).
+    if unsafe { libc::ioctl(notif.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Give the socket's open file (shared by the launcher and every worker of the slot) the
+/// worker's own O_NONBLOCK setting: an event loop expects the fd it made non-blocking to be so.
+fn set_nonblock(fd: RawFd, on: bool) {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    // SAFETY: `fd` is one of the launcher's open listening sockets for the duration of the call.
+    let b = unsafe { BorrowedFd::borrow_raw(fd) };
+    let Ok(flags) = fcntl(b, FcntlArg::F_GETFL) else { return };
+    let flags = OFlag::from_bits_truncate(flags);
+    if flags.contains(OFlag::O_NONBLOCK) != on {
+        let _ = fcntl(b, FcntlArg::F_SETFL(flags ^ OFlag::O_NONBLOCK));
+    }
+}
+
+/// A copy of fd `fd` of the process that thread `tid` belongs to.
+fn caller_fd(tid: i32, fd: i32) -> io::Result<OwnedFd> {
+    // A pidfd of the process, not of the thread: the fd table is the process's (a pidfd of a
+    // thread that is not the leader is refused, or since Linux 6.9 names the thread).
+    let pidfd = pidfd_open(tgid_of(tid)?)?;
+    // SAFETY: the syscall only reads its integer arguments; a returned fd is new and ours.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_getfd returned a new fd (CLOEXEC) that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: the syscall only reads its integer arguments; a returned fd is new and ours.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a new fd (CLOEXEC) that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// The process (thread group) of thread `tid`, from /proc/TID/status.
+fn tgid_of(tid: i32) -> io::Result<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Tgid in /proc/TID/status"))
+}
+
+fn is_tcp(sock: &OwnedFd) -> bool {
+    let s = socket2::SockRef::from(sock);
+    s.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
+        && s.protocol().is_ok_and(|p| p == Some(socket2::Protocol::TCP))
+}
+
+/// The address in the bytes a worker passed to bind(): AF_INET (16 bytes or more) or AF_INET6
+/// (24 or more, as the kernel requires); None for anything else.
+pub fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
+    if b.len() < 2 {
+        return None;
+    }
+    let family = i32::from(u16::from_ne_bytes([b[0], b[1]]));
+    let port = || u16::from_be_bytes([b[2], b[3]]);
+    match family {
+        libc::AF_INET if b.len() >= 16 => Some(SocketAddr::new(Ipv4Addr::new(b[4], b[5], b[6], b[7]).into(), port())),
+        libc::AF_INET6 if b.len() >= 24 => {
+            let ip: [u8; 16] = b[8..24].try_into().ok()?;
+            let scope = b.get(24..28).map_or(0, |s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]));
+            Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port(), 0, scope)))
+        }
+        _ => None,
+    }
+}
+
+/// Which target a bind of `want` gets: the same port, then the same address, else the same
+/// family (an IPv4-mapped address counts as IPv4), else the first bind of that port. None when
+/// the port is 0 or no target has it.
+pub fn choose(targets: &[Target], want: &SocketAddr) -> Option<usize> {
+    if want.port() == 0 {
+        return None;
+    }
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let same_port: Vec<usize> = (0..targets.len()).filter(|i| targets[*i].addr.port() == want.port()).collect();
+    let ip = plain(want.ip());
+    let exact = same_port.iter().find(|i| plain(targets[**i].addr.ip()) == ip);
+    let family = same_port.iter().find(|i| plain(targets[**i].addr.ip()).is_ipv4() == ip.is_ipv4());
+    exact.or(family).or(same_port.first()).copied()
+}
+
+/// The `flags:` field (octal) of a /proc/PID/fdinfo/FD text; it shows O_CLOEXEC for an fd
+/// marked close-on-exec.
+pub fn fdinfo_flags(text: &str) -> Option<u32> {
+    text.lines().find_map(|l| l.strip_prefix("flags:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+}
+
+/// `socket:[12345]` -> 12345.
+pub fn socket_link_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(addr: &str, fd: RawFd) -> Target {
+        Target { addr: addr.parse().unwrap(), fd, ino: fd as u64 + 100 }
+    }
+
+    fn v4(ip: [u8; 4], port: u16) -> Vec<u8> {
+        let mut b = vec![0u8; 16];
+        b[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        b[2..4].copy_from_slice(&port.to_be_bytes());
+        b[4..8].copy_from_slice(&ip);
+        b
+    }
+
+    fn v6(ip: Ipv6Addr, port: u16, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; 28];
+        b[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        b[2..4].copy_from_slice(&port.to_be_bytes());
+        b[8..24].copy_from_slice(&ip.octets());
+        b.truncate(len);
+        b
+    }
+
+    #[test]
+    fn sockaddrs_of_each_family_and_length() {
+        assert_eq!(parse_sockaddr(&v4([127, 0, 0, 1], 8080)), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(parse_sockaddr(&v4([0, 0, 0, 0], 80)[..15]), None, "short AF_INET");
+        assert_eq!(parse_sockaddr(&v6(Ipv6Addr::UNSPECIFIED, 8080, 28)), Some("[::]:8080".parse().unwrap()));
+        assert_eq!(
+            parse_sockaddr(&v6(Ipv6Addr::LOCALHOST, 9, 24)),
+            Some("[::1]:9".parse().unwrap()),
+            "RFC 2133 length"
+        );
+        assert_eq!(parse_sockaddr(&v6(Ipv6Addr::LOCALHOST, 9, 23)), None, "short AF_INET6");
+        let mut unix = vec![0u8; 20];
+        unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+        assert_eq!(parse_sockaddr(&unix), None);
+        assert_eq!(parse_sockaddr(&[]), None);
+        assert_eq!(parse_sockaddr(&[2]), None);
+    }
+
+    #[test]
+    fn a_bind_gets_the_target_of_its_port_preferring_its_address_then_family() {
+        let targets = [t("127.0.0.1:8080", 3), t("[::1]:8080", 4), t("127.0.0.1:9090", 5)];
+        let pick = |a: &str| choose(&targets, &a.parse().unwrap());
+        assert_eq!(pick("0.0.0.0:8080"), Some(0));
+        assert_eq!(pick("[::]:8080"), Some(1), "IPv6 wildcard: the IPv6 bind of that port");
+        assert_eq!(pick("[::1]:8080"), Some(1));
+        assert_eq!(pick("[::ffff:127.0.0.1]:8080"), Some(0), "a v4-mapped address is IPv4");
+        assert_eq!(pick("10.1.2.3:9090"), Some(2), "any address of the port");
+        assert_eq!(pick("[::]:9090"), Some(2), "another family: the first bind of the port");
+        assert_eq!(pick("127.0.0.1:7070"), None, "a port the launcher does not bind");
+        assert_eq!(pick("127.0.0.1:0"), None, "port 0 is the worker's own");
+    }
+
+    #[test]
+    fn fdinfo_flags_and_socket_links() {
+        let text = "pos:\t0\nflags:\t02004002\nmnt_id:\t9\nino:\t1234\n";
+        let flags = fdinfo_flags(text).unwrap();
+        assert!(flags & libc::O_CLOEXEC as u32 != 0 && flags & libc::O_NONBLOCK as u32 != 0);
+        assert_eq!(fdinfo_flags("flags:\t02\n"), Some(2));
+        assert_eq!(fdinfo_flags("pos: 0\n"), None);
+        assert_eq!(socket_link_inode("socket:[4242]"), Some(4242));
+        assert_eq!(socket_link_inode("pipe:[4242]"), None);
+        assert_eq!(socket_link_inode("socket:[x]"), None);
+    }
+}
