@@ -530,6 +530,11 @@ pub struct Load {
 
 impl Load {
     pub fn start(port: u16, clients: usize) -> Load {
+        Load::start_with(port, clients, |p| get(p).map(drop))
+    }
+
+    /// Clients that each call `request` in a loop (one request on a new connection).
+    pub fn start_with(port: u16, clients: usize, request: fn(u16) -> std::io::Result<()>) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -538,7 +543,7 @@ impl Load {
                 let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        match get(port) {
+                        match request(port) {
                             Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                             Err(e) => {
                                 failures.lock().unwrap().push(e.to_string());
@@ -550,6 +555,11 @@ impl Load {
             })
             .collect();
         Load { stop, ok, failures, threads }
+    }
+
+    /// Answers so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
     }
 
     /// Stop the clients; returns the number of answers and the failures.
