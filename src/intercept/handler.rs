@@ -4,9 +4,10 @@
 //! - `bind(fd, addr, len)`: `len` must be 0..=128 (the kernel's `sockaddr_storage`); the address
 //!   is read with `process_vm_readv` (a bad pointer fails the read); the family must be AF_INET
 //!   with 16 bytes or more, or AF_INET6 with 24 or more. Anything else, a port the launcher does
-//!   not bind, port 0, or a socket that is not TCP (read from a copy of the caller's fd, taken
-//!   with `pidfd_getfd`) is **continued**: the kernel runs the call as the worker made it and
-//!   gives the error it would give (EFAULT, EINVAL, EBADF, ENOTSOCK, EADDRINUSE, ...).
+//!   not bind, port 0, or a socket that is not TCP (the protocol sockfs names for the caller's
+//!   fd, `system.sockprotoname` of its `/proc/TID/fd` link) is **continued**: the kernel runs
+//!   the call as the worker made it and gives the error it would give (EFAULT, EINVAL, EBADF,
+//!   ENOTSOCK, EADDRINUSE, ...). The caller's fd flags come from `/proc/TID/fdinfo`.
 //! - `listen(fd, backlog)`: the caller's fd is named by its `/proc/TID/fd` link; a socket of
 //!   the launcher's gets 0 without reaching the kernel (its backlog stays the launcher's), any
 //!   other is continued.
@@ -24,7 +25,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
@@ -118,33 +119,50 @@ fn decide_bind(notif: BorrowedFd, call: &Call, targets: &[Target], warn: &mut dy
     }
     let Some(want) = parse_sockaddr(bytes) else { return Decision::Continue };
     let Some(target) = choose(targets, &want) else { return Decision::Continue };
-    let sock = match caller_fd(call.tid, fd) {
-        Ok(s) => s,
-        Err(e) if e.raw_os_error() == Some(libc::EBADF) => return Decision::Continue,
-        Err(e) => {
+    // The caller's fd, seen through /proc (no copy of it is taken: pidfd_getfd is refused in
+    // some sandboxes, Docker's default seccomp profile among them, and is not needed).
+    let link = format!("/proc/{}/fd/{fd}", call.tid);
+    let proto = match sock_proto_name(&link) {
+        Ok(p) => p,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => {
             if still_waiting(notif, call.id) {
-                warn(format!("cannot look at its socket (pidfd_getfd: {e})"));
+                warn(format!("cannot look at its socket ({link}: {e})"));
             }
             return Decision::Continue;
         }
+        // Not open (the kernel says EBADF), or not a socket (ENOTSOCK).
+        Err(_) => return Decision::Continue,
     };
+    let ino = std::fs::metadata(&link).map(|m| m.ino());
+    let flags = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", call.tid)).ok().and_then(|t| fdinfo_flags(&t));
     if !still_waiting(notif, call.id) {
         return Decision::Gone;
     }
-    if !is_tcp(&sock) {
-        return Decision::Continue;
+    if proto != "TCP" && proto != "TCPv6" {
+        return Decision::Continue; // UDP, SCTP, MPTCP, raw: the worker's own business
     }
-    let meta = std::fs::metadata(format!("/proc/self/fd/{}", sock.as_raw_fd()));
-    if meta.is_ok_and(|m| targets.iter().any(|t| t.ino == m.ino())) {
+    if ino.is_ok_and(|ino| targets.iter().any(|t| t.ino == ino)) {
         // Already the slot's socket (a bind restarted after a signal, or bound twice): done.
         return Decision::Return(0);
     }
-    let nonblock = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_GETFL).is_ok_and(|f| f & libc::O_NONBLOCK != 0);
-    let cloexec = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", call.tid))
-        .ok()
-        .and_then(|t| fdinfo_flags(&t))
-        .is_none_or(|f| f & libc::O_CLOEXEC as u32 != 0);
+    let nonblock = flags.is_some_and(|f| f & libc::O_NONBLOCK as u32 != 0);
+    let cloexec = flags.is_none_or(|f| f & libc::O_CLOEXEC as u32 != 0);
     Decision::Install { target, newfd: fd, cloexec, nonblock, want }
+}
+
+/// The protocol of the socket an fd link names (`TCP`, `TCPv6`, `UDP`, `UNIX`, ...): sockfs's
+/// `system.sockprotoname` attribute, read through the /proc link.
+fn sock_proto_name(link: &str) -> io::Result<String> {
+    let path = std::ffi::CString::new(link).map_err(io::Error::other)?;
+    let mut buf = [0u8; 32];
+    // SAFETY: both strings are NUL-terminated and the buffer's length is passed with it.
+    let n =
+        unsafe { libc::getxattr(path.as_ptr(), c"system.sockprotoname".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let name = &buf[..n as usize];
+    Ok(String::from_utf8_lossy(name.strip_suffix(&[0]).unwrap_or(name)).into_owned())
 }
 
 fn decide_listen(notif: BorrowedFd, call: &Call, targets: &[Target]) -> Decision {
@@ -229,46 +247,6 @@ fn set_nonblock(fd: RawFd, on: bool) {
     if flags.contains(OFlag::O_NONBLOCK) != on {
         let _ = fcntl(b, FcntlArg::F_SETFL(flags ^ OFlag::O_NONBLOCK));
     }
-}
-
-/// A copy of fd `fd` of the process that thread `tid` belongs to.
-fn caller_fd(tid: i32, fd: i32) -> io::Result<OwnedFd> {
-    // A pidfd of the process, not of the thread: the fd table is the process's (a pidfd of a
-    // thread that is not the leader is refused, or since Linux 6.9 names the thread).
-    let pidfd = pidfd_open(tgid_of(tid)?)?;
-    // SAFETY: the syscall only reads its integer arguments; a returned fd is new and ours.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_getfd returned a new fd (CLOEXEC) that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
-}
-
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: the syscall only reads its integer arguments; a returned fd is new and ours.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a new fd (CLOEXEC) that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
-}
-
-/// The process (thread group) of thread `tid`, from /proc/TID/status.
-fn tgid_of(tid: i32) -> io::Result<i32> {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| io::Error::other("no Tgid in /proc/TID/status"))
-}
-
-fn is_tcp(sock: &OwnedFd) -> bool {
-    let s = socket2::SockRef::from(sock);
-    s.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
-        && s.protocol().is_ok_and(|p| p == Some(socket2::Protocol::TCP))
 }
 
 /// The address in the bytes a worker passed to bind(): AF_INET (16 bytes or more) or AF_INET6

@@ -606,3 +606,33 @@ fn without_cap_sys_admin_workers_run_with_no_new_privs() {
     let r = l.poll_answers(secs(30), |r| !r.is_empty());
     assert_eq!(field(r[0].pid), "1");
 }
+
+/// A launcher inside another one's worker tree: the kernel allows one seccomp listener per
+/// process tree, so the inner launcher's probe fails (EBUSY). With `auto` it says so in one
+/// line, with the hint, and its fd-3 workers serve (on the outer's socket, which it adopts as
+/// LISTEN_FDS); with `on` it refuses to start, naming the cause.
+#[test]
+fn a_launcher_under_another_ones_filter_says_why_and_goes_on_without() {
+    let inner_bind = "127.0.0.1:1"; // ignored: it adopts the outer one's socket (LISTEN_FDS)
+    let dir = TempPath::dir("intercept");
+    let inner = [BIN, "-n", "1", "-b", inner_bind, "--ready-delay", "300ms", "--", "python3", PYWORKER];
+    let l = launch(1, &dir).cmd(&inner).start();
+    l.wait_for("bind() interception is unavailable", secs(30));
+    let log = l.log();
+    assert!(
+        log.contains("already runs under a seccomp notifier") || log.contains("itself runs under a seccomp notifier"),
+        "{log}"
+    );
+    assert!(log.contains("workers must use the inherited listening sockets (fd 3 and up, LISTEN_FDS)"), "{log}");
+    let inner_worker = l.poll_answers(secs(30), |r| !r.is_empty())[0].pid;
+    let outer_workers: Vec<i32> = children_of(l.pid()).iter().map(|p| p.pid).collect();
+    assert!(
+        !outer_workers.contains(&inner_worker),
+        "answered by the inner launcher's own worker, not {outer_workers:?}"
+    );
+    drop(l);
+    let refused = [BIN, "-n", "1", "-b", inner_bind, "--intercept-bind", "on", "--", "python3", PYWORKER];
+    let dir = TempPath::dir("intercept");
+    let l = launch(1, &dir).flag("--max-start-failures", "1").cmd(&refused).start();
+    l.wait_for("--intercept-bind on: the launcher itself runs under a seccomp notifier", secs(30));
+}
