@@ -10,6 +10,8 @@
 //! - `control`: the control socket and the client subcommands (issue 9).
 //! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
 //! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
+//! - `hostile`: idle, slowloris, oversized and binary clients on `--metrics` and the control
+//!   socket (issue 19).
 //!
 //! Run one area with `cargo test --test it core::`.
 
@@ -18,6 +20,7 @@ mod control;
 mod conventions;
 mod core;
 mod fleet;
+mod hostile;
 mod leftovers;
 mod logs;
 mod modes;
