@@ -249,19 +249,24 @@ pub fn render(view: &View, m: &Measured) -> String {
         );
         o.sample("reuse_launch_listen_overflows_total", &[], n);
     }
+    connections(&mut o, &m.server);
+    o.0
+}
+
+/// The endpoint's own connections.
+fn connections(o: &mut Out, c: &Counts) {
     o.family("reuse_launch_metrics_connections", "gauge", "Open connections to this endpoint.");
-    o.sample("reuse_launch_metrics_connections", &[], m.server.open);
+    o.sample("reuse_launch_metrics_connections", &[], c.open);
     o.family("reuse_launch_metrics_connections_max", "gauge", "The most connections this endpoint keeps open.");
-    o.sample("reuse_launch_metrics_connections_max", &[], m.server.max);
+    o.sample("reuse_launch_metrics_connections_max", &[], c.max);
     o.family(
         "reuse_launch_metrics_closed_total",
         "counter",
         "Connections this endpoint closed on a client, by reason.",
     );
-    for (reason, n) in CLOSE_REASONS.iter().zip(m.server.closed) {
+    for (reason, n) in CLOSE_REASONS.iter().zip(c.closed) {
         o.sample("reuse_launch_metrics_closed_total", &[("reason", reason)], n);
     }
-    o.0
 }
 
 #[cfg(test)]
