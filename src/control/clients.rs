@@ -7,7 +7,8 @@
 //! places are taken, the client idle longest is told so (`{"ok":false,"error":"closed: ..."}`,
 //! never waiting on it) and disconnected, and the new one takes its place: forgotten idle
 //! connections never keep `reuse-launch stop` or `roll` out. Only when every one of them is
-//! being answered is the new client told `busy` and disconnected.
+//! being answered is the new client told `busy` and disconnected. A client of another uid is
+//! refused before it takes a place (`server`), so it never makes another one leave.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;

@@ -112,6 +112,13 @@ fn accept_loop(listener: UnixListener, tx: Sender<Event>, path: String, busy: Ar
                 continue;
             }
         };
+        // Checked before it takes a place: a refused client never makes another one leave.
+        if let Err(why) = peer_allowed(&stream) {
+            log::warn!("control socket: refused a client: {why}");
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = reply(&mut stream, &failure(None, &format!("refused: {why}")));
+            continue;
+        }
         let ticket = match clients.admit(&stream) {
             Ok(ticket) => ticket,
             Err(why) => {
@@ -139,12 +146,6 @@ struct Client {
 
 impl Client {
     fn serve(self, mut stream: UnixStream) {
-        if let Err(why) = peer_allowed(&stream) {
-            log::warn!("control socket: refused a client: {why}");
-            let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-            let _ = reply(&mut stream, &failure(None, &format!("refused: {why}")));
-            return;
-        }
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         let mut buf: Vec<u8> = Vec::new();
         loop {
