@@ -11,6 +11,8 @@
 //! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
 //! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
 //! - `intercept`: unmodified servers that bind the port themselves (`--intercept-bind`, issue 15).
+//! - `hostile`: idle, slowloris, oversized and binary clients on `--metrics` and the control
+//!   socket (issue 19).
 //!
 //! Run one area with `cargo test --test it core::`.
 
@@ -19,6 +21,7 @@ mod control;
 mod conventions;
 mod core;
 mod fleet;
+mod hostile;
 mod intercept;
 mod leftovers;
 mod logs;
