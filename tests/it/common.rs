@@ -816,6 +816,31 @@ pub fn fd_targets(pid: i32) -> Vec<(i32, String)> {
     fds
 }
 
+/// The socket inodes among a process's fds: (fd, inode).
+pub fn socket_fds(pid: i32) -> Vec<(i32, u64)> {
+    fd_targets(pid)
+        .into_iter()
+        .filter_map(|(fd, t)| Some((fd, t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?)))
+        .collect()
+}
+
+/// The inode of the accepted socket of the IPv4 connection from `client` to `port` (None until
+/// a process has accepted it).
+pub fn server_side_inode(port: u16, client: u16) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let p = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+        (p(f[1]) == Some(port) && p(f[2]) == Some(client)).then(|| f[9].parse().ok()).flatten().filter(|i| *i != 0)
+    })
+}
+
+/// Whether process `pid` holds the server side of the connection `conn` (to `port`) made.
+pub fn holds_connection(pid: i32, port: u16, conn: &TcpStream) -> bool {
+    let client = conn.local_addr().map(|a| a.port()).unwrap_or(0);
+    server_side_inode(port, client).is_some_and(|ino| socket_fds(pid).iter().any(|(_, i)| *i == ino))
+}
+
 /// What fd `fd` of process `pid` points to; panics if it has no such fd.
 pub fn fd_target(pid: i32, fd: i32) -> String {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"));

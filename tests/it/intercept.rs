@@ -55,14 +55,6 @@ fn status_of(dir: &TempPath) -> Value {
     status(&["--control", &control(dir)]).expect("status --json")
 }
 
-/// The socket inodes among a process's fds: (fd, inode).
-fn socket_fds(pid: i32) -> Vec<(i32, u64)> {
-    fd_targets(pid)
-        .into_iter()
-        .filter_map(|(fd, t)| Some((fd, t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?)))
-        .collect()
-}
-
 /// The inodes of the LISTEN sockets on `port`, from /proc/net/tcp and tcp6.
 fn listening_inodes(port: u16) -> BTreeSet<u64> {
     let mut found = BTreeSet::new();
@@ -288,16 +280,6 @@ fn answering_pid(port: u16, pids: &[i32]) -> Option<i32> {
     s.read_to_string(&mut text).ok()?;
     assert!(text.contains(" 200 "), "{text:?}");
     holder
-}
-
-/// The inode of the accepted socket of the connection from `client` to `port` (0 until accepted).
-fn server_side_inode(port: u16, client: u16) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    text.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let p = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-        (p(f[1]) == Some(port) && p(f[2]) == Some(client)).then(|| f[9].parse().ok()).flatten().filter(|i| *i != 0)
-    })
 }
 
 #[test]
