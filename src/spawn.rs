@@ -192,41 +192,56 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     }
     drop(pipe_w);
     let pid = Pid::from_raw(pid);
+    let kill_and_reap = |e: io::Error| {
+        // Whatever the child is doing (it may have exec'd), it must not run unaccounted for.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        Err(e)
+    };
     match read_channel(&pipe_r) {
-        Ok(notif) if spec.intercept.is_some() && notif.is_none() => {
-            // Cannot happen: the child fails before exec when it cannot send the fd.
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
-            Err(io::Error::other("the worker started without its seccomp notification fd"))
+        Ok(Said::Exec(notif)) if spec.intercept.is_some() && notif.is_none() => {
+            // The child fails before exec when it cannot send the fd: a lost fd (the launcher
+            // out of fds: the kernel drops it) leaves a worker whose binds nobody would serve.
+            kill_and_reap(io::Error::other("the worker's seccomp notification fd did not arrive"))
         }
-        Ok(notif) => Ok(Spawned { pid, notif }),
-        Err(e) => {
+        Ok(Said::Exec(notif)) => Ok(Spawned { pid, notif }),
+        Ok(Said::Failed(errno)) => {
             // The exec failed: the child has exited (or is about to); reap it here, synchronously.
             let _ = nix::sys::wait::waitpid(pid, None);
-            Err(e)
+            Err(io::Error::from_raw_os_error(errno))
         }
+        Err(e) => kill_and_reap(e),
     }
+}
+
+/// What the child said on its channel.
+enum Said {
+    /// It exec'd (end of file), after sending its notification fd (with `--intercept-bind`).
+    Exec(Option<OwnedFd>),
+    /// A step or the exec failed with this errno (4 bytes).
+    Failed(i32),
 }
 
 /// What the child said before its exec: the notification fd (with `--intercept-bind`), then
 /// the end of file of the exec, or the errno of a failure.
-fn read_channel(chan: &OwnedFd) -> io::Result<Option<OwnedFd>> {
+fn read_channel(chan: &OwnedFd) -> io::Result<Said> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut notif = None;
     loop {
         let mut buf = [0u8; 4];
         let mut space = nix::cmsg_space!(RawFd);
-        let (n, fds) = {
+        let (n, fds, truncated) = {
             let mut iov = [io::IoSliceMut::new(&mut buf)];
             match recvmsg::<()>(chan.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
                 Ok(msg) => {
                     let mut fds = Vec::new();
-                    for c in msg.cmsgs()? {
+                    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                    for c in msg.cmsgs().into_iter().flatten() {
                         if let ControlMessageOwned::ScmRights(f) = c {
                             fds.extend(f);
                         }
                     }
-                    (msg.bytes, fds)
+                    (msg.bytes, fds, truncated)
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
@@ -235,9 +250,14 @@ fn read_channel(chan: &OwnedFd) -> io::Result<Option<OwnedFd>> {
         // SAFETY: SCM_RIGHTS just gave this process these fds; nothing else owns them.
         let mut owned = fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) });
         match (n, owned.next()) {
-            (0, _) => return Ok(notif),
+            (0, _) => return Ok(Said::Exec(notif)),
             (1, Some(fd)) => notif = Some(fd),
-            (4, None) => return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf))),
+            (1, None) if truncated => {
+                return Err(io::Error::other(
+                    "the worker's seccomp notification fd was lost (the launcher is out of fds)",
+                ))
+            }
+            (4, None) => return Ok(Said::Failed(i32::from_ne_bytes(buf))),
             (n, _) => return Err(io::Error::other(format!("unexpected message of {n} bytes from the worker's child"))),
         }
     }

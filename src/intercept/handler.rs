@@ -14,10 +14,12 @@
 //!
 //! What a taken bind does: the caller's fd becomes the slot's socket (`SECCOMP_IOCTL_NOTIF_ADDFD`
 //! with `SECCOMP_ADDFD_FLAG_SETFD`, replacing the worker's own socket on the same fd number, with
-//! close-on-exec as the worker's fd had it), the socket's open file gets the worker's
+//! close-on-exec as the worker's fd had it), then the socket's open file gets the worker's
 //! `O_NONBLOCK` setting, and the call returns 0 (`SECCOMP_IOCTL_NOTIF_SEND`). The only fds ever
-//! installed are the targets of the caller's own slot, so a worker can obtain no other socket
-//! and no other fd of the launcher.
+//! installed are the worker entry's own dups of its slot's sockets, so a worker can obtain no
+//! other socket and no other fd of the launcher. The socket's family must match the address's
+//! (the kernel refuses the other), and MPTCP sockets are taken over like TCP ones (they fall
+//! back to TCP with a client that does not speak MPTCP, which the launcher's socket is).
 //!
 //! Nothing here depends on a decision the worker could invalidate by changing its memory after
 //! the read: a continued call is the worker's own call, and a taken bind gives the worker its
@@ -25,18 +27,19 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
 
 /// One listening socket a worker of the slot may get: the public address it stands for (the
-/// port a worker binds), the launcher's fd, and its inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// port a worker binds), the launcher's socket (a dup of its own, held by the worker's entry),
+/// and its inode.
+#[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
-    pub fd: RawFd,
+    pub sock: Arc<OwnedFd>,
     pub ino: u64,
 }
 
@@ -54,6 +57,13 @@ pub enum Decision {
     Gone,
 }
 
+/// What carrying out an `Install` changed besides the caller's fd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Done {
+    /// The slot's socket's O_NONBLOCK was switched to this (its open file is shared).
+    pub flipped_nonblock: Option<bool>,
+}
+
 /// One trapped call as read from the notification fd.
 pub struct Call {
     pub id: u64,
@@ -61,6 +71,14 @@ pub struct Call {
     pub tid: i32,
     pub nr: i64,
     pub args: [u64; 6],
+}
+
+pub fn name(nr: i64) -> &'static str {
+    if nr == libc::SYS_bind {
+        "bind()"
+    } else {
+        "listen()"
+    }
 }
 
 /// Read the next trapped call. Ok(None): it was withdrawn (the caller was killed meanwhile).
@@ -85,73 +103,110 @@ pub fn still_waiting(notif: BorrowedFd, id: u64) -> bool {
     unsafe { libc::ioctl(notif.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0 }
 }
 
-/// Decide how to answer `call`, a worker of the slot whose sockets are `targets`. `warn` is told
-/// why a bind of a launcher's port could not be taken over (once per cause is the caller's
-/// business).
-pub fn decide(notif: BorrowedFd, call: &Call, targets: &[Target], warn: &mut dyn FnMut(String)) -> Decision {
+/// Decide how to answer `call`, a worker of the slot whose sockets are `targets`; with why a
+/// bind of a launcher's port could not be taken over, if that is the case.
+pub fn decide(notif: BorrowedFd, call: &Call, targets: &[Target]) -> (Decision, Option<String>) {
     if call.nr == libc::SYS_bind {
-        decide_bind(notif, call, targets, warn)
+        decide_bind(notif, call, targets)
     } else if call.nr == libc::SYS_listen {
-        decide_listen(notif, call, targets)
+        (decide_listen(notif, call, targets), None)
     } else {
-        Decision::Continue
+        (Decision::Continue, None)
     }
 }
 
-fn decide_bind(notif: BorrowedFd, call: &Call, targets: &[Target], warn: &mut dyn FnMut(String)) -> Decision {
+fn decide_bind(notif: BorrowedFd, call: &Call, targets: &[Target]) -> (Decision, Option<String>) {
+    let pass = (Decision::Continue, None);
     // The kernel reads fd and len as C ints.
     let fd = call.args[0] as u32 as i32;
     let len = call.args[2] as u32 as i32;
     if fd < 0 || !(0..=128).contains(&len) {
-        return Decision::Continue;
+        return pass;
     }
     let mut bytes = [0u8; 128];
     let bytes = &mut bytes[..len as usize];
     let remote = [RemoteIoVec { base: call.args[1] as usize, len: bytes.len() }];
     match process_vm_readv(Pid::from_raw(call.tid), &mut [io::IoSliceMut::new(bytes)], &remote) {
         Ok(n) if n == len as usize => {}
-        Ok(_) => return Decision::Continue,
-        Err(nix::errno::Errno::EFAULT) => return Decision::Continue,
+        Ok(_) | Err(nix::errno::Errno::EFAULT) => return pass,
+        Err(_) if !still_waiting(notif, call.id) => return (Decision::Gone, None),
         Err(e) => {
-            warn(format!("cannot read its address (process_vm_readv: {})", e.desc()));
-            return Decision::Continue;
+            let why = format!("bind() goes to the kernel: its address cannot be read (process_vm_readv: {})", e.desc());
+            return (Decision::Continue, Some(why));
         }
     }
-    let Some(want) = parse_sockaddr(bytes) else { return Decision::Continue };
-    let Some(target) = choose(targets, &want) else { return Decision::Continue };
-    // The caller's fd, seen through /proc (no copy of it is taken: pidfd_getfd is refused in
-    // some sandboxes, Docker's default seccomp profile among them, and is not needed).
-    let link = format!("/proc/{}/fd/{fd}", call.tid);
-    let proto = match sock_proto_name(&link) {
-        Ok(p) => p,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => {
-            if still_waiting(notif, call.id) {
-                warn(format!("cannot look at its socket ({link}: {e})"));
-            }
-            return Decision::Continue;
-        }
-        // Not open (the kernel says EBADF), or not a socket (ENOTSOCK).
-        Err(_) => return Decision::Continue,
+    let Some(want) = parse_sockaddr(bytes) else { return pass };
+    let Some(target) = choose(targets, &want) else { return pass };
+    let seen = match Socket::of(call.tid, fd) {
+        Ok(Some(seen)) => seen,
+        // Not open (the kernel says EBADF), not a socket (ENOTSOCK), or changed under us.
+        Ok(None) => return pass,
+        Err(_) if !still_waiting(notif, call.id) => return (Decision::Gone, None),
+        Err(e) => return (Decision::Continue, Some(format!("bind() of {want} goes to the kernel: {e}"))),
     };
-    let ino = std::fs::metadata(&link).map(|m| m.ino());
-    let flags = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", call.tid)).ok().and_then(|t| fdinfo_flags(&t));
     if !still_waiting(notif, call.id) {
-        return Decision::Gone;
+        return (Decision::Gone, None);
     }
-    if proto != "TCP" && proto != "TCPv6" {
-        return Decision::Continue; // UDP, SCTP, MPTCP, raw: the worker's own business
+    let v6 = match seen.proto.as_str() {
+        "TCP" | "MPTCP" => false,
+        "TCPv6" | "MPTCPv6" => true,
+        _ => return pass, // UDP, SCTP, raw: the worker's own business
+    };
+    if v6 != want.is_ipv6() {
+        return pass; // an address of the other family: the kernel's EINVAL or EAFNOSUPPORT
     }
-    if ino.is_ok_and(|ino| targets.iter().any(|t| t.ino == ino)) {
-        // Already the slot's socket (a bind restarted after a signal, or bound twice): done.
-        return Decision::Return(0);
+    if seen.ino == targets[target].ino {
+        // Already that socket (a bind restarted after a signal, or bound twice): done.
+        return (Decision::Return(0), None);
     }
-    let nonblock = flags.is_some_and(|f| f & libc::O_NONBLOCK as u32 != 0);
-    let cloexec = flags.is_none_or(|f| f & libc::O_CLOEXEC as u32 != 0);
-    Decision::Install { target, newfd: fd, cloexec, nonblock, want }
+    let nonblock = seen.flags.is_some_and(|f| f & libc::O_NONBLOCK as u32 != 0);
+    let cloexec = seen.flags.is_none_or(|f| f & libc::O_CLOEXEC as u32 != 0);
+    (Decision::Install { target, newfd: fd, cloexec, nonblock, want }, None)
 }
 
-/// The protocol of the socket an fd link names (`TCP`, `TCPv6`, `UDP`, `UNIX`, ...): sockfs's
-/// `system.sockprotoname` attribute, read through the /proc link.
+/// What a worker's fd is, seen through /proc without following it into any file system but
+/// sockfs: the link must name a socket, and it is looked at through an `O_PATH` fd of our own
+/// that pins the very file the link named (a worker that swaps the fd meanwhile changes
+/// nothing here, and a file of its own FUSE mount is never read).
+struct Socket {
+    ino: u64,
+    /// sockfs's name of the protocol: `TCP`, `TCPv6`, `UDP`, `UNIX`, `MPTCP`, ...
+    proto: String,
+    /// The `flags:` of its fdinfo (the file's status flags, and O_CLOEXEC for the fd).
+    flags: Option<u32>,
+}
+
+impl Socket {
+    /// Ok(None): not an open socket (the kernel will say what it is).
+    fn of(tid: i32, fd: i32) -> io::Result<Option<Socket>> {
+        let link = format!("/proc/{tid}/fd/{fd}");
+        let target = match std::fs::read_link(&link) {
+            Ok(t) => t,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{link}: {e}"))),
+        };
+        let target = target.to_string_lossy().into_owned();
+        let Some(ino) = socket_link_inode(&target) else { return Ok(None) };
+        use nix::fcntl::{open, OFlag};
+        let pinned: OwnedFd = match open(link.as_str(), OFlag::O_PATH | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+        {
+            Ok(f) => f,
+            Err(nix::errno::Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(io::Error::other(format!("{link}: {}", e.desc()))),
+        };
+        let ours = format!("/proc/self/fd/{}", pinned.as_raw_fd());
+        if std::fs::read_link(&ours).map(|t| t.to_string_lossy().into_owned()).ok().as_deref() != Some(target.as_str())
+        {
+            return Ok(None);
+        }
+        let proto = sock_proto_name(&ours)?;
+        let flags = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).ok().and_then(|t| fdinfo_flags(&t));
+        Ok(Some(Socket { ino, proto, flags }))
+    }
+}
+
+/// The protocol of the socket a `/proc/self/fd` link names (`TCP`, `TCPv6`, `UDP`, `UNIX`,
+/// ...): sockfs's `system.sockprotoname` attribute.
 fn sock_proto_name(link: &str) -> io::Result<String> {
     let path = std::ffi::CString::new(link).map_err(io::Error::other)?;
     let mut buf = [0u8; 32];
@@ -159,7 +214,8 @@ fn sock_proto_name(link: &str) -> io::Result<String> {
     let n =
         unsafe { libc::getxattr(path.as_ptr(), c"system.sockprotoname".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("cannot name the socket's protocol: {e}")));
     }
     let name = &buf[..n as usize];
     Ok(String::from_utf8_lossy(name.strip_suffix(&[0]).unwrap_or(name)).into_owned())
@@ -182,19 +238,21 @@ fn decide_listen(notif: BorrowedFd, call: &Call, targets: &[Target]) -> Decision
     }
 }
 
-/// Carry out `decision` for call `id`: Ok(true) once answered, Ok(false) when the caller was
-/// gone. For an `Install`, the caller guarantees that the target fds are open (it holds the
-/// registry's lock: see the module doc of `intercept`).
-pub fn carry_out(notif: BorrowedFd, id: u64, decision: Decision, targets: &[Target]) -> io::Result<bool> {
+/// Carry out `decision` for call `id`: Ok(Some) once answered, Ok(None) when the caller was
+/// gone.
+pub fn carry_out(notif: BorrowedFd, id: u64, decision: Decision, targets: &[Target]) -> io::Result<Option<Done>> {
+    let mut done = Done::default();
     let sent = match decision {
-        Decision::Gone => return Ok(false),
+        Decision::Gone => return Ok(None),
         Decision::Continue => respond(notif, id, 0, 0, libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32),
         Decision::Return(v) => respond(notif, id, v, 0, 0),
         Decision::Install { target, newfd, cloexec, nonblock, .. } => {
             let t = &targets[target];
-            set_nonblock(t.fd, nonblock);
-            match add_fd(notif, id, t.fd, newfd, cloexec) {
-                Ok(()) => respond(notif, id, 0, 0, 0),
+            match add_fd(notif, id, t.sock.as_raw_fd(), newfd, cloexec) {
+                Ok(()) => {
+                    done.flipped_nonblock = set_nonblock(&t.sock, nonblock);
+                    respond(notif, id, 0, 0, 0)
+                }
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(e),
                 Err(e) => {
                     // Tell the caller what failed rather than leave it waiting.
@@ -205,8 +263,8 @@ pub fn carry_out(notif: BorrowedFd, id: u64, decision: Decision, targets: &[Targ
         }
     };
     match sent {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Ok(()) => Ok(Some(done)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -229,7 +287,7 @@ fn add_fd(notif: BorrowedFd, id: u64, src: RawFd, newfd: i32, cloexec: bool) -> 
         newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
     };
     // SAFETY: ioctl on an open seccomp notification fd with a struct of the size its number
-    // encodes; `src` is one of the launcher's open listening sockets (the caller holds the lock).
+    // encodes; `src` is the worker entry's own dup of one of its slot's sockets.
     if unsafe { libc::ioctl(notif.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &req) } < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -237,16 +295,15 @@ fn add_fd(notif: BorrowedFd, id: u64, src: RawFd, newfd: i32, cloexec: bool) -> 
 }
 
 /// Give the socket's open file (shared by the launcher and every worker of the slot) the
-/// worker's own O_NONBLOCK setting: an event loop expects the fd it made non-blocking to be so.
-fn set_nonblock(fd: RawFd, on: bool) {
+/// worker's own O_NONBLOCK setting: an event loop expects the fd it made non-blocking to be
+/// so. Returns the new setting when it changed.
+fn set_nonblock(sock: &OwnedFd, on: bool) -> Option<bool> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    // SAFETY: `fd` is one of the launcher's open listening sockets for the duration of the call.
-    let b = unsafe { BorrowedFd::borrow_raw(fd) };
-    let Ok(flags) = fcntl(b, FcntlArg::F_GETFL) else { return };
-    let flags = OFlag::from_bits_truncate(flags);
-    if flags.contains(OFlag::O_NONBLOCK) != on {
-        let _ = fcntl(b, FcntlArg::F_SETFL(flags ^ OFlag::O_NONBLOCK));
+    let flags = OFlag::from_bits_truncate(fcntl(sock, FcntlArg::F_GETFL).ok()?);
+    if flags.contains(OFlag::O_NONBLOCK) == on {
+        return None;
     }
+    fcntl(sock, FcntlArg::F_SETFL(flags ^ OFlag::O_NONBLOCK)).ok().map(|_| on)
 }
 
 /// The address in the bytes a worker passed to bind(): AF_INET (16 bytes or more) or AF_INET6
@@ -301,8 +358,9 @@ pub fn socket_link_inode(link: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn t(addr: &str, fd: RawFd) -> Target {
-        Target { addr: addr.parse().unwrap(), fd, ino: fd as u64 + 100 }
+    fn t(addr: &str, fd: u64) -> Target {
+        let sock = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        Target { addr: addr.parse().unwrap(), sock, ino: fd + 100 }
     }
 
     fn v4(ip: [u8; 4], port: u16) -> Vec<u8> {

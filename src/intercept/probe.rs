@@ -1,9 +1,10 @@
 //! The start-up check of `--intercept-bind auto|on`: a throw-away child installs the same filter
-//! a worker gets, sends its notification fd, and binds a port the launcher holds; the launcher
-//! takes that bind over and answers its listen through the same code that serves workers. Only
-//! if the child then finds the launcher's socket on its fd is interception on. Every way this
-//! can fail has a cause in words (kernel too old, seccomp forbidden, a notifier already above
-//! us, no ptrace access to our own children).
+//! a worker gets, drops to the workers' `--user` credentials as a worker does, sends its
+//! notification fd, and binds a port the launcher holds; the launcher takes that bind over and
+//! answers its listen through the same code that serves workers. Only if the child then finds
+//! the launcher's socket on its fd is interception on. Every way this can fail has a cause in
+//! words (kernel too old, seccomp forbidden, a notifier already above us, no access to the
+//! memory of a `--user` worker without CAP_SYS_PTRACE).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -18,6 +19,7 @@ use nix::unistd::Pid;
 
 use super::filter::{install, send_fd, ChildFilter};
 use super::handler::{self, Decision, Target};
+use crate::command::Credentials;
 
 /// Where the child failed (the first byte of its failure message; then errno, 4 bytes).
 const STAGE_INSTALL: u8 = 1;
@@ -27,13 +29,18 @@ const STAGE_BIND: u8 = 4;
 const STAGE_LISTEN: u8 = 5;
 const STAGE_STAT: u8 = 6;
 const STAGE_OTHER_SOCKET: u8 = 7;
+const STAGE_CREDS: u8 = 8;
 
-/// Run the check; Err is the cause, in words.
-pub fn probe(filter: &ChildFilter) -> Result<(), String> {
+/// The credentials the child drops to (uid, gid, groups), prepared in the parent.
+type Creds = Option<(libc::uid_t, libc::gid_t, *const libc::gid_t, usize)>;
+
+/// Run the check, as a worker with `creds` would be served; Err is the cause, in words.
+pub fn probe(filter: &ChildFilter, creds: Option<&Credentials>) -> Result<(), String> {
     let ours = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot bind a probe socket: {e}"))?;
     let addr = ours.local_addr().map_err(|e| e.to_string())?;
     let ino = std::fs::metadata(format!("/proc/self/fd/{}", ours.as_raw_fd())).map_err(|e| e.to_string())?.ino();
-    let target = Target { addr, fd: ours.as_raw_fd(), ino };
+    let target = Target { addr, sock: std::sync::Arc::new(OwnedFd::from(ours)), ino };
+    let creds: Creds = creds.map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len()));
     let (mine, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| format!("socketpair: {e}"))?;
     let sockaddr = sockaddr_in(addr);
@@ -45,11 +52,11 @@ pub fn probe(filter: &ChildFilter) -> Result<(), String> {
     }
     if pid == 0 {
         // SAFETY: the freshly forked child; see child's contract.
-        unsafe { child(filter, theirs.as_raw_fd(), &sockaddr, ino) }
+        unsafe { child(filter, creds, theirs.as_raw_fd(), &sockaddr, ino) }
     }
     drop(theirs);
     let child = Pid::from_raw(pid);
-    let result = serve(&mine, target);
+    let result = serve(&mine, &target);
     let status = wait(child, result.is_ok());
     match (result, status) {
         (Err(cause), _) => Err(cause),
@@ -59,7 +66,7 @@ pub fn probe(filter: &ChildFilter) -> Result<(), String> {
 }
 
 /// The parent's side: the notification fd, then the child's bind and listen, each answered.
-fn serve(chan: &OwnedFd, target: Target) -> Result<(), String> {
+fn serve(chan: &OwnedFd, target: &Target) -> Result<(), String> {
     let notif = match receive(chan)? {
         Message::Fd(fd) => fd,
         Message::Failed(stage, errno) => return Err(cause(stage, errno)),
@@ -78,18 +85,18 @@ fn serve(chan: &OwnedFd, target: Target) -> Result<(), String> {
         if call.nr != expected {
             return Err(format!("the probe child made syscall {} instead of {expected}", call.nr));
         }
-        let mut why = None;
-        let decision = handler::decide(notif.as_fd(), &call, &[target], &mut |w| why = Some(w));
+        let targets = std::slice::from_ref(target);
+        let (decision, why) = handler::decide(notif.as_fd(), &call, targets);
         let wanted = if expected == libc::SYS_bind {
             matches!(decision, Decision::Install { .. })
         } else {
             decision == Decision::Return(0)
         };
         if !wanted {
-            let _ = handler::carry_out(notif.as_fd(), call.id, Decision::Continue, &[target]);
+            let _ = handler::carry_out(notif.as_fd(), call.id, Decision::Continue, targets);
             return Err(why.unwrap_or_else(|| format!("the probe's call was not recognised ({decision:?})")));
         }
-        handler::carry_out(notif.as_fd(), call.id, decision, &[target]).map_err(|e| match e.raw_os_error() {
+        handler::carry_out(notif.as_fd(), call.id, decision, targets).map_err(|e| match e.raw_os_error() {
             Some(libc::EINVAL | libc::ENOTTY) => {
                 "the kernel cannot install an fd in a trapped process (SECCOMP_IOCTL_NOTIF_ADDFD needs Linux 5.9)"
                     .to_string()
@@ -172,6 +179,7 @@ fn cause(stage: u8, errno: i32) -> String {
         (STAGE_BIND, libc::EADDRINUSE) => "the probe's bind() reached the kernel (EADDRINUSE)".into(),
         (STAGE_SEND, _) => format!("cannot pass the notification fd: {e}"),
         (STAGE_OTHER_SOCKET, _) => "the probe child did not get the launcher's socket".into(),
+        (STAGE_CREDS, _) => format!("the probe child cannot take the --user credentials: {e}"),
         (s, _) => format!("the probe child failed at step {s}: {e}"),
     }
 }
@@ -191,7 +199,7 @@ fn sockaddr_in(addr: SocketAddr) -> libc::sockaddr_in {
 ///
 /// # Safety
 /// Only right after fork; everything it reads was prepared by the parent.
-unsafe fn child(filter: &ChildFilter, chan: RawFd, addr: &libc::sockaddr_in, ino: u64) -> ! {
+unsafe fn child(filter: &ChildFilter, creds: Creds, chan: RawFd, addr: &libc::sockaddr_in, ino: u64) -> ! {
     // SAFETY: async-signal-safe system calls on memory prepared before the fork; no allocation.
     unsafe {
         let fail = |stage: u8| -> ! {
@@ -209,6 +217,12 @@ unsafe fn child(filter: &ChildFilter, chan: RawFd, addr: &libc::sockaddr_in, ino
             fail(STAGE_SEND);
         }
         libc::close(notif);
+        // As a worker: the --user credentials after the filter (see `spawn`, steps 4 and 5).
+        if let Some((uid, gid, groups, ngroups)) = creds {
+            if libc::setgroups(ngroups, groups) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                fail(STAGE_CREDS);
+            }
+        }
         let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         if s < 0 {
             fail(STAGE_SOCKET);

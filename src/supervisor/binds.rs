@@ -13,12 +13,31 @@ use crate::snapshot::InterceptSnapshot;
 
 impl<O: Os> Supervisor<O> {
     /// Slot `slot`'s sockets, one per bind, each standing for its bind's public address (in
-    /// round-robin mode the slot's private socket stands for the public port).
+    /// round-robin mode the slot's private socket stands for the public port): dups the
+    /// worker's entry holds, so that nothing but these sockets can ever be installed.
     fn slot_targets(&self, slot: usize) -> std::io::Result<Vec<Target>> {
         let fds = self.listeners.fds_for_slot(slot);
         let inodes = crate::readiness::socket_inodes(&fds)?;
         let addrs = self.listeners.local_addrs();
-        Ok(addrs.iter().zip(fds).zip(inodes).map(|((addr, fd), ino)| Target { addr: *addr, fd, ino }).collect())
+        let mut targets = Vec::with_capacity(fds.len());
+        for ((addr, fd), ino) in addrs.iter().zip(fds).zip(inodes) {
+            // SAFETY: the listener's fd is open for the launcher's life; borrowed only to dup it.
+            let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+            targets.push(Target { addr: *addr, sock: std::sync::Arc::new(sock), ino });
+        }
+        Ok(targets)
+    }
+
+    /// A worker's trapped call has held the interceptor for `held`: kill the worker (its
+    /// process group), which ends the wait; its exit is a crash of its slot.
+    pub(super) fn intercept_held(&mut self, id: WorkerId, held: std::time::Duration) {
+        let Some(w) = self.workers.get(id) else { return };
+        log::warn!(
+            "{} has held the bind() interceptor for {held:.1?} (a bind() whose address or fd cannot be read: \
+             its own userfaultfd or FUSE mount?); killing it",
+            w.label()
+        );
+        self.os.signal(w.pid, nix::sys::signal::Signal::SIGKILL);
     }
 
     /// For `status` and `/metrics`.

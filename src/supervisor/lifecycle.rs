@@ -310,6 +310,9 @@ impl<O: Os> Supervisor<O> {
                 None if self.listeners.mode() != crate::socket::Mode::SelfBind => {
                     format!("; bind() interception is {}: {}", self.intercept.state, crate::intercept::HINT)
                 }
+                Some(i) if i.counts().0 == 0 => "; no worker's own bind() of a --bind port was taken over (a \
+                    server that binds another port needs that port in --bind)"
+                    .to_string(),
                 _ => String::new(),
             };
             return Err(Error::Failed(format!(

@@ -123,12 +123,15 @@ impl<O: Os> Supervisor<O> {
     ///
     /// [`sender`]: Supervisor::sender
     /// [`run`]: Supervisor::run
+    /// `resumed_on`: a reexec'd image whose old image intercepted workers' binds (it goes on
+    /// intercepting without probing again).
     pub fn new(
         cfg: Config,
         mut listeners: Listeners,
         program: Program,
         identity: Option<Identity>,
         os: O,
+        resumed_on: bool,
     ) -> Result<Supervisor<O>, Error> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let notify = if cfg.ready == Ready::Notify || cfg.watchdog.is_some() {
@@ -179,8 +182,14 @@ impl<O: Os> Supervisor<O> {
             None => None,
         };
         let cpus = cfg.pin.then(allowed_cpus);
-        let intercept = crate::intercept::Interception::setup(cfg.intercept_bind, listeners.mode() != Mode::SelfBind)
-            .map_err(Error::Failed)?;
+        let intercept = crate::intercept::Interception::setup(crate::intercept::Setup {
+            setting: cfg.intercept_bind,
+            holds_sockets: listeners.mode() != Mode::SelfBind,
+            creds: contract.identity.as_ref().map(|i| &i.creds),
+            resumed_on,
+            events: tx.clone(),
+        })
+        .map_err(Error::Failed)?;
         let now = Instant::now();
         let slots = (0..slots_n)
             .map(|s| Slot { gen: 1, retiring: (s >= cfg.workers).then_some(now), ..Slot::default() })
@@ -315,6 +324,7 @@ impl<O: Os> Supervisor<O> {
             }
             Event::Signal(other) => log::debug!("ignoring signal {other}"),
             Event::Notify(id, fields) => self.on_notify(id, fields, now),
+            Event::Held(id, held) => self.intercept_held(id, held),
             Event::Control(command, reply) => {
                 // The control thread waits for this answer, never the other way round.
                 let _ = reply.send(self.command(command, now));

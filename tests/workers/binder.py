@@ -4,11 +4,15 @@ module in the way), to test --intercept-bind from inside a worker, including hos
 
 Usage: binder.py MODE [OUT]
   probe OUT    make every kind of bind() and listen() the launcher must either take over or
-               leave to the kernel, write what each returned to OUT (JSON), then serve
+               leave to the kernel, write what each returned to OUT.SLOT (JSON), then serve
+  loop OUT     serve, while a thread binds PORT on a new socket every 5 ms; the count of binds
+               that returned 0, the failures and the slowest (ms) go to OUT every 0.1 s
   flood OUT    serve, while 4 threads call bind() and listen() as fast as they can (the count so
                far is written to OUT.SLOT every 0.2 s)
   again OUT    serve; on SIGUSR1 bind PORT once more on a new socket and write the result to OUT
   prefork N    bind PORT and listen, then fork N children that serve it (the parent only waits)
+  trap         serve; on SIGUSR1 call bind() with an address on a page registered with a
+               userfaultfd whose faults nobody serves: whoever reads it waits forever
 
 Every mode answers GET with `pid=PID slot=SLOT gen=GEN` (the pid of the process that answered)
 on the socket its own bind() of PORT got. Environment: PORT, REUSE_LAUNCH_SLOT,
@@ -53,9 +57,10 @@ def sockaddr_in6(ip, port):
     return ctypes.create_string_buffer(raw, len(raw))
 
 
-def new_socket(family=socket.AF_INET, kind=socket.SOCK_STREAM, flags=socket.SOCK_CLOEXEC):
-    fd = libc.socket(family, kind | flags, 0)
-    assert fd >= 0, os.strerror(ctypes.get_errno())
+def new_socket(family=socket.AF_INET, kind=socket.SOCK_STREAM, flags=socket.SOCK_CLOEXEC, proto=0):
+    fd = libc.socket(family, kind | flags, proto)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     return fd
 
 
@@ -103,6 +108,15 @@ def probe():
     out["taken_ino"] = ino(s)
     out["taken_flags"] = fd_flags(s)
     out["taken_listen"] = sys_listen(s, 1)
+    out["rebind"] = sys_bind(s, sockaddr_in("0.0.0.0", PORT), 16)
+    try:
+        m = new_socket(proto=262)  # IPPROTO_MPTCP
+        out["mptcp"] = sys_bind(m, sockaddr_in("127.0.0.1", PORT), 16)
+        out["mptcp_ino"] = ino(m)
+    except OSError as e:
+        out["mptcp"] = f"unsupported: {e}"
+    wrong = new_socket(socket.AF_INET6)
+    out["wrong_family"] = sys_bind(wrong, sockaddr_in("127.0.0.1", PORT), 16)
     plain = new_socket(flags=0)
     out["plain"] = sys_bind(plain, sockaddr_in("127.0.0.1", PORT), 16)
     out["plain_ino"] = ino(plain)
@@ -116,6 +130,8 @@ def probe():
     out["port0_ino"] = ino(z)
     out["port0_port"] = socket.socket(fileno=os.dup(z)).getsockname()[1]
     u = new_socket(kind=socket.SOCK_DGRAM)
+    one = ctypes.c_int(1)  # every slot's worker binds it: SO_REUSEPORT lets them all
+    libc.setsockopt(u, socket.SOL_SOCKET, socket.SO_REUSEPORT, ctypes.byref(one), ctypes.sizeof(one))
     out["udp"] = sys_bind(u, sockaddr_in("127.0.0.1", PORT), 16)
     out["udp_ino"] = ino(u)
     other = int(os.environ.get("OTHER_PORT", "0"))
@@ -192,6 +208,57 @@ def flood(out):
     serve(fd)
 
 
+def loop(out):
+    fd = bind_port()
+    state = {"ok": 0, "failures": [], "slowest_ms": 0.0}
+
+    def binds():
+        while True:
+            s = new_socket()
+            start = time.monotonic()
+            r, err = sys_bind(s, sockaddr_in("0.0.0.0", PORT), 16)
+            took = (time.monotonic() - start) * 1000
+            os.close(s)
+            state["slowest_ms"] = max(state["slowest_ms"], took)
+            if r == 0:
+                state["ok"] += 1
+            else:
+                state["failures"].append(err)
+            time.sleep(0.005)
+
+    def report():
+        while True:
+            write_json(out, state)
+            time.sleep(0.1)
+
+    threading.Thread(target=binds, daemon=True).start()
+    threading.Thread(target=report, daemon=True).start()
+    serve(fd)
+
+
+def trap():
+    fd = bind_port()
+    nr_userfaultfd = {"x86_64": 323, "aarch64": 282, "riscv64": 282}[platform.machine()]
+    uffd = libc.syscall(nr_userfaultfd, ctypes.c_long(os.O_CLOEXEC | os.O_NONBLOCK))
+    assert uffd >= 0, os.strerror(ctypes.get_errno())
+    api = (ctypes.c_uint64 * 3)(0xAA, 0, 0)  # struct uffdio_api: UFFD_API, features, ioctls
+    assert libc.ioctl(uffd, ctypes.c_ulong(0xC018AA3F), api) == 0, os.strerror(ctypes.get_errno())
+    libc.mmap.restype = ctypes.c_void_p
+    page = libc.mmap(None, ctypes.c_size_t(4096), 3, 0x22, -1, ctypes.c_long(0))  # RW, PRIVATE|ANON
+    reg = (ctypes.c_uint64 * 4)(page, 4096, 1, 0)  # range, UFFDIO_REGISTER_MODE_MISSING, ioctls
+    assert libc.ioctl(uffd, ctypes.c_ulong(0xC020AA00), reg) == 0, os.strerror(ctypes.get_errno())
+
+    def on_usr1(*_):
+        def held():
+            s = new_socket()
+            sys_bind(s, ctypes.c_void_p(page), 16)
+
+        threading.Thread(target=held, daemon=True).start()
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    serve(fd)
+
+
 def again(out):
     fd = bind_port()
 
@@ -231,14 +298,18 @@ def main():
     mode = sys.argv[1]
     if mode == "probe":
         result, fd = probe()
-        write_json(sys.argv[2], result)
+        write_json(f"{sys.argv[2]}.{os.environ['REUSE_LAUNCH_SLOT']}", result)
         serve(fd)
+    elif mode == "loop":
+        loop(sys.argv[2])
     elif mode == "flood":
         flood(sys.argv[2])
     elif mode == "again":
         again(sys.argv[2])
     elif mode == "prefork":
         prefork(int(sys.argv[2]))
+    elif mode == "trap":
+        trap()
     else:
         sys.exit(f"binder: unknown mode {mode}")
 
