@@ -22,6 +22,9 @@ pub enum Event {
     /// A request from the control socket; the loop answers at once on the channel (it never
     /// waits on the client: the control thread does the talking).
     Control(Command, Sender<Reply>),
+    /// A worker's trapped bind()/listen() has kept the interceptor's thread this long (see
+    /// `intercept`): the loop kills that worker.
+    Held(WorkerId, std::time::Duration),
     /// A connection waits on a listener while the queue watch samples rarely (see `queues`).
     Queued,
 }

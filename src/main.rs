@@ -24,6 +24,7 @@ mod descendants;
 mod diag;
 mod error;
 mod event;
+mod intercept;
 mod load;
 mod logs;
 mod metrics;
@@ -102,7 +103,8 @@ fn run() -> Result<(), Error> {
     if resumed.is_none() {
         log::info!("{}", containment.describe());
     }
-    let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
+    let resumed_on = resumed.as_ref().is_some_and(|s| !s.intercept.is_empty());
+    let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new(), resumed_on)?;
     supervisor.set_sentinel(match resumed.as_ref().and_then(|s| s.sentinel) {
         Some((pid, fd)) => Some(sentinel::Sentinel::adopt(pid, fd)),
         None => sentinel::Sentinel::start(containment.root()),

@@ -26,6 +26,19 @@ pub struct Snapshot {
     /// A graceful or immediate stop is under way.
     pub stopping: bool,
     pub slots: Vec<SlotSnapshot>,
+    /// `--intercept-bind`.
+    pub intercept: InterceptSnapshot,
+}
+
+/// Workers' own binds taken over (`--intercept-bind`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterceptSnapshot {
+    /// `on`, `off`, `off (self mode: ...)` or `unavailable: CAUSE`.
+    pub state: String,
+    /// Binds of a --bind port that got the slot's socket, since start.
+    pub binds: u64,
+    /// listen() calls on a launcher's socket answered without reaching the kernel.
+    pub listens: u64,
 }
 
 /// One slot: its workers (usually one; two during a roll or a memory replacement), its history,

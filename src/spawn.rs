@@ -26,27 +26,34 @@
 //!    log pipes (`--log-prefix slot-pid`, see `logs`), their write ends are dup2'd onto fds 1
 //!    and 2 (first moved above the target range, like the sockets; the parent made them, with
 //!    O_CLOEXEC, and closes its copies after the fork);
-//! 4. with `--user`: supplementary groups, gid, uid dropped (and checked);
-//! 5. `PR_SET_PDEATHSIG = SIGKILL` (after 4: a credential change clears it), then a check that
+//! 4. with `--intercept-bind`: the seccomp filter that hands the worker's `bind` and `listen` to
+//!    the launcher (see `intercept`), after `no_new_privs` when the launcher lacks CAP_SYS_ADMIN;
+//!    its notification fd is sent to the parent over a channel (SCM_RIGHTS) and closed
+//!    here. Before 5: installed while the child still has the launcher's credentials, so a root
+//!    launcher needs no `no_new_privs` even for a `--user` worker;
+//! 5. with `--user`: supplementary groups, gid, uid dropped (and checked);
+//! 6. `PR_SET_PDEATHSIG = SIGKILL` (after 5: a credential change clears it), then a check that
 //!    the launcher is still its parent. The death signal fires when the *thread* that forked
 //!    exits, so workers are only ever forked from the supervisor loop on the launcher's main
 //!    thread, which lives as long as the launcher: the signal, notify and helper threads may
 //!    come and go without killing workers;
-//! 6. `LISTEN_PID` (and `WATCHDOG_PID`) written with the child's own pid into buffers prepared
+//! 7. `LISTEN_PID` (and `WATCHDOG_PID`) written with the child's own pid into buffers prepared
 //!    by the parent;
-//! 7. `execve`. A failure leaves its errno in the context the parent shares, and the child
+//! 8. `execve`. A failure leaves its errno in the context the parent shares, and the child
 //!    exits 127: the parent, which resumes when the child has exec'd or exited, knows
-//!    synchronously whether the exec happened.
+//!    synchronously whether the exec happened. With `--intercept-bind` the notification fd is
+//!    already queued on the channel then (sent before the exec), and taken without waiting.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sched::CpuSet;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::unistd::Pid;
 
 use crate::command::{Credentials, Program};
+use crate::intercept::ChildFilter;
 
 /// Most listening fds one worker can receive (fixed so the child needs no allocation).
 pub const MAX_FDS: usize = 64;
@@ -96,6 +103,8 @@ pub struct Spec<'a> {
     /// Become the worker's fds 1 and 2 (the write ends of its log pipes, see `logs`); None:
     /// it inherits the launcher's.
     pub stdio: Option<[RawFd; 2]>,
+    /// `--intercept-bind`: the filter to start the worker under.
+    pub intercept: Option<&'a ChildFilter>,
     /// Where the child puts itself before exec (step 1).
     pub contain: Contain,
 }
@@ -109,6 +118,14 @@ pub struct Contain {
     pub sentinel: Option<RawFd>,
 }
 
+/// A started worker.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: Pid,
+    /// With [`Spec::intercept`]: the filter's notification fd.
+    pub notif: Option<OwnedFd>,
+}
+
 /// What the child reads between fork and exec: built in the parent, so the child allocates nothing.
 struct ChildCtx {
     parent: libc::pid_t,
@@ -120,6 +137,9 @@ struct ChildCtx {
     stdio: Option<[RawFd; 2]>,
     /// CPU affinity to set (built in the parent).
     cpus: Option<CpuSet>,
+    filter: Option<ChildFilter>,
+    /// The channel the notification fd is sent on (-1: no `--intercept-bind`).
+    chan: RawFd,
     /// Step 1's containment (-1: none).
     cgroup_procs: RawFd,
     sentinel: RawFd,
@@ -138,7 +158,7 @@ struct ChildCtx {
 
 /// Start one worker. Must be called from the launcher's main thread (see the module doc on
 /// PDEATHSIG).
-pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
+pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     if spec.fds.len() > MAX_FDS {
         return Err(io::Error::other(format!("at most {MAX_FDS} listening fds per worker")));
     }
@@ -169,6 +189,16 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
     }
     envp.push(std::ptr::null());
 
+    // With --intercept-bind: the channel the child sends its notification fd on.
+    let chan = match spec.intercept {
+        Some(_) => Some(nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )?),
+        None => None,
+    };
     let mut ctx = ChildCtx {
         parent: std::process::id() as libc::pid_t,
         fds: [-1; MAX_FDS],
@@ -176,6 +206,8 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
         stdin_socket: spec.socket_on_stdin,
         stdio: spec.stdio,
         cpus: spec.cpu.and_then(cpu_set),
+        filter: spec.intercept.copied(),
+        chan: chan.as_ref().map_or(-1, |c| c.1.as_raw_fd()),
         cgroup_procs: spec.contain.cgroup_procs.unwrap_or(-1),
         sentinel: spec.contain.sentinel.unwrap_or(-1),
         err: std::sync::atomic::AtomicI32::new(0),
@@ -191,19 +223,58 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
 
     // SAFETY: child_entry only runs child_exec on `ctx`, which lives until the child has exec'd.
     let pid = unsafe { crate::vfork::run(child_entry, (&ctx as *const ChildCtx).cast_mut().cast())? };
+    let pid = Pid::from_raw(pid);
     let errno = ctx.err.load(std::sync::atomic::Ordering::SeqCst);
-    if errno == 0 {
-        return Ok(Pid::from_raw(pid));
+    if errno != 0 {
+        // The exec failed: the child has exited; reap it here, synchronously.
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(io::Error::from_raw_os_error(errno));
     }
-    // The exec failed: the child has exited; reap it here, synchronously.
-    let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-    Err(io::Error::from_raw_os_error(errno))
+    let Some((chan_r, chan_w)) = chan else { return Ok(Spawned { pid, notif: None }) };
+    drop(chan_w);
+    match take_notif(&chan_r) {
+        Ok(notif) => Ok(Spawned { pid, notif: Some(notif) }),
+        Err(e) => {
+            // It exec'd without its fd (the launcher out of fds: the kernel drops it): a
+            // worker whose binds nobody would serve must not run unaccounted for.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(e)
+        }
+    }
 }
 
 /// The child's entry point on its own stack (see [`spawn`]).
 extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the parent's ChildCtx, alive until we exec or exit (CLONE_VFORK).
     unsafe { child_exec(&*(arg as *const ChildCtx)) }
+}
+
+/// The notification fd the child sent before its exec (with `--intercept-bind`): already
+/// queued on `chan` when the child has exec'd, so taken without waiting.
+fn take_notif(chan: &OwnedFd) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut buf = [0u8; 4];
+    let mut space = nix::cmsg_space!(RawFd);
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let flags = MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT;
+    let msg = loop {
+        match recvmsg::<()>(chan.as_raw_fd(), &mut iov, Some(&mut space), flags) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    let lost = || io::Error::other("the worker's seccomp notification fd did not arrive");
+    let msg = msg.map_err(|_| lost())?;
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::other("the worker's seccomp notification fd was lost (the launcher is out of fds)"));
+    }
+    let fd = msg.cmsgs().into_iter().flatten().find_map(|c| match c {
+        ControlMessageOwned::ScmRights(f) => f.first().copied(),
+        _ => None,
+    });
+    // SAFETY: SCM_RIGHTS just gave this process this fd; nothing else owns it.
+    fd.filter(|_| msg.bytes == 1).map(|f| unsafe { OwnedFd::from_raw_fd(f) }).ok_or_else(lost)
 }
 
 /// A CPU set with only `cpu` in it (None when `cpu` is beyond what a set can hold).
@@ -254,7 +325,12 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         // Move everything we still need above the target range first, then dup2 into 3.. .
         let nfds = ctx.nfds;
         let floor = 3 + nfds as libc::c_int;
-        // The log pipes too: their numbers may be among 3.. (or even 1 and 2).
+        // The intercept's channel (sent on in step 4) and the log pipes too: their numbers may
+        // be among 3.. (or even 1 and 2).
+        let chan = if ctx.chan >= 0 { libc::fcntl(ctx.chan, libc::F_DUPFD_CLOEXEC, floor) } else { -1 };
+        if ctx.chan >= 0 && chan < 0 {
+            fail();
+        }
         let mut stdio = [-1 as RawFd; 2];
         if let Some(fds) = &ctx.stdio {
             for (t, &fd) in stdio.iter_mut().zip(fds) {
@@ -299,6 +375,15 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
             for fd in floor..max {
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
             }
+        }
+
+        // The bind() interception's filter, with the launcher's credentials still (see step 4).
+        if let Some(filter) = &ctx.filter {
+            let notif = crate::intercept::install(filter);
+            if notif < 0 || !crate::intercept::send_fd(chan, notif) {
+                fail();
+            }
+            libc::close(notif);
         }
 
         // Drop privileges last (groups, then gid, then uid) and check it took.

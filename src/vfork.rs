@@ -80,7 +80,9 @@ mod tests {
         let mut buf = [0u8; 12];
         let n = super::write_decimal(&mut buf, 4294967295);
         assert_eq!(&buf[..n], b"4294967295");
-        assert_eq!(&buf[..super::write_decimal(&mut buf, 0)], b"0");
-        assert_eq!(&buf[..super::write_decimal(&mut buf, 407)], b"407");
+        let n = super::write_decimal(&mut buf, 0);
+        assert_eq!(&buf[..n], b"0");
+        let n = super::write_decimal(&mut buf, 407);
+        assert_eq!(&buf[..n], b"407");
     }
 }

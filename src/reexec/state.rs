@@ -25,6 +25,8 @@ pub struct State {
     pub workers: Vec<WorkerState>,
     /// Each worker's notify socket fd, by worker id.
     pub notify: Vec<(u64, RawFd)>,
+    /// Each worker's seccomp notification fd (`--intercept-bind`), by worker id.
+    pub intercept: Vec<(u64, RawFd)>,
     /// Memory replacements under way: (new worker, slot, old worker).
     pub memory: Vec<(u64, usize, u64)>,
     pub listeners: ListenerState,
@@ -189,6 +191,9 @@ impl State {
         for (id, fd) in &self.notify {
             let _ = writeln!(o, "notify {id} {fd}");
         }
+        for (id, fd) in &self.intercept {
+            let _ = writeln!(o, "intercept {id} {fd}");
+        }
         for (new, slot, old) in &self.memory {
             let _ = writeln!(o, "memory {new} {slot} {old}");
         }
@@ -318,6 +323,9 @@ impl State {
                 Some("notify") => {
                     s.notify.push((num(f.next(), "notify id")? as u64, num(f.next(), "notify fd")? as RawFd))
                 }
+                Some("intercept") => {
+                    s.intercept.push((num(f.next(), "intercept id")? as u64, num(f.next(), "intercept fd")? as RawFd))
+                }
                 Some("memory") => s.memory.push((
                     num(f.next(), "memory new")? as u64,
                     num(f.next(), "memory slot")? as usize,
@@ -421,6 +429,7 @@ mod tests {
                 },
             ],
             notify: vec![(15, 9), (16, 11)],
+            intercept: vec![(15, 13), (16, 14)],
             memory: vec![(16, 1, 9)],
             listeners: ListenerState {
                 mode: "reuseport".into(),

@@ -108,6 +108,7 @@ impl<O: Os> Supervisor<O> {
             roll: self.roll.progress(),
             stopping: self.shutdown.is_some() || self.drain_until.is_some(),
             slots,
+            intercept: self.intercept_snapshot(),
         }
     }
 }

@@ -79,6 +79,7 @@ impl<O: Os> Supervisor<O> {
         let socket_on_stdin = self.cfg.socket_on_stdin;
         let cpu = self.cpus.as_ref().map(|cpus| cpus[slot % cpus.len()]);
         let stdio = log_pipes.as_ref().map(|p| p.child_fds());
+        let intercept = self.intercept.interceptor.as_ref().map(|i| i.child_filter());
         // The child puts itself in its cgroup and tells the sentinel its pid before exec.
         let cgroup_procs = match self.containment.prepare(id) {
             Ok(procs) => procs,
@@ -100,12 +101,13 @@ impl<O: Os> Supervisor<O> {
             cpu,
             creds,
             stdio,
+            intercept,
             contain,
         };
         let spawned = self.os.spawn(&self.program, &spec);
         drop(cgroup_procs);
-        let pid = match spawned {
-            Ok(pid) => pid,
+        let spawned = match spawned {
+            Ok(spawned) => spawned,
             Err(e) => {
                 if let Some(hub) = &self.notify {
                     hub.close(id);
@@ -114,6 +116,7 @@ impl<O: Os> Supervisor<O> {
                 return Err(e);
             }
         };
+        let pid = spawned.pid;
         self.containment.started(id, pid.as_raw());
         if let Some(pipes) = log_pipes {
             pipes.register(slot, pid.as_raw());
@@ -126,6 +129,9 @@ impl<O: Os> Supervisor<O> {
         let state = State::Starting { ready_at, deadline: now + self.cfg.ready_timeout };
         let w = Worker::new(slot, gen, pid, now, state, candidate);
         log::info!("{} started", w.label());
+        if let Some(notif) = spawned.notif {
+            self.intercept_register(id, &w, notif);
+        }
         let inserted = self.workers.insert(w);
         debug_assert_eq!(inserted, id);
         Ok(id)
@@ -207,6 +213,9 @@ impl<O: Os> Supervisor<O> {
             if let Some(hub) = &self.notify {
                 hub.close(id);
             }
+            if let Some(i) = &self.intercept.interceptor {
+                i.forget(id);
+            }
         }
         self.containment.finish();
         self.reap_orphans();
@@ -266,6 +275,9 @@ impl<O: Os> Supervisor<O> {
         if let Some(hub) = &self.notify {
             hub.close(id);
         }
+        if let Some(i) = &self.intercept.interceptor {
+            i.forget(id);
+        }
         self.memory_forget(id);
         let how = describe(status);
         let expected = w.is_stopping();
@@ -324,8 +336,17 @@ impl<O: Os> Supervisor<O> {
         let kept = self.slots.iter().filter(|s| s.retiring.is_none());
         if kept.clone().all(|s| s.start_failures >= max) {
             let last: Vec<String> = kept.map(|s| s.last_failure.clone()).collect();
+            let hint = match &self.intercept.interceptor {
+                None if self.listeners.mode() != crate::socket::Mode::SelfBind => {
+                    format!("; bind() interception is {}: {}", self.intercept.state, crate::intercept::HINT)
+                }
+                Some(i) if i.counts().0 == 0 => "; no worker's own bind() of a --bind port was taken over (a \
+                    server that binds another port needs that port in --bind)"
+                    .to_string(),
+                _ => String::new(),
+            };
             return Err(Error::Failed(format!(
-                "every worker exited before it became ready, {max} times in a row on each slot; giving up (last: {})",
+                "every worker exited before it became ready, {max} times in a row on each slot; giving up (last: {}){hint}",
                 last.join("; ")
             )));
         }

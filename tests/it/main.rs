@@ -10,6 +10,9 @@
 //! - `control`: the control socket and the client subcommands (issue 9).
 //! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
 //! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
+//! - `intercept`: unmodified servers that bind the port themselves (`--intercept-bind`, issue 15).
+//! - `hostile`: idle, slowloris, oversized and binary clients on `--metrics` and the control
+//!   socket (issue 19).
 //! - `watch`: the stall watch at scale and from its idle cadence (issue 18).
 //! - `containment`: nothing of a worker's tree outlives a SIGKILLed launcher: soon after a
 //!   start, a respawn, during a roll; with a delegated cgroup v2, detached processes too (issue 18).
@@ -22,6 +25,8 @@ mod control;
 mod conventions;
 mod core;
 mod fleet;
+mod hostile;
+mod intercept;
 mod leftovers;
 mod logs;
 mod modes;

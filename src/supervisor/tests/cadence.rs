@@ -19,7 +19,7 @@ fn reuseport(workers: &str) -> Supervisor<super::FakeOs> {
     let cfg = Config::from_args(Args::try_parse_from(argv).unwrap(), None).unwrap();
     let listeners = Listeners::bind(&cfg.binds, cfg.mode, cfg.workers, 16).unwrap();
     let program = Program::resolve(&cfg.command).unwrap();
-    Supervisor::new(cfg, listeners, program, None, super::FakeOs::default()).unwrap()
+    Supervisor::new(cfg, listeners, program, None, super::FakeOs::default(), false).unwrap()
 }
 
 #[test]
