@@ -2,12 +2,13 @@
 //! create cgroups (`--containment`, default `auto`).
 //!
 //! Layout: the launcher's own cgroup (its `0::` line of /proc/self/cgroup, under the cgroup2
-//! mount) gets one child, `reuse-launch.<pid>` (the [`Containment`]'s root), and each worker
+//! mount) gets one child, `reuse-launch.<pid>.<random>` (the [`Containment`]'s root), and each worker
 //! one below that, `w<id>` (its worker id, never reused). The child process of a spawn writes
 //! `"0"` into its own cgroup's `cgroup.procs` before exec (`spawn`, step 1): membership follows
 //! fork, so everything a worker ever starts is in its cgroup, detached or not.
-//! - A worker's exit: `cgroup.kill` of its cgroup (what it left, whatever its session), then
-//!   the directory is removed (once empty; retried at later reaps).
+//! - A worker's exit: its process group is killed, as without a cgroup (a child it put in a
+//!   session of its own may outlive it, as before); its directory is removed once empty
+//!   (retried at later reaps).
 //! - The launcher's end: in order, the same for the root; SIGKILLed, the sentinel (which runs
 //!   outside the root) writes the root's `cgroup.kill` when the launcher's pipe closes, with
 //!   no scan of /proc at all (see `sentinel`).
@@ -78,7 +79,7 @@ fn read_procs(dir: &Path) -> io::Result<Vec<i32>> {
 /// How the launcher's workers are contained.
 #[derive(Debug, Default)]
 pub struct Containment {
-    /// `<launcher's cgroup>/reuse-launch.<pid>`; None: the sentinel alone.
+    /// `<launcher's cgroup>/reuse-launch.<pid>.<random>`; None: the sentinel alone.
     root: Option<PathBuf>,
     /// Why there is no cgroup (for the log).
     why_not: Option<String>,
@@ -87,22 +88,33 @@ pub struct Containment {
 }
 
 impl Containment {
-    /// Decide and set up. `resumed` (after a reexec): adopt the root the old image made, if it
-    /// made one, and never make one (its sentinel would not know it).
-    pub fn set_up(want: Want, resumed: bool) -> Result<Containment, String> {
+    /// Decide and set up, at a fresh start.
+    pub fn set_up(want: Want) -> Result<Containment, String> {
         if want == Want::Sentinel {
             return Ok(Containment { why_not: Some("--containment sentinel".into()), ..Default::default() });
         }
-        let found = launcher_cgroup().and_then(|dir| make_root(&dir, resumed));
-        match found {
-            Ok(root) => {
-                *WORKERS.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
-                *ROOT.lock().unwrap_or_else(|e| e.into_inner()) = Some(root.clone());
-                Ok(Containment { root: Some(root), ..Default::default() })
-            }
+        match launcher_cgroup().and_then(|dir| make_root(&dir)) {
+            Ok(root) => Ok(Containment::using(root)),
             Err(why) if want == Want::Cgroup => Err(format!("--containment cgroup: {why}")),
             Err(why) => Ok(Containment { why_not: Some(why), ..Default::default() }),
         }
+    }
+
+    /// After a reexec: the root the old image made (as its sentinel was told, see
+    /// [`sentinel_root`]), if it made one and it is still there.
+    pub fn adopt(root: Option<PathBuf>) -> Containment {
+        match root.filter(|r| r.is_dir()) {
+            Some(root) => Containment::using(root),
+            None => {
+                Containment { why_not: Some("the launcher before the reexec used none".into()), ..Default::default() }
+            }
+        }
+    }
+
+    fn using(root: PathBuf) -> Containment {
+        *WORKERS.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
+        *ROOT.lock().unwrap_or_else(|e| e.into_inner()) = Some(root.clone());
+        Containment { root: Some(root), ..Default::default() }
     }
 
     pub fn root(&self) -> Option<&Path> {
@@ -146,15 +158,16 @@ impl Containment {
         }
     }
 
-    /// Worker `id` (main process `pid`) exited, or could not start: end what is left in its
-    /// cgroup and remove it (now, or once empty).
+    /// Worker `id` (main process `pid`) exited, or could not start: remove its cgroup, now or
+    /// once empty. What is left in it is not killed: as without a cgroup, only the worker's
+    /// process group is (by the caller); a child in a session of its own may outlive its
+    /// worker (and write its last log lines) until the launcher ends.
     pub fn exited(&mut self, id: u64, pid: i32) {
         let Some(root) = &self.root else { return };
         if let Some(map) = WORKERS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             map.remove(&pid);
         }
         let dir = root.join(format!("w{id}"));
-        let _ = kill(&dir);
         if fs::remove_dir(&dir).is_err() && dir.exists() {
             self.pending.push(dir);
         }
@@ -240,18 +253,13 @@ fn cgroup2_mount(line: &str) -> Option<(String, String)> {
     Some((f.get(3)?.to_string(), f.get(4)?.replace("\\040", " ")))
 }
 
-/// `reuse-launch.<pid>` below `dir`, checked to have `cgroup.kill`; stale ones of dead
-/// launchers beside it are ended and removed.
-fn make_root(dir: &Path, resumed: bool) -> Result<PathBuf, String> {
-    let me = std::process::id();
-    let root = dir.join(format!("reuse-launch.{me}"));
-    if resumed {
-        return if root.is_dir() { Ok(root) } else { Err("the launcher before the reexec used none".into()) };
-    }
-    remove_stale(dir);
-    if root.exists() {
-        end(&root, Duration::from_secs(1));
-    }
+/// A new `reuse-launch.<pid>.<random>` below `dir`, checked to have `cgroup.kill`. The random
+/// part keeps launchers apart that have the same pid in pid namespaces of their own (every
+/// container's launcher may be pid 1) under one cgroup.
+fn make_root(dir: &Path) -> Result<PathBuf, String> {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32;
+    let root = dir.join(format!("reuse-launch.{}.{random:08x}", std::process::id()));
     fs::create_dir(&root).map_err(|e| format!("cannot create a cgroup in {} ({e})", dir.display()))?;
     if !root.join("cgroup.kill").exists() {
         let _ = fs::remove_dir(&root);
@@ -260,21 +268,14 @@ fn make_root(dir: &Path, resumed: bool) -> Result<PathBuf, String> {
     Ok(root)
 }
 
-/// End and remove the `reuse-launch.<pid>` cgroups in `dir` whose launcher is gone.
-fn remove_stale(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("reuse-launch.")).and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // Any process with that pid: left alone (it may be that launcher, renamed or not).
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let n = end(&e.path(), Duration::from_secs(1));
-            log::info!("removed the cgroup of launcher {pid}, which is gone ({n} processes were left in it)");
-        }
-    }
+/// The `--cgroup DIR` a running sentinel was started with (`/proc/PID/cmdline`): how a
+/// reexec'd image finds the root its old image made.
+pub fn sentinel_root(sentinel: u32) -> Option<PathBuf> {
+    let argv = fs::read(format!("/proc/{sentinel}/cmdline")).ok()?;
+    let mut args = argv.split(|b| *b == 0);
+    args.by_ref().find(|a| *a == b"--cgroup")?;
+    let dir = args.next().filter(|d| !d.is_empty())?;
+    Some(PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(dir)))
 }
 
 #[cfg(test)]

@@ -99,16 +99,25 @@ fn run() -> Result<(), Error> {
     }
     spawn::raise_fd_limit();
     let control_path = config.control.clone();
-    let containment = cgroup::Containment::set_up(config.containment, resumed.is_some()).map_err(Error::Failed)?;
+    let want = config.containment;
+    let resumed_on = resumed.as_ref().is_some_and(|s| !s.intercept.is_empty());
+    let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new(), resumed_on)?;
+    // The workers' cgroups, then the sentinel told of them (after a reexec: the old image's
+    // sentinel, which names the cgroups it was told of).
+    let (containment, sentinel) = match resumed.as_ref().and_then(|s| s.sentinel) {
+        Some((pid, fd)) => {
+            (cgroup::Containment::adopt(cgroup::sentinel_root(pid)), Some(sentinel::Sentinel::adopt(pid, fd)))
+        }
+        None => {
+            let containment = cgroup::Containment::set_up(want).map_err(Error::Failed)?;
+            let sentinel = sentinel::Sentinel::start(containment.root());
+            (containment, sentinel)
+        }
+    };
     if resumed.is_none() {
         log::info!("{}", containment.describe());
     }
-    let resumed_on = resumed.as_ref().is_some_and(|s| !s.intercept.is_empty());
-    let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new(), resumed_on)?;
-    supervisor.set_sentinel(match resumed.as_ref().and_then(|s| s.sentinel) {
-        Some((pid, fd)) => Some(sentinel::Sentinel::adopt(pid, fd)),
-        None => sentinel::Sentinel::start(containment.root()),
-    });
+    supervisor.set_sentinel(sentinel);
     supervisor.set_containment(containment);
     // Removed when `run` returns, on a clean stop and on a fatal error alike (a reexec keeps
     // the path: the new image finds nobody answering there and binds it again).

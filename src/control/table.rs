@@ -16,6 +16,9 @@ pub fn render(status: &Value) -> String {
         if binds.is_empty() { "no sockets".into() } else { binds.join(", ") },
         format!("gen {}", num("generation").unwrap_or(0)),
     ];
+    if let Some(kind) = status.get("containment").and_then(Value::as_str) {
+        header.insert(3, format!("containment {kind}"));
+    }
     if let Some(roll) = status.get("roll").filter(|r| !r.is_null()) {
         let n = |k: &str| roll.get(k).and_then(Value::as_u64).unwrap_or(0);
         header.push(format!("rolling to gen {} ({}/{})", n("generation"), n("done"), n("slots")));
@@ -24,9 +27,7 @@ pub fn render(status: &Value) -> String {
     if status.get("stopping").and_then(Value::as_bool) == Some(true) {
         header.push("stopping".into());
     }
-    if let Some(kind) = status.get("containment").and_then(Value::as_str) {
-        header.push(format!("containment {kind}"));
-    }
+
     let mut out = header.join("  ");
     out.push('\n');
 
@@ -141,7 +142,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             render(&v).lines().next().unwrap(),
-            "launcher 10  reuseport mode  127.0.0.1:8080  gen 1  1/1 workers ready  containment cgroup"
+            "launcher 10  reuseport mode  127.0.0.1:8080  containment cgroup  gen 1  1/1 workers ready"
         );
     }
 

@@ -227,7 +227,7 @@ impl<O: Os> Supervisor<O> {
         while let Some(pid) = self.os.exited() {
             let id = self.workers.by_pid(pid);
             if let Some(id) = id {
-                // What the worker left: its group, and with a cgroup everything it started.
+                // What the worker left in its group (its cgroup goes once empty).
                 self.os.signal(pid, Signal::SIGKILL);
                 self.containment.exited(id, pid.as_raw());
                 if let Some(s) = &self.sentinel {

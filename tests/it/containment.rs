@@ -211,8 +211,10 @@ fn with_a_delegated_cgroup_a_detached_child_of_a_worker_never_outlives_a_sigkill
             .via(&["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", cg.str()])
             .cmd(&[&worker("prefork.sh"), &marker, "detach"])
             .start();
-        let root = format!("{}/reuse-launch.{}", cg.str(), l.pid());
-        l.wait_for(&format!("containment: cgroup {root} "), secs(10));
+        let line = l.wait_for("containment: cgroup ", secs(10));
+        let root = line.split("containment: cgroup ").nth(1).unwrap().split(" (").next().unwrap().to_string();
+        let ours = format!("{}/reuse-launch.{}.", cg.str(), l.pid());
+        assert!(root.starts_with(&ours), "the workers' cgroups are not below the delegated one: {line}");
         let status = || {
             let out =
                 std::process::Command::new(BIN).args(["status", "--json", "--pid", &l.pid().to_string()]).output();
@@ -241,4 +243,44 @@ fn with_a_delegated_cgroup_a_detached_child_of_a_worker_never_outlives_a_sigkill
         assert!(gone, "aged {age:?}: left behind {:?}", marked(&marker));
         assert!(wait_until(secs(10), || !Path::new(&root).exists()), "the sentinel did not remove {root}");
     }
+}
+
+/// A `reexec`'d image keeps the workers' cgroups (it takes the root its sentinel names): the
+/// status says so, a worker started after it is in it, and a SIGKILL still leaves nothing.
+#[test]
+fn after_a_reexec_the_cgroup_is_kept_and_still_ends_everything() {
+    let marker = marker();
+    let _leftovers = Leftovers(marker.clone());
+    let mut l = Launch::new().workers(1).ready_delay("100ms").cmd(&[&worker("prefork.sh"), &marker, "detach"]).start();
+    let line = l.wait_for("containment: cgroup ", secs(10));
+    let root = line.split("containment: cgroup ").nth(1).unwrap().split(" (").next().unwrap().to_string();
+    let (first, _) = nth_start(&l, 1);
+    children(&l, 0, first.pid);
+    let pid = l.pid().to_string();
+    let out = std::process::Command::new(BIN).args(["reexec", "--pid", &pid]).output().unwrap();
+    assert!(out.status.success(), "reexec: {}", String::from_utf8_lossy(&out.stderr));
+    let status = || {
+        let out = std::process::Command::new(BIN).args(["status", "--json", "--pid", &pid]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let field = format!(r#""containment":"cgroup","cgroup":"{root}""#);
+    assert!(wait_until(secs(10), || status().contains(&field)), "after the reexec: {}", status());
+    // A new worker of the new image (the old one killed) goes into the same root.
+    signal(first.pid, Signal::SIGKILL);
+    let (second, _) = nth_start(&l, 2);
+    let mut tree = children(&l, 0, second.pid);
+    tree.push(second.pid);
+    // Its /proc/PID/cgroup line names a worker's cgroup (`/.../reuse-launch.X.Y/wN`) whose
+    // parent is the root (which is that path below the cgroup2 mount).
+    let in_root = |p: i32| {
+        let own = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap_or_default();
+        let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("").to_string();
+        path.rsplit_once('/').is_some_and(|(parent, _)| !parent.is_empty() && root.ends_with(parent))
+    };
+    assert!(tree.iter().all(|p| in_root(*p)), "not in {root}: {tree:?}");
+    let tree = procs(&tree);
+    l.signal(Signal::SIGKILL);
+    assert!(l.wait_exit(secs(10)).is_some());
+    let gone = wait_until(secs(10), || tree.iter().all(|p| !p.alive()) && marked(&marker).is_empty());
+    assert!(gone, "left behind {:?}", marked(&marker));
 }
