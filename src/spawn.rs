@@ -46,7 +46,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::sched::CpuSet;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -190,15 +190,9 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     envp.push(std::ptr::null());
 
     // With --intercept-bind: the channel the child sends its notification fd on.
-    let chan = match spec.intercept {
-        Some(_) => Some(nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        )?),
-        None => None,
-    };
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let pair = || socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC);
+    let chan = spec.intercept.map(|_| pair()).transpose()?;
     let mut ctx = ChildCtx {
         parent: std::process::id() as libc::pid_t,
         fds: [-1; MAX_FDS],
@@ -232,7 +226,7 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     }
     let Some((chan_r, chan_w)) = chan else { return Ok(Spawned { pid, notif: None }) };
     drop(chan_w);
-    match take_notif(&chan_r) {
+    match crate::intercept::recv_fd(&chan_r) {
         Ok(notif) => Ok(Spawned { pid, notif: Some(notif) }),
         Err(e) => {
             // It exec'd without its fd (the launcher out of fds: the kernel drops it): a
@@ -248,33 +242,6 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
 extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the parent's ChildCtx, alive until we exec or exit (CLONE_VFORK).
     unsafe { child_exec(&*(arg as *const ChildCtx)) }
-}
-
-/// The notification fd the child sent before its exec (with `--intercept-bind`): already
-/// queued on `chan` when the child has exec'd, so taken without waiting.
-fn take_notif(chan: &OwnedFd) -> io::Result<OwnedFd> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut buf = [0u8; 4];
-    let mut space = nix::cmsg_space!(RawFd);
-    let mut iov = [io::IoSliceMut::new(&mut buf)];
-    let flags = MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT;
-    let msg = loop {
-        match recvmsg::<()>(chan.as_raw_fd(), &mut iov, Some(&mut space), flags) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other,
-        }
-    };
-    let lost = || io::Error::other("the worker's seccomp notification fd did not arrive");
-    let msg = msg.map_err(|_| lost())?;
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::other("the worker's seccomp notification fd was lost (the launcher is out of fds)"));
-    }
-    let fd = msg.cmsgs().into_iter().flatten().find_map(|c| match c {
-        ControlMessageOwned::ScmRights(f) => f.first().copied(),
-        _ => None,
-    });
-    // SAFETY: SCM_RIGHTS just gave this process this fd; nothing else owns it.
-    fd.filter(|_| msg.bytes == 1).map(|f| unsafe { OwnedFd::from_raw_fd(f) }).ok_or_else(lost)
 }
 
 /// A CPU set with only `cpu` in it (None when `cpu` is beyond what a set can hold).
