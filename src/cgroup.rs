@@ -139,12 +139,9 @@ impl Containment {
     pub fn prepare(&mut self, id: u64) -> io::Result<Option<OwnedFd>> {
         let Some(root) = &self.root else { return Ok(None) };
         let dir = root.join(format!("w{id}"));
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(io::Error::new(e.kind(), format!("cannot make the worker's cgroup {}: {e}", dir.display())))
-            }
+        // The root too, if another launcher's start-up swept it while it was empty.
+        if let Err(e) = fs::create_dir_all(&dir) {
+            return Err(io::Error::new(e.kind(), format!("cannot make the worker's cgroup {}: {e}", dir.display())));
         }
         let procs = fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?;
         Ok(Some(procs.into()))
@@ -168,7 +165,7 @@ impl Containment {
             map.remove(&pid);
         }
         let dir = root.join(format!("w{id}"));
-        if fs::remove_dir(&dir).is_err() && dir.exists() {
+        if !remove_tree(&dir) {
             self.pending.push(dir);
         }
         self.tidy();
@@ -176,7 +173,7 @@ impl Containment {
 
     /// Remove the workers' cgroups that have emptied since.
     pub fn tidy(&mut self) {
-        self.pending.retain(|dir| fs::remove_dir(dir).is_err() && dir.exists());
+        self.pending.retain(|dir| !remove_tree(dir));
     }
 
     /// The launcher stops in order (its workers have exited): end whatever is left in the
@@ -203,13 +200,19 @@ pub fn end(root: &Path, wait: Duration) -> usize {
     while populated(root) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    if let Ok(dir) = fs::read_dir(root) {
-        for e in dir.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
-            let _ = fs::remove_dir(e.path());
+    remove_tree(root);
+    count
+}
+
+/// Remove `dir` and the cgroups below it, deepest first (a worker may have made cgroups of its
+/// own: a launcher run as a worker does). Populated ones stay (EBUSY). True if `dir` is gone.
+pub fn remove_tree(dir: &Path) -> bool {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            remove_tree(&e.path());
         }
     }
-    let _ = fs::remove_dir(root);
-    count
+    fs::remove_dir(dir).is_ok() || !dir.exists()
 }
 
 /// The processes in `root` and the cgroups below it.
@@ -257,6 +260,7 @@ fn cgroup2_mount(line: &str) -> Option<(String, String)> {
 /// part keeps launchers apart that have the same pid in pid namespaces of their own (every
 /// container's launcher may be pid 1) under one cgroup.
 fn make_root(dir: &Path) -> Result<PathBuf, String> {
+    sweep(dir);
     use std::hash::{BuildHasher, Hasher};
     let random = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32;
     let root = dir.join(format!("reuse-launch.{}.{random:08x}", std::process::id()));
@@ -266,6 +270,25 @@ fn make_root(dir: &Path) -> Result<PathBuf, String> {
         return Err("no cgroup.kill (Linux 5.14 or later is needed)".into());
     }
     Ok(root)
+}
+
+/// Remove the `reuse-launch.*` roots in `dir` that are empty and were made more than a minute
+/// ago (of launchers that died with their sentinel, in a pid namespace that ended, say). A live
+/// launcher's root is never swept while it starts its first workers (a failed first start is
+/// fatal); one with no process at the moment (every slot in backoff) is made again at its next
+/// spawn (`prepare`).
+fn sweep(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let old = |e: &fs::DirEntry| {
+        let made = e.metadata().and_then(|m| m.modified()).ok();
+        made.and_then(|t| t.elapsed().ok()).is_some_and(|age| age > Duration::from_secs(60))
+    };
+    let roots = entries.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("reuse-launch.")));
+    for root in roots.filter(old).map(|e| e.path()).filter(|r| !populated(r)) {
+        if remove_tree(&root) {
+            log::debug!("removed the empty cgroup {}", root.display());
+        }
+    }
 }
 
 /// The `--cgroup DIR` a running sentinel was started with (`/proc/PID/cmdline`): how a
@@ -290,5 +313,37 @@ mod tests {
         assert_eq!(cgroup2_mount(v1), None);
         assert_eq!(Want::parse("cgroup"), Ok(Want::Cgroup));
         assert!(Want::parse("systemd").unwrap_err().contains("'auto'"));
+    }
+
+    /// Needs a writable cgroup v2 (root here); says so and passes where there is none.
+    #[test]
+    fn a_tree_of_empty_cgroups_is_removed_deepest_first_and_a_populated_one_stays() {
+        let Ok(dir) = launcher_cgroup() else { return eprintln!("SKIPPED: no cgroup v2") };
+        let top = dir.join(format!("reuse-launch-test.{}", std::process::id()));
+        if let Err(e) = fs::create_dir(&top) {
+            return eprintln!("SKIPPED: cannot create {} ({e})", top.display());
+        }
+        fs::create_dir_all(top.join("w1/reuse-launch.1.0/w1")).unwrap();
+        fs::create_dir_all(top.join("w2")).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        fs::write(top.join("w2/cgroup.procs"), child.id().to_string()).unwrap();
+        assert!(!remove_tree(&top), "w2 holds a process");
+        assert!(!top.join("w1").exists() && top.join("w2").exists());
+        assert_eq!(count(&top), 1);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(wait(|| !populated(&top)));
+        assert!(remove_tree(&top) && !top.exists());
+    }
+
+    fn wait(mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 }
