@@ -91,8 +91,11 @@ impl Cadence {
 /// The epoll set over the slots' listeners, the dump socket, and the wake thread's trigger.
 pub struct Queues {
     epoll: Arc<Epoll>,
-    /// What is registered: each slot's listeners, in bind order.
+    /// What is registered: each slot's listeners, in bind order; by fd, its epoll data and
+    /// socket inode; the last listener's inode.
     layout: Vec<Vec<RawFd>>,
+    registered: HashMap<RawFd, (u64, Option<u64>)>,
+    last_inode: Option<u64>,
     /// Listener inode -> slot, and the (family, port) dumps that cover them (None: one dump
     /// per family, unfiltered).
     inodes: HashMap<u64, usize>,
@@ -129,6 +132,8 @@ impl Queues {
         Ok(Queues {
             epoll,
             layout: Vec::new(),
+            registered: HashMap::new(),
+            last_inode: None,
             inodes: HashMap::new(),
             dumps: None,
             families: Vec::new(),
@@ -139,29 +144,35 @@ impl Queues {
         })
     }
 
-    /// Register the slots' listeners (`layout[slot]`, in bind order), following a scale.
+    /// Register the slots' listeners (`layout[slot]`, in bind order), following a scale. A
+    /// slot closed and another added between two samples may reuse the same fd numbers for new
+    /// sockets: slots come and go at the end only, so the last listener's inode (one `fstat`)
+    /// tells, and then every listener is checked by inode.
     pub fn sync(&mut self, layout: Vec<Vec<RawFd>>) {
-        if layout == self.layout {
+        let last = layout.iter().rev().find_map(|fds| fds.last()).and_then(|fd| inode(*fd));
+        if layout == self.layout && last == self.last_inode {
             return;
         }
-        let keys = |l: &[Vec<RawFd>]| -> HashMap<RawFd, u64> {
+        let keys = |l: &[Vec<RawFd>]| -> HashMap<RawFd, (u64, Option<u64>)> {
             let each = l.iter().enumerate().flat_map(|(s, fds)| fds.iter().enumerate().map(move |(b, fd)| (s, b, *fd)));
-            each.map(|(slot, bind, fd)| (fd, ((slot as u64) << 8) | bind as u64)).collect()
+            each.map(|(slot, bind, fd)| (fd, (((slot as u64) << 8) | bind as u64, inode(fd)))).collect()
         };
-        let (old, new) = (keys(&self.layout), keys(&layout));
+        let old = std::mem::take(&mut self.registered);
+        let new = keys(&layout);
         for fd in old.keys().filter(|fd| !new.contains_key(fd)) {
             // SAFETY: a number we registered; if it is closed meanwhile, epoll_ctl fails
             // harmlessly (a listener whose last holder closed it left the set by itself).
             let _ = self.epoll.delete(unsafe { BorrowedFd::borrow_raw(*fd) });
         }
-        for (fd, data) in &new {
+        for (fd, (data, ino)) in &new {
             // SAFETY: the fd is a listener `Listeners` holds open (see `socket`).
             let borrowed = unsafe { BorrowedFd::borrow_raw(*fd) };
             let mut event = EpollEvent::new(EpollFlags::EPOLLIN, *data);
             let done = match old.get(fd) {
-                Some(d) if d == data => Ok(()),
-                Some(_) => self.epoll.modify(borrowed, &mut event),
-                None => self.epoll.add(borrowed, event),
+                Some((d, i)) if d == data && i == ino => Ok(()),
+                // The same socket under another slot number, or a new socket on the number.
+                Some((_, i)) if i == ino => self.epoll.modify(borrowed, &mut event),
+                _ => self.epoll.add(borrowed, event).or_else(|_| self.epoll.modify(borrowed, &mut event)),
             };
             if let Err(e) = done {
                 log::warn!("cannot watch the queue of listener fd {fd} with epoll: {e}");
@@ -170,6 +181,8 @@ impl Queues {
         self.events = vec![EpollEvent::empty(); new.len().max(1)];
         self.index(&layout);
         self.layout = layout;
+        self.registered = new;
+        self.last_inode = last;
     }
 
     /// The inodes and (family, port) of the listeners, for dumps.
@@ -262,6 +275,11 @@ impl Queues {
     }
 }
 
+/// The socket inode of `fd` (None: not open).
+fn inode(fd: RawFd) -> Option<u64> {
+    crate::readiness::socket_inodes(&[fd]).ok().and_then(|i| i.first().copied())
+}
+
 /// The longest queue of `fds` with `TCP_INFO` (None: one is unreadable).
 pub fn max_len(fds: &[RawFd]) -> Option<u32> {
     fds.iter().map(|fd| queue_len(*fd)).collect::<std::io::Result<Vec<u32>>>().ok().and_then(|v| v.into_iter().max())
@@ -317,6 +335,26 @@ mod tests {
         }
         assert_eq!(q.read(), vec![Some(0); 8]);
         drop(clients);
+    }
+
+    #[test]
+    fn a_new_socket_on_a_reused_fd_number_is_watched() {
+        let (socks, _) = group(2);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut q = Queues::start(tx).unwrap();
+        let layout: Vec<Vec<RawFd>> = socks.iter().map(|s| vec![s.as_raw_fd()]).collect();
+        q.sync(layout.clone());
+        // The last slot closed and another added between two samples, on the same fd number:
+        // dup2 puts a new listener (another port) there in one step.
+        let (fresh, port) = group(1);
+        // SAFETY: both fds are this test's own sockets; dup2 replaces the old one atomically.
+        assert!(unsafe { libc::dup2(fresh[0].as_raw_fd(), layout[1][0]) } >= 0);
+        drop(fresh);
+        q.sync(layout); // the same numbers: only the inode tells
+        let _c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        until(|| q.read() == vec![Some(0), Some(1)]);
+        q.arm();
+        assert!(matches!(rx.recv_timeout(Duration::from_secs(5)), Ok(Event::Queued)), "the new socket wakes");
     }
 
     #[test]
