@@ -25,6 +25,8 @@ pub enum Event {
     /// A worker's trapped bind()/listen() has kept the interceptor's thread this long (see
     /// `intercept`): the loop kills that worker.
     Held(WorkerId, std::time::Duration),
+    /// A connection waits on a listener while the queue watch samples rarely (see `queues`).
+    Queued,
 }
 
 /// What a control client can ask the running launcher.

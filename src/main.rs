@@ -15,10 +15,13 @@
 //! ```
 
 mod activation;
+mod cgroup;
 mod cli;
 mod command;
 mod contract;
 mod control;
+mod descendants;
+mod diag;
 mod error;
 mod event;
 mod intercept;
@@ -27,6 +30,7 @@ mod logs;
 mod metrics;
 mod notify;
 mod proxy;
+mod queues;
 mod readiness;
 mod reexec;
 mod relay;
@@ -40,6 +44,7 @@ mod stall;
 mod steer;
 mod supervisor;
 mod upstream;
+mod vfork;
 
 #[cfg(test)]
 mod proptests;
@@ -54,7 +59,8 @@ use supervisor::{RealOs, Supervisor};
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == "__sentinel") {
-        sentinel::run(argv.get(2).and_then(|p| p.to_str()).and_then(|p| p.parse().ok()).unwrap_or(0));
+        let cgroup = argv.get(3).filter(|a| *a == "--cgroup").and(argv.get(4)).map(std::path::PathBuf::from);
+        sentinel::run(argv.get(2).and_then(|p| p.to_str()).and_then(|p| p.parse().ok()).unwrap_or(0), cgroup);
     }
     if control::client::is_subcommand(argv.get(1)) {
         return ExitCode::from(control::client::main(argv));
@@ -93,12 +99,26 @@ fn run() -> Result<(), Error> {
     }
     spawn::raise_fd_limit();
     let control_path = config.control.clone();
+    let want = config.containment;
     let resumed_on = resumed.as_ref().is_some_and(|s| !s.intercept.is_empty());
     let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new(), resumed_on)?;
-    supervisor.set_sentinel(match resumed.as_ref().and_then(|s| s.sentinel) {
-        Some((pid, fd)) => Some(sentinel::Sentinel::adopt(pid, fd)),
-        None => sentinel::Sentinel::start(),
-    });
+    // The workers' cgroups, then the sentinel told of them (after a reexec: the old image's
+    // sentinel, which names the cgroups it was told of).
+    let (containment, sentinel) = match resumed.as_ref().and_then(|s| s.sentinel) {
+        Some((pid, fd)) => {
+            (cgroup::Containment::adopt(cgroup::sentinel_root(pid)), Some(sentinel::Sentinel::adopt(pid, fd)))
+        }
+        None => {
+            let containment = cgroup::Containment::set_up(want).map_err(Error::Failed)?;
+            let sentinel = sentinel::Sentinel::start(containment.root());
+            (containment, sentinel)
+        }
+    };
+    if resumed.is_none() {
+        log::info!("{}", containment.describe());
+    }
+    supervisor.set_sentinel(sentinel);
+    supervisor.set_containment(containment);
     // Removed when `run` returns, on a clean stop and on a fatal error alike (a reexec keeps
     // the path: the new image finds nobody answering there and binds it again).
     let _control = control::ControlSocket::start(control_path, supervisor.sender())?;

@@ -4,8 +4,20 @@
 //!
 //! Everything the child needs (argv, envp, the fd list) is built in the parent. Between fork
 //! and exec the child only makes async-signal-safe system calls on memory it already has:
-//! it never allocates. In the child, in order:
-//! 1. `setpgid(0, 0)`: the worker leads its own process group (stop signals go to the group);
+//! it never allocates. The "fork" is `clone(CLONE_VM | CLONE_VFORK)` on a stack of its own,
+//! as `posix_spawn` does: the child shares the launcher's memory (no page tables copied, no
+//! copy-on-write faults after it: a plain fork cost milliseconds a worker at 1,024) and the
+//! calling thread waits until the child has exec'd or exited. So a step never waits for the
+//! launcher, writes no memory of the launcher's but the buffers prepared for it, and makes raw
+//! system calls where glibc's wrapper would consult its threads (setuid and friends); every
+//! signal is blocked in the parent around the clone, so no handler of the launcher's runs in
+//! the child. In the child, in order:
+//! 1. `setpgid(0, 0)`: the worker leads its own process group (stop signals go to the group).
+//!    Then containment (see `cgroup`, `sentinel`), before anything of the worker's runs: with
+//!    a cgroup, `"0"` written to the worker's `cgroup.procs` (opened by the parent), so that
+//!    everything it will ever start is in that cgroup; with a sentinel, `+PID\n` written to its
+//!    pipe (non-blocking, atomic), so that the sentinel knows the worker's process group even
+//!    if the launcher is SIGKILLed before the worker's first fork;
 //! 2. every signal disposition back to default, an empty signal mask, and the fd limit the
 //!    launcher started with;
 //! 3. the slot's listening sockets moved to fds 3, 4, ... (without CLOEXEC); every other fd
@@ -16,7 +28,7 @@
 //!    O_CLOEXEC, and closes its copies after the fork);
 //! 4. with `--intercept-bind`: the seccomp filter that hands the worker's `bind` and `listen` to
 //!    the launcher (see `intercept`), after `no_new_privs` when the launcher lacks CAP_SYS_ADMIN;
-//!    its notification fd is sent to the parent over the error channel (SCM_RIGHTS) and closed
+//!    its notification fd is sent to the parent over a channel (SCM_RIGHTS) and closed
 //!    here. Before 5: installed while the child still has the launcher's credentials, so a root
 //!    launcher needs no `no_new_privs` even for a `--user` worker;
 //! 5. with `--user`: supplementary groups, gid, uid dropped (and checked);
@@ -27,13 +39,14 @@
 //!    come and go without killing workers;
 //! 7. `LISTEN_PID` (and `WATCHDOG_PID`) written with the child's own pid into buffers prepared
 //!    by the parent;
-//! 8. `execve`. A failure is reported to the parent through a CLOEXEC channel (a SEQPACKET
-//!    socket pair: errno, 4 bytes), so the parent knows synchronously whether the exec
-//!    happened; the channel's end of file is the exec.
+//! 8. `execve`. A failure leaves its errno in the context the parent shares, and the child
+//!    exits 127: the parent, which resumes when the child has exec'd or exited, knows
+//!    synchronously whether the exec happened. With `--intercept-bind` the notification fd is
+//!    already queued on the channel then (sent before the exec), and taken without waiting.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::sched::CpuSet;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -92,6 +105,17 @@ pub struct Spec<'a> {
     pub stdio: Option<[RawFd; 2]>,
     /// `--intercept-bind`: the filter to start the worker under.
     pub intercept: Option<&'a ChildFilter>,
+    /// Where the child puts itself before exec (step 1).
+    pub contain: Contain,
+}
+
+/// The containment steps of the child (step 1): either, both or neither.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Contain {
+    /// The worker's cgroup's `cgroup.procs`, open for writing (see `cgroup`).
+    pub cgroup_procs: Option<RawFd>,
+    /// The write end of the sentinel's pipe, non-blocking (see `sentinel`).
+    pub sentinel: Option<RawFd>,
 }
 
 /// A started worker.
@@ -114,7 +138,13 @@ struct ChildCtx {
     /// CPU affinity to set (built in the parent).
     cpus: Option<CpuSet>,
     filter: Option<ChildFilter>,
-    pipe_w: RawFd,
+    /// The channel the notification fd is sent on (-1: no `--intercept-bind`).
+    chan: RawFd,
+    /// Step 1's containment (-1: none).
+    cgroup_procs: RawFd,
+    sentinel: RawFd,
+    /// Set by the child when a step or the exec fails (its errno; 0 until then).
+    err: std::sync::atomic::AtomicI32,
     pid_slots: [*mut u8; 4],
     npid: usize,
     /// uid, gid, supplementary groups (pointer, count).
@@ -159,8 +189,10 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     }
     envp.push(std::ptr::null());
 
+    // With --intercept-bind: the channel the child sends its notification fd on.
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    let (pipe_r, pipe_w) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+    let pair = || socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC);
+    let chan = spec.intercept.map(|_| pair()).transpose()?;
     let mut ctx = ChildCtx {
         parent: std::process::id() as libc::pid_t,
         fds: [-1; MAX_FDS],
@@ -169,7 +201,10 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
         stdio: spec.stdio,
         cpus: spec.cpu.and_then(cpu_set),
         filter: spec.intercept.copied(),
-        pipe_w: pipe_w.as_raw_fd(),
+        chan: chan.as_ref().map_or(-1, |c| c.1.as_raw_fd()),
+        cgroup_procs: spec.contain.cgroup_procs.unwrap_or(-1),
+        sentinel: spec.contain.sentinel.unwrap_or(-1),
+        err: std::sync::atomic::AtomicI32::new(0),
         pid_slots,
         npid: spec.pid_vars.len(),
         creds: spec.creds.map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
@@ -180,87 +215,33 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     };
     ctx.fds[..spec.fds.len()].copy_from_slice(spec.fds);
 
-    // SAFETY: fork in a multi-threaded process; the child branch below only makes
-    // async-signal-safe calls on memory prepared before the fork and ends in execve or _exit.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if pid == 0 {
-        // SAFETY: we are the freshly forked child; see child_exec's contract.
-        unsafe { child_exec(&ctx) }
-    }
-    drop(pipe_w);
+    // SAFETY: child_entry only runs child_exec on `ctx`, which lives until the child has exec'd.
+    let pid = unsafe { crate::vfork::run(child_entry, (&ctx as *const ChildCtx).cast_mut().cast())? };
     let pid = Pid::from_raw(pid);
-    let kill_and_reap = |e: io::Error| {
-        // Whatever the child is doing (it may have exec'd), it must not run unaccounted for.
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let errno = ctx.err.load(std::sync::atomic::Ordering::SeqCst);
+    if errno != 0 {
+        // The exec failed: the child has exited; reap it here, synchronously.
         let _ = nix::sys::wait::waitpid(pid, None);
-        Err(e)
-    };
-    match read_channel(&pipe_r) {
-        Ok(Said::Exec(notif)) if spec.intercept.is_some() && notif.is_none() => {
-            // The child fails before exec when it cannot send the fd: a lost fd (the launcher
-            // out of fds: the kernel drops it) leaves a worker whose binds nobody would serve.
-            kill_and_reap(io::Error::other("the worker's seccomp notification fd did not arrive"))
-        }
-        Ok(Said::Exec(notif)) => Ok(Spawned { pid, notif }),
-        Ok(Said::Failed(errno)) => {
-            // The exec failed: the child has exited (or is about to); reap it here, synchronously.
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    let Some((chan_r, chan_w)) = chan else { return Ok(Spawned { pid, notif: None }) };
+    drop(chan_w);
+    match crate::intercept::recv_fd(&chan_r) {
+        Ok(notif) => Ok(Spawned { pid, notif: Some(notif) }),
+        Err(e) => {
+            // It exec'd without its fd (the launcher out of fds: the kernel drops it): a
+            // worker whose binds nobody would serve must not run unaccounted for.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(pid, None);
-            Err(io::Error::from_raw_os_error(errno))
+            Err(e)
         }
-        Err(e) => kill_and_reap(e),
     }
 }
 
-/// What the child said on its channel.
-enum Said {
-    /// It exec'd (end of file), after sending its notification fd (with `--intercept-bind`).
-    Exec(Option<OwnedFd>),
-    /// A step or the exec failed with this errno (4 bytes).
-    Failed(i32),
-}
-
-/// What the child said before its exec: the notification fd (with `--intercept-bind`), then
-/// the end of file of the exec, or the errno of a failure.
-fn read_channel(chan: &OwnedFd) -> io::Result<Said> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut notif = None;
-    loop {
-        let mut buf = [0u8; 4];
-        let mut space = nix::cmsg_space!(RawFd);
-        let (n, fds, truncated) = {
-            let mut iov = [io::IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(chan.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
-                Ok(msg) => {
-                    let mut fds = Vec::new();
-                    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-                    for c in msg.cmsgs().into_iter().flatten() {
-                        if let ControlMessageOwned::ScmRights(f) = c {
-                            fds.extend(f);
-                        }
-                    }
-                    (msg.bytes, fds, truncated)
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        // SAFETY: SCM_RIGHTS just gave this process these fds; nothing else owns them.
-        let mut owned = fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) });
-        match (n, owned.next()) {
-            (0, _) => return Ok(Said::Exec(notif)),
-            (1, Some(fd)) => notif = Some(fd),
-            (1, None) if truncated => {
-                return Err(io::Error::other(
-                    "the worker's seccomp notification fd was lost (the launcher is out of fds)",
-                ))
-            }
-            (4, None) => return Ok(Said::Failed(i32::from_ne_bytes(buf))),
-            (n, _) => return Err(io::Error::other(format!("unexpected message of {n} bytes from the worker's child"))),
-        }
-    }
+/// The child's entry point on its own stack (see [`spawn`]).
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's ChildCtx, alive until we exec or exit (CLONE_VFORK).
+    unsafe { child_exec(&*(arg as *const ChildCtx)) }
 }
 
 /// A CPU set with only `cpu` in it (None when `cpu` is beyond what a set can hold).
@@ -278,13 +259,27 @@ fn cpu_set(cpu: usize) -> Option<CpuSet> {
 unsafe fn child_exec(ctx: &ChildCtx) -> ! {
     // SAFETY: every call below is an async-signal-safe system call wrapper; no allocation.
     unsafe {
-        let fail = |pipe: RawFd| -> ! {
-            let e = *libc::__errno_location();
-            let bytes = e.to_ne_bytes();
-            libc::write(pipe, bytes.as_ptr().cast(), 4);
+        // The errno of a failed step, for the parent (an atomic store in the shared context).
+        let fail = || -> ! {
+            let e = (*libc::__errno_location()).max(1);
+            ctx.err.store(e, std::sync::atomic::Ordering::SeqCst);
             libc::_exit(127)
         };
         libc::setpgid(0, 0);
+        // SAFETY (containment): write(2) of a constant and of a stack buffer to fds the parent
+        // opened for this; nothing allocated. The move into the cgroup must succeed: a worker
+        // outside it would escape the containment the launcher reports.
+        if ctx.cgroup_procs >= 0 && libc::write(ctx.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
+            fail();
+        }
+        if ctx.sentinel >= 0 {
+            // `+PID\n`; a full pipe (EAGAIN: the sentinel is not reading) loses only the record.
+            let mut rec = [0u8; 16];
+            rec[0] = b'+';
+            let len = 1 + crate::vfork::write_decimal(&mut rec[1..], libc::getpid() as u32);
+            rec[len] = b'\n';
+            libc::write(ctx.sentinel, rec.as_ptr().cast(), len + 1);
+        }
         for sig in 1..=libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
@@ -297,17 +292,18 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         // Move everything we still need above the target range first, then dup2 into 3.. .
         let nfds = ctx.nfds;
         let floor = 3 + nfds as libc::c_int;
-        let pipe = libc::fcntl(ctx.pipe_w, libc::F_DUPFD_CLOEXEC, floor);
-        if pipe < 0 {
-            fail(ctx.pipe_w);
+        // The intercept's channel (sent on in step 4) and the log pipes too: their numbers may
+        // be among 3.. (or even 1 and 2).
+        let chan = if ctx.chan >= 0 { libc::fcntl(ctx.chan, libc::F_DUPFD_CLOEXEC, floor) } else { -1 };
+        if ctx.chan >= 0 && chan < 0 {
+            fail();
         }
-        // The log pipes too: their numbers may be among 3.. (or even 1 and 2).
         let mut stdio = [-1 as RawFd; 2];
         if let Some(fds) = &ctx.stdio {
             for (t, &fd) in stdio.iter_mut().zip(fds) {
                 *t = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
                 if *t < 0 {
-                    fail(pipe);
+                    fail();
                 }
             }
         }
@@ -315,31 +311,31 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         for (t, &fd) in tmp.iter_mut().zip(&ctx.fds).take(nfds) {
             *t = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
             if *t < 0 {
-                fail(pipe);
+                fail();
             }
         }
         for (i, &t) in tmp.iter().enumerate().take(nfds) {
             // dup2 clears CLOEXEC on the target: these are the fds the worker keeps.
             if libc::dup2(t, 3 + i as libc::c_int) < 0 {
-                fail(pipe);
+                fail();
             }
         }
         // inetd "wait" style: the first listening socket is also stdin (replacing whatever fd 0
         // was); dup2 leaves fd 0 without CLOEXEC.
         if ctx.stdin_socket && libc::dup2(3, 0) < 0 {
-            fail(pipe);
+            fail();
         }
         // The log pipes become stdout and stderr (dup2 leaves them without CLOEXEC).
         if ctx.stdio.is_some() && (libc::dup2(stdio[0], 1) < 0 || libc::dup2(stdio[1], 2) < 0) {
-            fail(pipe);
+            fail();
         }
         if let Some(set) = &ctx.cpus {
             // nix's wrapper is the bare system call on our copy of the set: no allocation.
             if nix::sched::sched_setaffinity(Pid::from_raw(0), set).is_err() {
-                fail(pipe);
+                fail();
             }
         }
-        // Everything from `floor` up closes at exec (the error pipe stays usable until then).
+        // Everything from `floor` up closes at exec.
         const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
         if libc::syscall(libc::SYS_close_range, floor as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
             let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(1024, 65536) as libc::c_int;
@@ -351,26 +347,31 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         // The bind() interception's filter, with the launcher's credentials still (see step 4).
         if let Some(filter) = &ctx.filter {
             let notif = crate::intercept::install(filter);
-            if notif < 0 || !crate::intercept::send_fd(pipe, notif) {
-                fail(pipe);
+            if notif < 0 || !crate::intercept::send_fd(chan, notif) {
+                fail();
             }
             libc::close(notif);
         }
 
         // Drop privileges last (groups, then gid, then uid) and check it took.
+        // Raw system calls: glibc's wrappers would signal the launcher's threads (setxid),
+        // whose records this child shares but which are not its own.
         if let Some((uid, gid, groups, ngroups)) = ctx.creds {
-            if libc::setgroups(ngroups, groups) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
-                fail(pipe);
+            if libc::syscall(libc::SYS_setgroups, ngroups, groups) != 0
+                || libc::syscall(libc::SYS_setgid, gid) != 0
+                || libc::syscall(libc::SYS_setuid, uid) != 0
+            {
+                fail();
             }
             if libc::getuid() != uid || libc::geteuid() != uid || libc::getgid() != gid {
                 *libc::__errno_location() = libc::EPERM;
-                fail(pipe);
+                fail();
             }
         }
 
         // Armed after the credential change, which clears it (commit_creds).
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-            fail(pipe);
+            fail();
         }
         if libc::getppid() != ctx.parent {
             // The launcher died before PDEATHSIG was armed.
@@ -378,20 +379,11 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
         }
 
         // The pid variables: write our pid's decimal digits into the prepared buffers.
-        let mut n = libc::getpid() as u32;
         let mut digits = [0u8; 12];
-        let mut len = 0;
-        loop {
-            digits[len] = b'0' + (n % 10) as u8;
-            len += 1;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
+        let len = crate::vfork::write_decimal(&mut digits, libc::getpid() as u32);
         for slot in &ctx.pid_slots[..ctx.npid] {
-            for i in 0..len {
-                *slot.add(i) = digits[len - 1 - i];
+            for (i, d) in digits[..len].iter().enumerate() {
+                *slot.add(i) = *d;
             }
         }
 
@@ -401,6 +393,6 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
             libc::setrlimit(libc::RLIMIT_NOFILE, lim);
         }
         libc::execve(ctx.path, ctx.argv, ctx.envp);
-        fail(pipe)
+        fail()
     }
 }

@@ -42,7 +42,8 @@ LAUNCHER ENVIRONMENT:
   REUSE_LAUNCH_READY, REUSE_LAUNCH_READY_DELAY, REUSE_LAUNCH_READY_TIMEOUT,
   REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP,
   REUSE_LAUNCH_SOCKET_ON_STDIN, REUSE_LAUNCH_CONTROL, REUSE_LAUNCH_LOG_PREFIX, REUSE_LAUNCH_METRICS,
-  REUSE_LAUNCH_MIN_READY, REUSE_LAUNCH_DRAIN_DELAY, REUSE_LAUNCH_INTERCEPT_BIND;
+  REUSE_LAUNCH_MIN_READY, REUSE_LAUNCH_DRAIN_DELAY, REUSE_LAUNCH_INTERCEPT_BIND,
+  REUSE_LAUNCH_CONTAINMENT;
   PORT sets the default bind; RUST_LOG the log level. Started with LISTEN_FDS/LISTEN_PID
   (systemd socket activation) it adopts those sockets instead of binding; with NOTIFY_SOCKET it
   reports READY=1, RELOADING=1, STATUS=, STOPPING=1 to its own supervisor.
@@ -187,6 +188,13 @@ pub struct Args {
     /// says 503 (Kubernetes' preStop sleep, without a sleep binary in the image).
     #[arg(long, env = "REUSE_LAUNCH_DRAIN_DELAY", default_value = "0s", value_name = "DURATION")]
     pub drain_delay: String,
+
+    /// How a worker's whole tree is ended (at its exit, and when the launcher dies): `auto` (a
+    /// cgroup v2 per worker where the launcher may create one, cgroup.kill, Linux 5.14; else the
+    /// sentinel alone), `cgroup` (that, or exit 1) or `sentinel` (process groups and a scan of
+    /// /proc, see the README).
+    #[arg(long, env = "REUSE_LAUNCH_CONTAINMENT", default_value = "auto", value_name = "auto|cgroup|sentinel")]
+    pub containment: String,
 
     /// Give up (exit 1) when every slot's worker died this many times in a row before it
     /// became ready.

@@ -85,6 +85,8 @@ pub struct Config {
     pub min_ready: Option<usize>,
     /// `--drain-delay`: serving on after TERM/INT before the workers are stopped.
     pub drain_delay: Duration,
+    /// `--containment`: a cgroup per worker where one can be made, or the sentinel alone.
+    pub containment: crate::cgroup::Want,
     pub command: Vec<OsString>,
 }
 
@@ -224,6 +226,8 @@ impl Config {
             metrics,
             min_ready,
             drain_delay,
+            containment: crate::cgroup::Want::parse(&args.containment)
+                .map_err(|e| usage("--containment", &args.containment, e))?,
             workers,
             binds,
             mode,

@@ -15,7 +15,13 @@ pub fn status(snap: &Snapshot, cpu: &CpuHistory, control: &str) -> Value {
     let pids: Vec<i32> = snap.slots.iter().flat_map(|s| s.workers.iter().map(|w| w.pid)).collect();
     let usage: HashMap<i32, Usage> = pids.iter().copied().zip(cpu.measure(&pids)).collect();
     let queues: Vec<Option<(u32, u32)>> = snap.slots.iter().map(|s| measure::queue(&s.listeners)).collect();
-    build(snap, &usage, &queues, control)
+    let Value::Obj(mut fields) = build(snap, &usage, &queues, control) else { unreachable!("an object") };
+    // How the workers' trees are contained (see `cgroup`), before the worker rows.
+    let (kind, root) = crate::cgroup::in_use();
+    let at = fields.len() - 1;
+    fields.insert(at, ("containment".into(), kind.into()));
+    fields.insert(at + 1, ("cgroup".into(), root.map(|r| r.display().to_string()).into()));
+    Value::Obj(fields)
 }
 
 /// The object from the snapshot and the measurements (pure, for tests).

@@ -16,6 +16,9 @@ pub fn render(status: &Value) -> String {
         if binds.is_empty() { "no sockets".into() } else { binds.join(", ") },
         format!("gen {}", num("generation").unwrap_or(0)),
     ];
+    if let Some(kind) = status.get("containment").and_then(Value::as_str) {
+        header.insert(3, format!("containment {kind}"));
+    }
     if let Some(roll) = status.get("roll").filter(|r| !r.is_null()) {
         let n = |k: &str| roll.get(k).and_then(Value::as_u64).unwrap_or(0);
         header.push(format!("rolling to gen {} ({}/{})", n("generation"), n("done"), n("slots")));
@@ -24,6 +27,7 @@ pub fn render(status: &Value) -> String {
     if status.get("stopping").and_then(Value::as_bool) == Some(true) {
         header.push("stopping".into());
     }
+
     let mut out = header.join("  ");
     out.push('\n');
 
@@ -126,6 +130,19 @@ mod tests {
         assert_eq!(
             lines[3],
             "1     -    2    backoff 2.2s  -       4         exited with status 1  -     -         3/4096"
+        );
+    }
+
+    #[test]
+    fn the_header_names_the_containment() {
+        let v = parse(
+            r#"{"pid":10,"mode":"reuseport","binds":["127.0.0.1:8080"],"generation":1,"desired":1,"ready":1,
+            "roll":null,"stopping":false,"containment":"cgroup","cgroup":"/sys/fs/cgroup/x/reuse-launch.10","workers":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            render(&v).lines().next().unwrap(),
+            "launcher 10  reuseport mode  127.0.0.1:8080  containment cgroup  gen 1  1/1 workers ready"
         );
     }
 

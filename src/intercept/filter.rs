@@ -1,5 +1,6 @@
 //! The seccomp filter itself and the two steps a worker's child takes with it between fork and
-//! exec (see `spawn`): install it, and send its notification fd to the launcher.
+//! exec (see `spawn`): install it, and send its notification fd to the launcher, which takes
+//! it with [`recv_fd`] once the child has exec'd.
 //!
 //! The program traps exactly two system calls of the native architecture, `bind` and `listen`,
 //! with `SECCOMP_RET_USER_NOTIF`, and allows everything else. It looks at nothing but the
@@ -11,7 +12,8 @@
 //! Everything the child uses is prepared in the parent ([`ChildFilter`]); the child functions
 //! only make system calls on memory they are given, and never allocate.
 
-use std::os::fd::RawFd;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: Option<u32> = Some(0xC000_003E); // AUDIT_ARCH_X86_64
@@ -143,6 +145,34 @@ pub unsafe fn send_fd(chan: RawFd, fd: RawFd) -> bool {
         std::ptr::copy_nonoverlapping((&fd as *const RawFd).cast::<u8>(), libc::CMSG_DATA(cmsg), 4);
         libc::sendmsg(chan, &msg, libc::MSG_NOSIGNAL) == 1
     }
+}
+
+/// In the launcher, the counterpart of [`send_fd`]: the notification fd a worker's child sent
+/// before its exec, already queued on `chan` once the child has exec'd (`spawn`'s vfork), so
+/// taken without waiting.
+pub fn recv_fd(chan: &OwnedFd) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut buf = [0u8; 4];
+    let mut space = nix::cmsg_space!(RawFd);
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let flags = MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT;
+    let msg = loop {
+        match recvmsg::<()>(chan.as_raw_fd(), &mut iov, Some(&mut space), flags) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    let lost = || io::Error::other("the worker's seccomp notification fd did not arrive");
+    let msg = msg.map_err(|_| lost())?;
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::other("the worker's seccomp notification fd was lost (the launcher is out of fds)"));
+    }
+    let fd = msg.cmsgs().into_iter().flatten().find_map(|c| match c {
+        ControlMessageOwned::ScmRights(f) => f.first().copied(),
+        _ => None,
+    });
+    // SAFETY: SCM_RIGHTS just gave this process this fd; nothing else owns it.
+    fd.filter(|_| msg.bytes == 1).map(|f| unsafe { OwnedFd::from_raw_fd(f) }).ok_or_else(lost)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use crossbeam_channel::Sender;
 
 use crate::command::Credentials;
 use crate::event::Event;
-pub use filter::{install, send_fd, ChildFilter};
+pub use filter::{install, recv_fd, send_fd, ChildFilter};
 pub use handler::Target;
 pub use server::Interceptor;
 

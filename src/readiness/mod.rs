@@ -91,19 +91,33 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
 }
 
 /// The members of each of `pgids`' process groups (in that order), from one scan of /proc: for several
-/// starting workers at once, this costs one scan instead of one per worker.
+/// starting workers at once, this costs one scan instead of one per worker. A worker with a
+/// cgroup of its own (see `cgroup`) is read from it instead (everything it started, in its group
+/// or not), and when every one has, /proc is not scanned at all.
 pub fn groups_members(pgids: &[i32]) -> Vec<Vec<i32>> {
     if pgids.is_empty() {
         return Vec::new(); // nothing to look for: no scan of /proc
     }
     let mut members: Vec<Vec<i32>> = pgids.iter().map(|&pgid| vec![pgid]).collect();
-    if let Ok(dir) = fs::read_dir("/proc") {
+    let from_cgroup: Vec<bool> = pgids
+        .iter()
+        .zip(&mut members)
+        .map(|(&pgid, m)| match crate::cgroup::procs_of(pgid) {
+            Some(procs) => {
+                m.extend(procs.into_iter().filter(|p| *p != pgid));
+                true
+            }
+            None => false,
+        })
+        .collect();
+    let scan = from_cgroup.iter().any(|c| !c);
+    if let Some(dir) = fs::read_dir("/proc").ok().filter(|_| scan) {
         for pid in dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
             if pgids.contains(&pid) {
                 continue; // a leader: listed already
             }
             let Ok(pgrp) = getpgid(Some(Pid::from_raw(pid))) else { continue };
-            for (i, _) in pgids.iter().enumerate().filter(|(_, &g)| g == pgrp.as_raw()) {
+            for (i, _) in pgids.iter().enumerate().filter(|(i, &g)| g == pgrp.as_raw() && !from_cgroup[*i]) {
                 members[i].push(pid);
             }
         }

@@ -30,7 +30,8 @@ use crate::contract::{self, WorkerVars};
 use crate::error::Error;
 use crate::event::WorkerId;
 use crate::roll::Input;
-use crate::spawn::Spec;
+use crate::spawn::{Contain, Spec};
+use std::os::fd::AsRawFd;
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(15);
@@ -79,6 +80,18 @@ impl<O: Os> Supervisor<O> {
         let cpu = self.cpus.as_ref().map(|cpus| cpus[slot % cpus.len()]);
         let stdio = log_pipes.as_ref().map(|p| p.child_fds());
         let intercept = self.intercept.interceptor.as_ref().map(|i| i.child_filter());
+        // The child puts itself in its cgroup and tells the sentinel its pid before exec.
+        let cgroup_procs = match self.containment.prepare(id) {
+            Ok(procs) => procs,
+            Err(e) => {
+                if let Some(hub) = &self.notify {
+                    hub.close(id);
+                }
+                return Err(e);
+            }
+        };
+        let sentinel = self.sentinel.as_ref().map(|s| s.pipe_fd());
+        let contain = Contain { cgroup_procs: cgroup_procs.as_ref().map(|f| f.as_raw_fd()), sentinel };
         let spec = Spec {
             argv: &argv,
             fds: &fds,
@@ -89,17 +102,22 @@ impl<O: Os> Supervisor<O> {
             creds,
             stdio,
             intercept,
+            contain,
         };
-        let spawned = match self.os.spawn(&self.program, &spec) {
+        let spawned = self.os.spawn(&self.program, &spec);
+        drop(cgroup_procs);
+        let spawned = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {
                 if let Some(hub) = &self.notify {
                     hub.close(id);
                 }
+                self.containment.exited(id, 0);
                 return Err(e);
             }
         };
         let pid = spawned.pid;
+        self.containment.started(id, pid.as_raw());
         if let Some(pipes) = log_pipes {
             pipes.register(slot, pid.as_raw());
         }
@@ -190,6 +208,7 @@ impl<O: Os> Supervisor<O> {
     pub(super) fn kill_all_and_reap(&mut self) {
         for (id, w) in self.workers.take_all() {
             self.os.signal(w.pid, Signal::SIGKILL);
+            self.containment.exited(id, w.pid.as_raw());
             let _ = self.os.reap(w.pid, true);
             if let Some(hub) = &self.notify {
                 hub.close(id);
@@ -198,6 +217,7 @@ impl<O: Os> Supervisor<O> {
                 i.forget(id);
             }
         }
+        self.containment.finish();
         self.reap_orphans();
     }
 
@@ -206,20 +226,30 @@ impl<O: Os> Supervisor<O> {
     pub(super) fn reap(&mut self, now: Instant) {
         while let Some(pid) = self.os.exited() {
             let id = self.workers.by_pid(pid);
-            if id.is_some() {
+            if let Some(id) = id {
+                // What the worker left in its group (its cgroup goes once empty).
                 self.os.signal(pid, Signal::SIGKILL);
+                self.containment.exited(id, pid.as_raw());
+                if let Some(s) = &self.sentinel {
+                    s.gone(pid.as_raw());
+                }
             }
             let Some(status) = self.os.reap(pid, false) else { continue };
             match id {
                 Some(id) => self.on_exit(id, status, now),
                 None if self.sentinel.as_ref().is_some_and(|s| s.pid() as i32 == pid.as_raw()) => {
-                    self.sentinel = crate::sentinel::Sentinel::start();
+                    self.sentinel = crate::sentinel::Sentinel::start(self.containment.root());
                     let next = self.sentinel.as_ref().map_or("none".to_string(), |s| format!("pid {}", s.pid()));
                     log::warn!("the sentinel (pid {pid}) {}; a new one runs ({next})", describe(status));
+                    // It knows no worker yet: their groups, as each spawn would have told it.
+                    if let Some(s) = &self.sentinel {
+                        self.workers.iter().for_each(|(_, w)| s.started(w.pid.as_raw()));
+                    }
                 }
                 None => log::debug!("reaped orphan pid {pid}: {status:?}"),
             }
         }
+        self.containment.tidy();
     }
 
     /// Before exiting: reap whatever descendants were re-parented to the launcher (they were

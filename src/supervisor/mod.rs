@@ -80,6 +80,8 @@ pub struct Supervisor<O: Os> {
     memory: memory::MemoryWatch,
     /// Ends what the workers left if the launcher dies abruptly (see `sentinel`).
     sentinel: Option<crate::sentinel::Sentinel>,
+    /// Each worker's cgroup, where one can be made (see `cgroup`).
+    containment: crate::cgroup::Containment,
     /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU.
     desired: usize,
     all_ready_logged: bool,
@@ -97,6 +99,9 @@ pub struct Supervisor<O: Os> {
     stalls: Option<(StallWatch, Instant)>,
     /// The processes of the workers that had connections waiting (see `routing`).
     members: Members,
+    /// The queue watch's reader of the slots' queues and its cadence (see `queues`); None:
+    /// `TCP_INFO` on every listener every 20 ms.
+    queues: Option<crate::queues::Queues>,
     /// Takes back connections queued on slots that cannot serve; which slots it takes from.
     rescue: Option<Rescue>,
     rescued: Vec<bool>,
@@ -175,6 +180,11 @@ impl<O: Os> Supervisor<O> {
         };
         let stalls = matches!(listeners.mode(), Mode::Reuseport | Mode::RoundRobin)
             .then(|| (StallWatch::new(slots_n), Instant::now()));
+        let queues = stalls.as_ref().and_then(|_| {
+            crate::queues::Queues::start(tx.clone())
+                .map_err(|e| log::warn!("cannot watch the queues with epoll ({e}); sampling every 20 ms"))
+                .ok()
+        });
         let rescue = match &stalls {
             Some(_) => {
                 Some(Rescue::start().map_err(|e| Error::Failed(format!("cannot start the rescue threads: {e}")))?)
@@ -211,6 +221,7 @@ impl<O: Os> Supervisor<O> {
             desired: desired_n,
             memory: Default::default(),
             sentinel: None,
+            containment: Default::default(),
             all_ready_logged: false,
             steered: None,
             bpf: None,
@@ -218,6 +229,7 @@ impl<O: Os> Supervisor<O> {
             cpus,
             stalls,
             members: Default::default(),
+            queues,
             rescue,
             rescued: vec![false; slots_n],
             proxy,
@@ -236,6 +248,11 @@ impl<O: Os> Supervisor<O> {
     /// Give the supervisor the sentinel (see `sentinel`), released when it exits in order.
     pub fn set_sentinel(&mut self, sentinel: Option<crate::sentinel::Sentinel>) {
         self.sentinel = sentinel;
+    }
+
+    /// Give the supervisor the workers' containment (see `cgroup`).
+    pub fn set_containment(&mut self, containment: crate::cgroup::Containment) {
+        self.containment = containment;
     }
 
     /// Where the signal thread sends its events.
@@ -264,6 +281,7 @@ impl<O: Os> Supervisor<O> {
                 return Err(e);
             }
             if self.shutdown.is_some() && self.workers.is_empty() {
+                self.containment.finish();
                 if let Some(s) = self.sentinel.take() {
                     s.release();
                 }
@@ -325,6 +343,7 @@ impl<O: Os> Supervisor<O> {
             Event::Signal(other) => log::debug!("ignoring signal {other}"),
             Event::Notify(id, fields) => self.on_notify(id, fields, now),
             Event::Held(id, held) => self.intercept_held(id, held),
+            Event::Queued => self.on_queued(now),
             Event::Control(command, reply) => {
                 // The control thread waits for this answer, never the other way round.
                 let _ = reply.send(self.command(command, now));

@@ -53,20 +53,23 @@ impl<O: Os> Supervisor<O> {
         all
     }
 
-    /// Sample every slot's accept queue (every `StallWatch::EVERY`) and log stalls. The /proc
-    /// reads happen only for slots with connections waiting.
+    /// Sample every slot's accept queue (at the `queues::Cadence`: every 20 ms while anything
+    /// waits or changes, every second otherwise, and at once when a connection arrives) and log
+    /// stalls. The /proc reads happen only for slots with connections waiting.
     pub(super) fn watch_queues(&mut self, now: Instant) {
         match &self.stalls {
             Some((_, next)) if now >= *next && !self.workers.is_empty() => {}
             _ => return,
         }
         let slots = self.slots.len();
-        let queues: Vec<Option<u32>> = (0..slots)
-            .map(|s| {
-                let lens = self.listeners.fds_for_slot(s).into_iter().map(steer::queue_len);
-                lens.collect::<std::io::Result<Vec<u32>>>().ok().and_then(|v| v.into_iter().max())
-            })
-            .collect();
+        let layout: Vec<Vec<std::os::fd::RawFd>> = (0..slots).map(|s| self.listeners.fds_for_slot(s)).collect();
+        let queues: Vec<Option<u32>> = match &mut self.queues {
+            Some(q) => {
+                q.sync(layout);
+                q.read()
+            }
+            None => layout.iter().map(|fds| crate::queues::max_len(fds)).collect(),
+        };
         // The worker each slot's record follows: its ready one, else its live one.
         let workers: Vec<Option<i32>> = (0..slots)
             .map(|s| {
@@ -85,7 +88,7 @@ impl<O: Os> Supervisor<O> {
                 self.members.insert(*pid, (pids, now));
             }
         }
-        let live: Vec<i32> = self.workers.iter().map(|(_, w)| w.pid.as_raw()).collect();
+        let live: std::collections::HashSet<i32> = self.workers.iter().map(|(_, w)| w.pid.as_raw()).collect();
         self.members.retain(|pid, _| live.contains(pid));
         let samples: Vec<Sample> = (0..slots)
             .map(|s| {
@@ -103,7 +106,16 @@ impl<O: Os> Supervisor<O> {
                 Sample { worker: workers[s], queue, cpu, stopped, running }
             })
             .collect();
-        if self.cfg.steer == Steer::LeastLoaded {
+        let queued = queues.iter().any(|q| matches!(q, Some(n) if *n > 0));
+        if queued {
+            if let Some(q) = &mut self.queues {
+                q.cadence.busy(now);
+            }
+        }
+        // The held connections are counted only while connections arrive (a wake samples at
+        // once): reading every worker's fds once a second while idle would cost per slot.
+        let traffic = self.queues.as_ref().is_none_or(|q| q.cadence.traffic(now));
+        if self.cfg.steer == Steer::LeastLoaded && traffic {
             // Only a ready worker's fds: a starting one is still opening its own.
             let counts: Vec<Option<u32>> = (0..slots)
                 .map(|s| workers[s].filter(|_| self.workers.ready_on(s)).and_then(crate::load::open_sockets))
@@ -111,9 +123,23 @@ impl<O: Os> Supervisor<O> {
             let held = crate::load::relative(&counts);
             self.loads = queues.iter().zip(&held).map(|(q, h)| q.map(|q| q + h.unwrap_or(0)).or(*h)).collect();
         }
+        // Fast while a queue holds connections, or a worker starts, stops or is stalled.
+        let changing = self.workers.iter().any(|(_, w)| w.state != super::workers::State::Ready);
         let Some((watch, next)) = &mut self.stalls else { return };
-        *next = now + StallWatch::EVERY;
-        for (slot, why) in watch.observe(now, &samples) {
+        let changed = watch.observe(now, &samples);
+        let active = queued || changing || (0..slots).any(|s| watch.is_stalled(s));
+        *next = now
+            + match &mut self.queues {
+                Some(q) => {
+                    let (delay, idle) = q.cadence.next(now, active);
+                    if idle {
+                        q.arm();
+                    }
+                    delay
+                }
+                None => StallWatch::EVERY,
+            };
+        for (slot, why) in changed {
             let who = self.workers.ready_label(slot).unwrap_or_else(|| format!("worker {slot}"));
             let waiting = queues[slot].unwrap_or(0);
             match why {
@@ -126,6 +152,16 @@ impl<O: Os> Supervisor<O> {
                 ),
                 None => log::info!("{who} gets new connections again"),
             }
+        }
+    }
+
+    /// A connection waits somewhere while the queue watch sampled rarely: sample now, and fast.
+    pub(super) fn on_queued(&mut self, now: Instant) {
+        if let Some(q) = &mut self.queues {
+            q.cadence.busy(now);
+        }
+        if let Some((_, next)) = &mut self.stalls {
+            *next = now;
         }
     }
 

@@ -5,7 +5,7 @@
 //! (`ready_on`, `live_on`, `replacing`, `by_pid`, `ready_count`), so that each rule is written
 //! once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use nix::unistd::Pid;
@@ -83,6 +83,10 @@ pub struct Slot {
 #[derive(Debug, Default)]
 pub struct Workers {
     map: BTreeMap<WorkerId, Worker>,
+    /// The same workers by (slot, id): the per-slot queries cost the slot's workers, not every
+    /// worker (they run for every slot at every turn: at 1,024 slots a scan each was quadratic).
+    /// A worker's slot never changes once inserted.
+    by_slot: BTreeSet<(usize, WorkerId)>,
     next_id: WorkerId,
 }
 
@@ -94,12 +98,15 @@ impl Workers {
 
     pub fn insert(&mut self, w: Worker) -> WorkerId {
         self.next_id += 1;
+        self.by_slot.insert((w.slot, self.next_id));
         self.map.insert(self.next_id, w);
         self.next_id
     }
 
     /// Put back a worker with its old id (`reexec`); later ids start after `next`.
     pub fn restore(&mut self, id: WorkerId, w: Worker, next: WorkerId) {
+        self.remove(id);
+        self.by_slot.insert((w.slot, id));
         self.map.insert(id, w);
         self.next_id = self.next_id.max(next.saturating_sub(1)).max(id);
     }
@@ -113,10 +120,13 @@ impl Workers {
     }
 
     pub fn remove(&mut self, id: WorkerId) -> Option<Worker> {
-        self.map.remove(&id)
+        let w = self.map.remove(&id)?;
+        self.by_slot.remove(&(w.slot, id));
+        Some(w)
     }
 
     pub fn take_all(&mut self) -> BTreeMap<WorkerId, Worker> {
+        self.by_slot.clear();
         std::mem::take(&mut self.map)
     }
 
@@ -145,9 +155,9 @@ impl Workers {
         self.iter().find(|(_, w)| w.pid == pid).map(|(id, _)| id)
     }
 
-    /// The workers of `slot`.
+    /// The workers of `slot`, in id order.
     pub fn on(&self, slot: usize) -> impl Iterator<Item = (WorkerId, &Worker)> {
-        self.iter().filter(move |(_, w)| w.slot == slot)
+        self.by_slot.range((slot, 0)..=(slot, WorkerId::MAX)).filter_map(|(_, id)| Some((*id, self.map.get(id)?)))
     }
 
     /// `slot` has a ready worker.
@@ -210,5 +220,11 @@ mod tests {
         assert_eq!(t.ready_count(), 1);
         assert_eq!(t.awaiting_probe().map(|(id, _)| id).collect::<Vec<_>>(), vec![b]);
         assert_eq!(t.ready_label(0).unwrap(), "worker 0 (pid 10, gen 1)");
+        assert_eq!(t.on(0).map(|(id, _)| id).collect::<Vec<_>>(), vec![a, b]);
+        t.remove(a);
+        assert_eq!(t.on(0).map(|(id, _)| id).collect::<Vec<_>>(), vec![b]);
+        assert!(!t.ready_on(0) && t.on(5).next().is_none());
+        t.take_all();
+        assert!(t.on(0).next().is_none() && t.on(1).next().is_none());
     }
 }

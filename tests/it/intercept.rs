@@ -572,7 +572,6 @@ fn a_server_that_binds_then_forks_shares_the_slots_socket() {
 }
 
 #[test]
-#[ignore = "issue 18: the sentinel learns a worker's group only at its next 0.5 s scan"]
 fn a_killed_launcher_leaves_nothing_of_a_bind_then_fork_tree() {
     let dir = TempPath::dir("intercept");
     let mut l = launch(1, &dir).cmd(&["python3", &worker("binder.py"), "prefork", "3"]).start();

@@ -13,10 +13,14 @@
 //! - `intercept`: unmodified servers that bind the port themselves (`--intercept-bind`, issue 15).
 //! - `hostile`: idle, slowloris, oversized and binary clients on `--metrics` and the control
 //!   socket (issue 19).
+//! - `watch`: the stall watch at scale and from its idle cadence (issue 18).
+//! - `containment`: nothing of a worker's tree outlives a SIGKILLed launcher: soon after a
+//!   start, a respawn, during a roll; with a delegated cgroup v2, detached processes too (issue 18).
 //!
 //! Run one area with `cargo test --test it core::`.
 
 mod common;
+mod containment;
 mod control;
 mod conventions;
 mod core;
@@ -32,3 +36,4 @@ mod runtimes;
 mod scaling;
 mod steering;
 mod sticky;
+mod watch;

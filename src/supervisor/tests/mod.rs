@@ -19,6 +19,7 @@ use crate::command::Program;
 use crate::event::Event;
 use crate::socket::Listeners;
 
+mod cadence;
 mod commands;
 
 pub(super) const MS: Duration = Duration::from_millis(1);
