@@ -15,12 +15,14 @@
 //! ```
 
 mod activation;
+mod autoscale;
 mod cli;
 mod command;
 mod contract;
 mod control;
 mod error;
 mod event;
+mod hung;
 mod load;
 mod logs;
 mod metrics;

@@ -53,7 +53,14 @@ impl Steer {
 /// The validated, immutable configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Slots at start: `-n N`, or MIN of `-n MIN..MAX`.
     pub workers: usize,
+    /// `-n MIN..MAX`: the bounds the automatic scaling keeps to (see `autoscale`).
+    pub autoscale: Option<Bounds>,
+    /// `--scale-down-after`: the calm a scale-down needs (with `-n MIN..MAX`).
+    pub scale_down_after: Duration,
+    /// `--hung-timeout`: replace a worker stalled for this long (None: never).
+    pub hung_timeout: Option<Duration>,
     pub binds: Vec<BindSpec>,
     pub mode: Mode,
     pub proxy_threads: usize,
@@ -86,6 +93,22 @@ pub struct Config {
     pub command: Vec<OsString>,
 }
 
+/// `-n MIN..MAX`: the fewest and the most slots the launcher keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl std::fmt::Display for Bounds {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}..{}", self.min, self.max)
+    }
+}
+
+/// `--scale-down-after`'s default: the calm a scale-down needs (see `autoscale`).
+pub const SCALE_DOWN_AFTER: Duration = Duration::from_secs(30);
+
 fn usage(flag: &'static str, value: &str, expected: impl Into<String>) -> Error {
     Error::usage(flag, value, expected)
 }
@@ -94,7 +117,7 @@ impl Config {
     /// Validate raw flags. `port_env` is the launcher's own `PORT` variable, used for the
     /// default bind address.
     pub fn from_args(args: Args, port_env: Option<String>) -> Result<Config, Error> {
-        let workers = parse_workers(&args.workers)?;
+        let (workers, autoscale) = parse_worker_bounds(&args.workers)?;
         let mut binds = Vec::new();
         let bind_texts = if args.bind.is_empty() {
             let port = port_env.unwrap_or_else(|| "8080".to_string());
@@ -192,6 +215,35 @@ impl Config {
         }
         let drain_delay =
             parse_duration(&args.drain_delay).map_err(|e| usage("--drain-delay", &args.drain_delay, e))?;
+        let scale_down_after = match (&args.scale_down_after, autoscale) {
+            (None, _) => SCALE_DOWN_AFTER,
+            (Some(d), None) => {
+                return Err(usage("--scale-down-after", d, "needs -n MIN..MAX (automatic scaling)"));
+            }
+            (Some(d), Some(_)) => match parse_duration(d) {
+                Ok(t) if !t.is_zero() => t,
+                Ok(_) => return Err(usage("--scale-down-after", d, "must be more than 0")),
+                Err(e) => return Err(usage("--scale-down-after", d, e)),
+            },
+        };
+        let hung_timeout = match &args.hung_timeout {
+            None => None,
+            Some(t) if !matches!(mode, Mode::Reuseport | Mode::RoundRobin) => {
+                return Err(usage(
+                    "--hung-timeout",
+                    t,
+                    format!(
+                        "needs --mode reuseport or round-robin (not {mode}): stalled workers are seen from \
+                         the queues of the sockets the launcher holds per slot"
+                    ),
+                ));
+            }
+            Some(t) => match parse_duration(t) {
+                Ok(d) if !d.is_zero() => Some(d),
+                Ok(_) => return Err(usage("--hung-timeout", t, "must be more than 0")),
+                Err(e) => return Err(usage("--hung-timeout", t, e)),
+            },
+        };
         if args.group.is_some() && args.user.is_none() {
             return Err(usage("--group", args.group.as_deref().unwrap_or(""), "needs --user as well"));
         }
@@ -213,6 +265,9 @@ impl Config {
             min_ready,
             drain_delay,
             workers,
+            autoscale,
+            scale_down_after,
+            hung_timeout,
             binds,
             mode,
             backlog,
@@ -234,8 +289,34 @@ fn parse_workers(s: &str) -> Result<usize, Error> {
         Ok(0) => Err(usage("--workers", s, "must be at least 1")),
         Ok(n) if n > 4096 => Err(usage("--workers", s, "at most 4096 workers")),
         Ok(n) => Ok(n),
-        Err(_) => Err(usage("--workers", s, "expected a number or 'auto'")),
+        Err(_) => Err(usage("--workers", s, "expected a number or 'auto' (or MIN..MAX)")),
     }
+}
+
+/// `-n N`, `-n auto` (fixed), or `-n MIN..MAX` / `-n MIN..auto` (automatic scaling between
+/// them, starting with MIN): the slots at start and the bounds.
+fn parse_worker_bounds(s: &str) -> Result<(usize, Option<Bounds>), Error> {
+    let Some((lo, hi)) = s.split_once("..") else { return Ok((parse_workers(s)?, None)) };
+    let bad = |why: String| usage("--workers", s, why);
+    let min = match lo.parse::<usize>() {
+        Ok(n) if n >= 1 => n,
+        _ => return Err(bad("MIN of MIN..MAX must be a number, at least 1".into())),
+    };
+    let max = match hi {
+        "auto" => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        _ => match hi.parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(bad("MAX of MIN..MAX must be a number or 'auto'".into())),
+        },
+    };
+    if max > 4096 {
+        return Err(bad("at most 4096 workers".into()));
+    }
+    if min > max {
+        let auto = if hi == "auto" { " ('auto': one per CPU)" } else { "" };
+        return Err(bad(format!("MIN {min} is more than MAX {max}{auto}")));
+    }
+    Ok((min, Some(Bounds { min, max })))
 }
 
 /// `net.core.somaxconn`, the ceiling the kernel applies to any backlog anyway.
@@ -366,10 +447,52 @@ mod tests {
     #[test]
     fn workers_error_names_flag_value_and_expectation() {
         let e = Config::from_args(args(&["-n", "abc"]), None).unwrap_err();
-        assert_eq!(e.to_string(), "invalid --workers 'abc': expected a number or 'auto'");
+        assert_eq!(e.to_string(), "invalid --workers 'abc': expected a number or 'auto' (or MIN..MAX)");
         assert!(Config::from_args(args(&["-n", "0"]), None).is_err());
         assert_eq!(Config::from_args(args(&["-n", "3"]), None).unwrap().workers, 3);
         assert!(Config::from_args(args(&["-n", "auto"]), None).unwrap().workers >= 1);
+    }
+
+    #[test]
+    fn worker_bounds_and_their_errors() {
+        let c = Config::from_args(args(&["-n", "1..3"]), None).unwrap();
+        assert_eq!((c.workers, c.autoscale), (1, Some(Bounds { min: 1, max: 3 })));
+        assert_eq!(c.scale_down_after, SCALE_DOWN_AFTER);
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let c = Config::from_args(args(&["-n", "1..auto"]), None).unwrap();
+        assert_eq!(c.autoscale, Some(Bounds { min: 1, max: cpus }));
+        assert_eq!(Config::from_args(args(&["-n", "2"]), None).unwrap().autoscale, None);
+        for (bad, why) in [
+            ("0..3", "MIN of MIN..MAX must be a number, at least 1"),
+            ("x..3", "MIN of MIN..MAX must be a number, at least 1"),
+            ("2..y", "MAX of MIN..MAX must be a number or 'auto'"),
+            ("4..2", "MIN 4 is more than MAX 2"),
+            ("1..5000", "at most 4096 workers"),
+        ] {
+            let e = Config::from_args(args(&["-n", bad]), None).unwrap_err();
+            assert_eq!(e.to_string(), format!("invalid --workers '{bad}': {why}"));
+        }
+        let e = Config::from_args(args(&["-n", "9999..auto"]), None).unwrap_err();
+        assert!(e.to_string().contains("('auto': one per CPU)"), "{e}");
+        let c = Config::from_args(args(&["-n", "1..2", "--scale-down-after", "5s"]), None).unwrap();
+        assert_eq!(c.scale_down_after, Duration::from_secs(5));
+        let e = Config::from_args(args(&["-n", "2", "--scale-down-after", "5s"]), None).unwrap_err();
+        assert_eq!(e.to_string(), "invalid --scale-down-after '5s': needs -n MIN..MAX (automatic scaling)");
+        let e = Config::from_args(args(&["-n", "1..2", "--scale-down-after", "0s"]), None).unwrap_err();
+        assert_eq!(flag_of(e), "--scale-down-after");
+    }
+
+    #[test]
+    fn hung_timeout_needs_a_socket_per_slot() {
+        assert_eq!(Config::from_args(args(&[]), None).unwrap().hung_timeout, None);
+        let c = Config::from_args(args(&["--hung-timeout", "30s"]), None).unwrap();
+        assert_eq!(c.hung_timeout, Some(Duration::from_secs(30)));
+        let c = Config::from_args(args(&["--hung-timeout", "2s", "--mode", "round-robin"]), None).unwrap();
+        assert_eq!(c.hung_timeout, Some(Duration::from_secs(2)));
+        let e = Config::from_args(args(&["--hung-timeout", "2s", "--mode", "shared"]), None).unwrap_err();
+        assert!(e.to_string().starts_with("invalid --hung-timeout '2s': needs --mode reuseport"), "{e}");
+        assert_eq!(flag_of(Config::from_args(args(&["--hung-timeout", "0"]), None).unwrap_err()), "--hung-timeout");
+        assert_eq!(flag_of(Config::from_args(args(&["--hung-timeout", "x"]), None).unwrap_err()), "--hung-timeout");
     }
 
     #[test]

@@ -1,0 +1,592 @@
+//! `-n MIN..MAX`: when to add a slot and when to remove one, from what the launcher measures of
+//! its serving slots. Pure: [`Sample`]s and times in, a [`Decision`] out ([`judge`]); the
+//! supervisor samples and carries decisions out (`supervisor/autoscaling.rs`), through the same
+//! drop-free slot addition and retirement as `scale`.
+//!
+//! The policy (its constants are below; the README has the measurements behind them):
+//! - Every [`SAMPLE_EVERY`], each serving slot's accept queue (the longest over its binds) and
+//!   its worker's CPU (its process group's, read every [`CPU_EVERY`], in cores). A slot is
+//!   *pressed* when connections wait in its queue or its worker used [`CPU_BUSY`] of a core or
+//!   more (a single-threaded server at its limit: Node accepts eagerly and keeps its queue
+//!   empty while it burns its core).
+//! - **Up** (one slot): every serving slot pressed in [`UP_SHARE`] of the samples of the last
+//!   [`UP_AFTER`], all of them taken while every kept slot had a ready worker (so a slot just
+//!   added counts only once it serves).
+//! - **Down** (the highest slot): for the whole calm ([`Autoscaler::calm`]: `--scale-down-after`,
+//!   30 s by default) no slot's queue non-empty in more than [`CALM_QUEUE`] of the samples, and
+//!   the workers' CPU all together at most [`CALM_CPU`] of a core per slot that would remain.
+//! - Every change, automatic or asked for (`scale`, TTIN/TTOU), starts the windows afresh: after
+//!   a change nothing is decided before [`UP_AFTER`] (up) or the calm (down) has passed again.
+//!   That is the cooldown. A scale-down undone by a scale-up within twice the calm doubles the
+//!   calm the next scale-down needs (up to [`FLAP_MAX`] doublings), forgotten after
+//!   [`FLAP_FORGET`] without another such flap: a steady load does not flap.
+//! - Nothing is decided, and the samples start again, while a roll runs, the launcher stops, or
+//!   a kept slot has no ready worker.
+//! - Held connections (`load`) are not used: idle keep-alive connections count as held, and a
+//!   thread-per-connection worker holds its clients without being short of anything.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+pub use crate::cli::Bounds;
+
+/// How often the supervisor takes a [`Sample`].
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How often the workers' CPU is read (a scan of /proc); samples in between carry the last.
+pub const CPU_EVERY: Duration = Duration::from_secs(1);
+/// How long every slot must be pressed before one is added.
+pub const UP_AFTER: Duration = Duration::from_secs(2);
+/// The share of [`UP_AFTER`]'s samples in which each slot must be pressed.
+pub const UP_SHARE: f64 = 0.75;
+/// A worker that used this much of a core (over [`CPU_EVERY`]) is pressed.
+pub const CPU_BUSY: f32 = 0.9;
+/// During the calm, no slot's queue may be non-empty in more than this share of the samples.
+pub const CALM_QUEUE: f64 = 0.05;
+/// During the calm, the workers' CPU in all may be at most this much of a core per slot kept.
+pub const CALM_CPU: f32 = 0.5;
+/// At most this many doublings of the calm after flaps.
+pub const FLAP_MAX: u32 = 3;
+/// A flap is forgotten after this long without another.
+pub const FLAP_FORGET: Duration = Duration::from_secs(600);
+/// Decisions kept for `status`.
+pub const HISTORY: usize = 10;
+
+/// One serving slot at one sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlotLoad {
+    pub slot: usize,
+    /// Connections waiting in its accept queue (None: unread, as in `self` mode).
+    pub queue: Option<u32>,
+    /// Cores its worker's process group used at the last CPU reading (None: not read yet).
+    pub cpu: Option<f32>,
+}
+
+impl SlotLoad {
+    fn queued(&self) -> bool {
+        self.queue.is_some_and(|q| q > 0)
+    }
+
+    fn busy(&self) -> bool {
+        self.cpu.is_some_and(|c| c >= CPU_BUSY)
+    }
+}
+
+/// The serving slots at one moment. Only samples taken while every kept slot had a ready
+/// worker, no roll ran and the launcher was not stopping are given to the policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub at: Instant,
+    pub slots: Vec<SlotLoad>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Hold,
+    /// Go to `to` slots, because of `reason` (`every slot's queue non-empty for 2s`); `figures`
+    /// say how much (for the log).
+    Change { to: usize, reason: String, figures: String },
+}
+
+/// What the window shows, for `status`: its samples, the least share in which a serving slot
+/// was pressed, the largest share in which one had a queue, the workers' mean CPU in all.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Figures {
+    pub samples: usize,
+    pub pressed: f64,
+    pub queued: f64,
+    pub cpu: f32,
+}
+
+/// Per slot over some samples: in how many present, pressed, queued, CPU-busy.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    present: usize,
+    pressed: usize,
+    queued: usize,
+    busy: usize,
+}
+
+fn tally(samples: &[&Sample], slot: usize) -> Tally {
+    let mut t = Tally::default();
+    for l in samples.iter().flat_map(|s| s.slots.iter().filter(|l| l.slot == slot)) {
+        t.present += 1;
+        t.pressed += usize::from(l.queued() || l.busy());
+        t.queued += usize::from(l.queued());
+        t.busy += usize::from(l.busy());
+    }
+    t
+}
+
+fn share(n: usize, of: usize) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        n as f64 / of as f64
+    }
+}
+
+/// The workers' CPU in all, averaged over `samples`.
+fn mean_cpu(samples: &[&Sample]) -> f32 {
+    let total: f32 = samples.iter().map(|s| s.slots.iter().filter_map(|l| l.cpu).sum::<f32>()).sum();
+    if samples.is_empty() {
+        0.0
+    } else {
+        total / samples.len() as f32
+    }
+}
+
+/// `2s`, `30s`, `1.5s`, `4m`.
+pub fn span(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 60.0 && d.as_secs() % 60 == 0 && d.subsec_nanos() == 0 {
+        format!("{}m", d.as_secs() / 60)
+    } else if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{s:.1}s")
+    }
+}
+
+/// The samples of `samples` at or after `now - window`, if they cover that whole window (the
+/// first sample is that old or older).
+fn covering(samples: &[Sample], window: Duration, now: Instant) -> Option<Vec<&Sample>> {
+    let start = now.checked_sub(window)?;
+    samples.first().filter(|f| f.at <= start)?;
+    Some(samples.iter().filter(|s| s.at >= start).collect())
+}
+
+/// The decision for `count` slots within `bounds`, from the samples since the last change
+/// (oldest first) and the calm a scale-down needs now.
+pub fn judge(samples: &[Sample], count: usize, bounds: Bounds, calm: Duration, now: Instant) -> Decision {
+    if count < bounds.min || count > bounds.max {
+        let to = count.clamp(bounds.min, bounds.max);
+        let reason = format!("-n {bounds} keeps between {} and {}", bounds.min, bounds.max);
+        return Decision::Change { to, reason, figures: String::new() };
+    }
+    if count < bounds.max {
+        if let Some(d) = up(samples, count, now) {
+            return d;
+        }
+    }
+    if count > bounds.min {
+        if let Some(d) = down(samples, count, calm, now) {
+            return d;
+        }
+    }
+    Decision::Hold
+}
+
+fn up(samples: &[Sample], count: usize, now: Instant) -> Option<Decision> {
+    let window = covering(samples, UP_AFTER, now)?;
+    let last = window.last()?;
+    if last.slots.is_empty() {
+        return None;
+    }
+    let tallies: Vec<Tally> = last.slots.iter().map(|l| tally(&window, l.slot)).collect();
+    let pressed = |t: &Tally| t.present * 2 >= window.len() && share(t.pressed, t.present) >= UP_SHARE;
+    if !tallies.iter().all(pressed) {
+        return None;
+    }
+    let every = |f: fn(&Tally) -> usize| tallies.iter().all(|t| share(f(t), t.present) >= UP_SHARE);
+    let what = match (every(|t| t.queued), every(|t| t.busy)) {
+        (true, _) => "every slot's queue non-empty".to_string(),
+        (false, true) => format!("every worker at {:.0}% CPU or more", CPU_BUSY * 100.0),
+        _ => format!("every slot's queue non-empty or its worker at {:.0}% CPU or more", CPU_BUSY * 100.0),
+    };
+    let least = tallies.iter().map(|t| share(t.pressed, t.present)).fold(1.0, f64::min);
+    let figures = format!(
+        "each slot pressed in {:.0}% of {} samples or more; workers at {:.2} CPU in all",
+        least * 100.0,
+        window.len(),
+        mean_cpu(&window)
+    );
+    Some(Decision::Change { to: count + 1, reason: format!("{what} for {}", span(UP_AFTER)), figures })
+}
+
+fn down(samples: &[Sample], count: usize, calm: Duration, now: Instant) -> Option<Decision> {
+    let window = covering(samples, calm, now)?;
+    let mut slots: Vec<usize> = window.iter().flat_map(|s| s.slots.iter().map(|l| l.slot)).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    let most_queued = slots.iter().map(|s| tally(&window, *s)).map(|t| share(t.queued, t.present)).fold(0.0, f64::max);
+    let cpu = mean_cpu(&window);
+    if most_queued > CALM_QUEUE || cpu > CALM_CPU * (count - 1) as f32 {
+        return None;
+    }
+    let figures = format!(
+        "queues non-empty in at most {:.0}% of {} samples; workers at {cpu:.2} CPU in all",
+        most_queued * 100.0,
+        window.len()
+    );
+    Some(Decision::Change { to: count - 1, reason: format!("calm for {}", span(calm)), figures })
+}
+
+/// One change of the slot count, for `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub at: Instant,
+    pub from: usize,
+    pub to: usize,
+    /// `auto`, or who asked (`TTIN`, `TTOU`, `control`).
+    pub by: String,
+    pub reason: String,
+}
+
+impl Record {
+    /// `scaled up to 3: every slot's queue non-empty for 2s`.
+    pub fn text(&self) -> String {
+        let dir = if self.to > self.from { "up" } else { "down" };
+        format!("scaled {dir} to {}: {}", self.to, self.reason)
+    }
+}
+
+/// The policy's memory: the samples since the last change, flaps, and the decisions made.
+#[derive(Debug)]
+pub struct Autoscaler {
+    pub bounds: Bounds,
+    down_after: Duration,
+    /// Since the last change (or the last sample that did not count), oldest first.
+    samples: Vec<Sample>,
+    /// Doublings of the calm, and when the last flap was.
+    flap: u32,
+    flap_at: Option<Instant>,
+    /// The last automatic scale-down.
+    last_down: Option<Instant>,
+    history: VecDeque<Record>,
+}
+
+/// What `reexec` hands over (times as instants; `reexec::state` makes them relative).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Saved {
+    pub flap: u32,
+    pub flap_at: Option<Instant>,
+    pub last_down: Option<Instant>,
+    pub history: Vec<Record>,
+}
+
+impl Autoscaler {
+    pub fn new(bounds: Bounds, down_after: Duration) -> Autoscaler {
+        Autoscaler {
+            bounds,
+            down_after,
+            samples: Vec::new(),
+            flap: 0,
+            flap_at: None,
+            last_down: None,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// Doublings of the calm in force: those of the last flap, unless it is forgotten.
+    fn flaps(&self, now: Instant) -> u32 {
+        match self.flap_at {
+            Some(t) if now.saturating_duration_since(t) < FLAP_FORGET => self.flap,
+            _ => 0,
+        }
+    }
+
+    /// The calm a scale-down needs now: `--scale-down-after`, doubled per recent flap.
+    pub fn calm(&self, now: Instant) -> Duration {
+        self.down_after * (1 << self.flaps(now))
+    }
+
+    /// Take a sample; `None` when no sample counts now (a roll, a stop, a slot without a ready
+    /// worker): the windows start again.
+    pub fn observe(&mut self, sample: Option<Sample>) {
+        let Some(sample) = sample else {
+            self.samples.clear();
+            return;
+        };
+        let keep = UP_AFTER.max(self.down_after * (1 << FLAP_MAX)) + SAMPLE_EVERY * 2;
+        let old = self.samples.partition_point(|s| sample.at.saturating_duration_since(s.at) > keep);
+        self.samples.drain(..old);
+        self.samples.push(sample);
+    }
+
+    /// What to do with `count` slots now.
+    pub fn decide(&self, count: usize, now: Instant) -> Decision {
+        judge(&self.samples, count, self.bounds, self.calm(now), now)
+    }
+
+    /// The slot count changed from `from` to `to` (by the policy: `by` is `auto`): the windows
+    /// start again, and a scale-up soon after an automatic scale-down is a flap.
+    pub fn changed(&mut self, from: usize, to: usize, by: &str, reason: &str, now: Instant) {
+        self.samples.clear();
+        if by == "auto" && to < from {
+            self.last_down = Some(now);
+        }
+        if by == "auto" && to > from {
+            if self.last_down.is_some_and(|t| now.saturating_duration_since(t) < self.calm(now) * 2) {
+                self.flap = (self.flaps(now) + 1).min(FLAP_MAX);
+                self.flap_at = Some(now);
+            }
+        }
+        self.history.push_back(Record { at: now, from, to, by: by.to_string(), reason: reason.to_string() });
+        while self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+    }
+
+    /// The changes made, oldest first.
+    pub fn history(&self) -> impl Iterator<Item = &Record> {
+        self.history.iter()
+    }
+
+    /// What the window of the last [`UP_AFTER`] shows.
+    pub fn figures(&self, now: Instant) -> Figures {
+        let start = now.checked_sub(UP_AFTER).unwrap_or(now);
+        let window: Vec<&Sample> = self.samples.iter().filter(|s| s.at >= start).collect();
+        let Some(last) = window.last() else { return Figures::default() };
+        let tallies: Vec<Tally> = last.slots.iter().map(|l| tally(&window, l.slot)).collect();
+        Figures {
+            samples: window.len(),
+            pressed: tallies.iter().map(|t| share(t.pressed, t.present)).fold(1.0, f64::min),
+            queued: tallies.iter().map(|t| share(t.queued, t.present)).fold(0.0, f64::max),
+            cpu: mean_cpu(&window),
+        }
+    }
+
+    pub fn export(&self) -> Saved {
+        Saved { flap: self.flap, flap_at: self.flap_at, last_down: self.last_down, history: self.history.iter().cloned().collect() }
+    }
+
+    pub fn import(&mut self, saved: Saved) {
+        self.flap = saved.flap.min(FLAP_MAX);
+        self.flap_at = saved.flap_at;
+        self.last_down = saved.last_down;
+        self.history = saved.history.into_iter().collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+    const B: Bounds = Bounds { min: 1, max: 3 };
+    const CALM: Duration = Duration::from_secs(30);
+
+    fn load(slot: usize, queue: u32, cpu: f32) -> SlotLoad {
+        SlotLoad { slot, queue: Some(queue), cpu: Some(cpu) }
+    }
+
+    /// Drive a policy from `t0` for `span`, a sample every 100 ms from `make(t, count)`, carrying
+    /// out every decision at once; the changes made, with their times since `t0`.
+    fn simulate(
+        a: &mut Autoscaler,
+        t0: Instant,
+        span: Duration,
+        count: &mut usize,
+        make: impl Fn(Duration, usize) -> Vec<SlotLoad>,
+    ) -> Vec<(Duration, usize, String)> {
+        let mut out = Vec::new();
+        let mut t = Duration::ZERO;
+        while t <= span {
+            let now = t0 + t;
+            a.observe(Some(Sample { at: now, slots: make(t, *count) }));
+            if let Decision::Change { to, reason, .. } = a.decide(*count, now) {
+                a.changed(*count, to, "auto", &reason, now);
+                out.push((t, to, reason));
+                *count = to;
+            }
+            t += SAMPLE_EVERY;
+        }
+        out
+    }
+
+    fn every(count: usize, queue: u32, cpu: f32) -> Vec<SlotLoad> {
+        (0..count).map(|s| load(s, queue, cpu)).collect()
+    }
+
+    #[test]
+    fn every_queue_non_empty_for_2s_adds_one_slot_at_a_time_up_to_max() {
+        let (t0, mut n) = (Instant::now(), 1);
+        let mut a = Autoscaler::new(B, CALM);
+        let got = simulate(&mut a, t0, Duration::from_secs(10), &mut n, |_, c| every(c, 4, 0.05));
+        let times: Vec<(Duration, usize)> = got.iter().map(|g| (g.0, g.1)).collect();
+        assert_eq!(times, vec![(2000 * MS, 2), (4100 * MS, 3)], "{got:?}");
+        assert_eq!(got[0].2, "every slot's queue non-empty for 2s");
+        assert_eq!(a.history().last().unwrap().text(), "scaled up to 3: every slot's queue non-empty for 2s");
+    }
+
+    #[test]
+    fn up_needs_three_quarters_of_the_samples_of_every_slot() {
+        let t0 = Instant::now();
+        // Slot 1 queued in 3 samples of 4 (75%), slot 0 always: up.
+        let pattern = |t: Duration, c: usize| {
+            let k = (t.as_millis() / 100) as u32;
+            vec![load(0, 2, 0.0), load(1, u32::from(k % 4 != 0), 0.0), load(2, 2, 0.0)].into_iter().take(c).collect()
+        };
+        let mut n = 2;
+        let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(3), &mut n, pattern);
+        assert_eq!(got.first().map(|g| g.1), Some(3), "{got:?}");
+        // In 2 of 4 (50%): never.
+        let half = |t: Duration, c: usize| {
+            let k = (t.as_millis() / 100) as u32;
+            vec![load(0, 2, 0.0), load(1, u32::from(k % 2 == 0), 0.0)].into_iter().take(c).collect()
+        };
+        let mut n = 2;
+        assert!(simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(20), &mut n, half).is_empty());
+    }
+
+    #[test]
+    fn busy_cpus_count_as_pressure_and_say_so() {
+        let (t0, mut n) = (Instant::now(), 1);
+        let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(2), &mut n, |_, c| every(c, 0, 0.97));
+        assert_eq!(got[0].2, "every worker at 90% CPU or more for 2s");
+        let mixed = |_: Duration, _: usize| vec![load(0, 3, 0.1), load(1, 0, 0.95)];
+        let mut n = 2;
+        let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(2), &mut n, mixed);
+        assert_eq!(got[0].2, "every slot's queue non-empty or its worker at 90% CPU or more for 2s");
+    }
+
+    #[test]
+    fn a_slot_with_an_empty_queue_holds_the_others_back() {
+        let (t0, mut n) = (Instant::now(), 2);
+        let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(20), &mut n, |_, _| {
+            vec![load(0, 5, 0.3), load(1, 0, 0.3)]
+        });
+        assert!(got.is_empty(), "{got:?}");
+    }
+
+    #[test]
+    fn a_calm_of_30s_removes_one_slot_then_waits_another_calm() {
+        let (t0, mut n) = (Instant::now(), 3);
+        let mut a = Autoscaler::new(B, CALM);
+        let got = simulate(&mut a, t0, Duration::from_secs(70), &mut n, |_, c| every(c, 0, 0.01));
+        let times: Vec<(Duration, usize)> = got.iter().map(|g| (g.0, g.1)).collect();
+        assert_eq!(times, vec![(30 * 1000 * MS, 2), (60100 * MS, 1)], "{got:?}");
+        assert_eq!(got[0].2, "calm for 30s");
+        assert_eq!(n, 1, "never below MIN");
+    }
+
+    #[test]
+    fn a_queue_seen_now_and_then_or_busy_cpus_keep_the_slots() {
+        let t0 = Instant::now();
+        // Slot 1 queued in 1 sample of 10 (10% > 5%).
+        let sometimes = |t: Duration, c: usize| {
+            let k = (t.as_millis() / 100) as u32;
+            (0..c).map(|s| load(s, u32::from(s == 1 && k % 10 == 0), 0.05)).collect()
+        };
+        let mut n = 2;
+        assert!(simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(90), &mut n, sometimes).is_empty());
+        // 1 in 25 (4%): calm.
+        let rarely = |t: Duration, c: usize| {
+            let k = (t.as_millis() / 100) as u32;
+            (0..c).map(|s| load(s, u32::from(s == 1 && k % 25 == 0), 0.05)).collect()
+        };
+        let mut n = 2;
+        assert_eq!(simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(31), &mut n, rarely).len(), 1);
+        // 3 workers at 0.4 core each: 1.2 cores would not fit in 2 at 0.5: kept.
+        let mut n = 3;
+        let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(90), &mut n, |_, c| every(c, 0, 0.4));
+        assert!(got.is_empty(), "{got:?}");
+    }
+
+    #[test]
+    fn a_steady_load_one_worker_serves_causes_no_decision() {
+        let (t0, mut n) = (Instant::now(), 1);
+        // A queue in 1 sample of 5, a third of a core: pressed 20% of the time.
+        let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(120), &mut n, |t, c| {
+            let k = (t.as_millis() / 100) as u32;
+            every(c, u32::from(k % 5 == 0), 0.33)
+        });
+        assert!(got.is_empty(), "{got:?}");
+    }
+
+    #[test]
+    fn a_step_up_and_back_scales_up_fast_and_down_slowly() {
+        let (t0, mut n) = (Instant::now(), 1);
+        let span = Duration::from_secs(120);
+        let heavy = |t: Duration| (Duration::from_secs(5)..Duration::from_secs(35)).contains(&t);
+        let got = simulate(&mut Autoscaler::new(B, CALM), t0, span, &mut n, |t, c| {
+            every(c, if heavy(t) { 3 } else { 0 }, 0.02)
+        });
+        let times: Vec<(u64, usize)> = got.iter().map(|g| (g.0.as_millis() as u64, g.1)).collect();
+        // Up once 3/4 of the last 2 s were pressed (1.5 s into the heavy part), again 2.1 s
+        // later; down once the last 30 s had queues in no more than 5% of the samples (28.5 s
+        // after the heavy part), then a whole calm later.
+        assert_eq!(times, vec![(6500, 2), (8600, 3), (63500, 2), (93600, 1)]);
+    }
+
+    #[test]
+    fn a_scale_down_undone_soon_doubles_the_next_calm_up_to_8x_then_is_forgotten() {
+        let t0 = Instant::now();
+        let mut a = Autoscaler::new(B, CALM);
+        assert_eq!(a.calm(t0), CALM);
+        a.changed(2, 1, "auto", "calm for 30s", t0);
+        a.changed(1, 2, "auto", "every slot's queue non-empty for 2s", t0 + Duration::from_secs(10));
+        assert_eq!(a.calm(t0 + Duration::from_secs(10)), 2 * CALM);
+        for i in 0..4 {
+            let t = t0 + Duration::from_secs(20 + i * 20);
+            a.changed(2, 1, "auto", "calm", t);
+            a.changed(1, 2, "auto", "up", t + Duration::from_secs(5));
+        }
+        assert_eq!(a.calm(t0 + Duration::from_secs(100)), 8 * CALM);
+        assert_eq!(a.calm(t0 + Duration::from_secs(85) + FLAP_FORGET), CALM);
+        // An up long after a down, or asked for by hand, is no flap.
+        let mut b = Autoscaler::new(B, CALM);
+        b.changed(2, 1, "auto", "calm", t0);
+        b.changed(1, 2, "control", "asked by control", t0 + Duration::from_secs(1));
+        b.changed(2, 3, "auto", "up", t0 + Duration::from_secs(61));
+        assert_eq!(b.calm(t0 + Duration::from_secs(61)), CALM);
+        assert_eq!(b.history().count(), 3);
+    }
+
+    #[test]
+    fn a_sample_that_does_not_count_restarts_the_windows() {
+        let (t0, n) = (Instant::now(), 1);
+        let mut a = Autoscaler::new(B, CALM);
+        for i in 0..19 {
+            a.observe(Some(Sample { at: t0 + i * SAMPLE_EVERY, slots: every(n, 2, 0.0) }));
+        }
+        a.observe(None); // a roll began
+        for i in 20..40 {
+            let now = t0 + i * SAMPLE_EVERY;
+            a.observe(Some(Sample { at: now, slots: every(n, 2, 0.0) }));
+            assert_eq!(a.decide(n, now), Decision::Hold, "sample {i}");
+        }
+        let now = t0 + 40 * SAMPLE_EVERY;
+        a.observe(Some(Sample { at: now, slots: every(n, 2, 0.0) }));
+        assert!(matches!(a.decide(n, now), Decision::Change { to: 2, .. }));
+    }
+
+    #[test]
+    fn a_count_outside_the_bounds_is_brought_back_and_the_bounds_hold() {
+        let now = Instant::now();
+        let Decision::Change { to, reason, .. } = judge(&[], 5, B, CALM, now) else { panic!() };
+        assert_eq!((to, reason.as_str()), (3, "-n 1..3 keeps between 1 and 3"));
+        let pressed: Vec<Sample> =
+            (0..30).map(|i| Sample { at: now + i * SAMPLE_EVERY, slots: every(3, 9, 1.0) }).collect();
+        assert_eq!(judge(&pressed, 3, B, CALM, now + 29 * SAMPLE_EVERY), Decision::Hold);
+        let fixed = Bounds { min: 2, max: 2 };
+        assert_eq!(judge(&pressed, 2, fixed, CALM, now + 29 * SAMPLE_EVERY), Decision::Hold);
+    }
+
+    #[test]
+    fn figures_and_spans() {
+        let now = Instant::now();
+        let mut a = Autoscaler::new(B, CALM);
+        assert_eq!(a.figures(now), Figures::default());
+        for i in 0..10u32 {
+            let slots = vec![load(0, 1, 0.5), load(1, u32::from(i % 2 == 0), 0.25)];
+            a.observe(Some(Sample { at: now + i * SAMPLE_EVERY, slots }));
+        }
+        let f = a.figures(now + 9 * SAMPLE_EVERY);
+        assert_eq!((f.samples, f.pressed, f.queued, f.cpu), (10, 0.5, 1.0, 0.75));
+        assert_eq!((span(UP_AFTER), span(CALM), span(Duration::from_millis(1500))), ("2s".into(), "30s".into(), "1.5s".into()));
+        assert_eq!(span(Duration::from_secs(240)), "4m");
+    }
+
+    #[test]
+    fn export_and_import_keep_flaps_and_history() {
+        let t0 = Instant::now();
+        let mut a = Autoscaler::new(B, CALM);
+        a.changed(2, 1, "auto", "calm for 30s", t0);
+        a.changed(1, 2, "auto", "every slot's queue non-empty for 2s", t0 + Duration::from_secs(3));
+        let mut b = Autoscaler::new(B, CALM);
+        b.import(a.export());
+        assert_eq!(b.calm(t0 + Duration::from_secs(4)), 2 * CALM);
+        assert_eq!(b.history().map(Record::text).collect::<Vec<_>>(), a.history().map(Record::text).collect::<Vec<_>>());
+    }
+}
