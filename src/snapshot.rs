@@ -37,7 +37,7 @@ pub struct SlotSnapshot {
     pub generation: u64,
     pub workers: Vec<WorkerSnapshot>,
     /// Workers of this slot that were replaced other than by a roll, by cause (`crash`,
-    /// `ready-timeout`, `watchdog`, `memory`).
+    /// `ready-timeout`, `watchdog`, `memory`, `hung`).
     pub restarts: Vec<(&'static str, u64)>,
     /// How its last worker ended (`exited with status 1`, `killed by SIGKILL`), if one did.
     pub last_exit: Option<String>,

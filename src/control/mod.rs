@@ -21,7 +21,7 @@
 
 pub mod client;
 mod json;
-mod measure;
+pub(crate) mod measure;
 mod server;
 mod status;
 mod table;

@@ -10,7 +10,7 @@
 //! | `reuse_launch_generation` | gauge | |
 //! | `reuse_launch_roll_in_progress` | gauge (0/1) | |
 //! | `reuse_launch_serving_slots` | gauge | |
-//! | `reuse_launch_restarts_total` | counter | `slot`, `cause`: crash, ready-timeout, watchdog, memory |
+//! | `reuse_launch_restarts_total` | counter | `slot`, `cause`: crash, ready-timeout, watchdog, memory, hung |
 //! | `reuse_launch_worker_rss_bytes` | gauge | `slot` |
 //! | `reuse_launch_worker_cpu_seconds_total` | counter | `slot` |
 //! | `reuse_launch_accept_queue` | gauge | `slot`, `bind` |
@@ -38,7 +38,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The restart causes always listed (at 0 until one happens), so that `increase()` works from
 /// the first one.
-pub const CAUSES: [&str; 4] = ["crash", "ready-timeout", "watchdog", "memory"];
+pub const CAUSES: [&str; 5] = ["crash", "ready-timeout", "watchdog", "memory", "hung"];
 
 /// The worker states always listed.
 pub const STATES: [&str; 5] = ["starting", "ready", "stalled", "draining", "backoff"];

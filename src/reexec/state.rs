@@ -25,8 +25,10 @@ pub struct State {
     pub workers: Vec<WorkerState>,
     /// Each worker's notify socket fd, by worker id.
     pub notify: Vec<(u64, RawFd)>,
-    /// Memory replacements under way: (new worker, slot, old worker).
-    pub memory: Vec<(u64, usize, u64)>,
+    /// Replacements under way (`--max-memory`, `--hung-timeout`): (new worker, slot, old
+    /// worker, cause). The line is `memory NEW SLOT OLD CAUSE`; an older image wrote no cause
+    /// (read as `memory`) and reads only the first three fields.
+    pub memory: Vec<(u64, usize, u64, String)>,
     pub listeners: ListenerState,
     /// The sentinel's pid and the launcher's end of its pipe.
     pub sentinel: Option<(u32, RawFd)>,
@@ -189,8 +191,8 @@ impl State {
         for (id, fd) in &self.notify {
             let _ = writeln!(o, "notify {id} {fd}");
         }
-        for (new, slot, old) in &self.memory {
-            let _ = writeln!(o, "memory {new} {slot} {old}");
+        for (new, slot, old, cause) in &self.memory {
+            let _ = writeln!(o, "memory {new} {slot} {old} {}", enc(cause));
         }
         if let Some((pid, fd)) = self.sentinel {
             let _ = writeln!(o, "sentinel {pid} {fd}");
@@ -322,6 +324,7 @@ impl State {
                     num(f.next(), "memory new")? as u64,
                     num(f.next(), "memory slot")? as usize,
                     num(f.next(), "memory old")? as u64,
+                    f.next().map_or_else(|| "memory".to_string(), dec),
                 )),
                 Some("log") => s.logs.push((
                     num(f.next(), "log fd")? as RawFd,
@@ -421,7 +424,7 @@ mod tests {
                 },
             ],
             notify: vec![(15, 9), (16, 11)],
-            memory: vec![(16, 1, 9)],
+            memory: vec![(16, 1, 9, "memory".into()), (18, 0, 15, "hung".into())],
             listeners: ListenerState {
                 mode: "reuseport".into(),
                 backlog: 4096,
@@ -448,6 +451,12 @@ mod tests {
         assert_eq!(State::decode(&text).unwrap(), sample());
         assert!(State::decode("hello\n").is_err());
         assert!(State::decode(&format!("{MAGIC}\nworker x\n")).is_err());
+    }
+
+    #[test]
+    fn a_replacement_line_without_a_cause_is_a_memory_one() {
+        let text = format!("{MAGIC}\nmemory 16 1 9\n");
+        assert_eq!(State::decode(&text).unwrap().memory, vec![(16, 1, 9, "memory".to_string())]);
     }
 
     #[test]

@@ -14,11 +14,13 @@
 
 mod commands;
 mod drain;
+mod hung;
 mod lifecycle;
 mod memory;
 mod os;
 mod publish;
 mod ready;
+mod replace;
 mod resume;
 mod routing;
 mod scale;
@@ -75,8 +77,12 @@ pub struct Supervisor<O: Os> {
     tx: Sender<Event>,
     rx: Receiver<Event>,
     shutdown: Option<Shutdown>,
-    /// `--max-memory`: samples and replacements under way.
+    /// `--max-memory`: samples over the limit.
     memory: memory::MemoryWatch,
+    /// Make-before-break replacements under way (memory, hung; see `replace`).
+    replacements: replace::Replacements,
+    /// `--hung-timeout`: how long each slot's worker has been stalled (see `hung`).
+    hung: hung::HungWatch,
     /// Ends what the workers left if the launcher dies abruptly (see `sentinel`).
     sentinel: Option<crate::sentinel::Sentinel>,
     /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU.
@@ -196,6 +202,8 @@ impl<O: Os> Supervisor<O> {
             shutdown: None,
             desired: desired_n,
             memory: Default::default(),
+            replacements: Default::default(),
+            hung: Default::default(),
             sentinel: None,
             all_ready_logged: false,
             steered: None,
@@ -342,7 +350,7 @@ impl<O: Os> Supervisor<O> {
         let actions = self.roll.step(crate::roll::Input::Tick, now);
         self.apply(actions, now);
         self.rescale(now);
-        self.memory_replacements_due(now);
+        self.replacements_due(now);
         self.watch_memory(now);
         self.reconcile(now)?;
         self.watch_queues(now);

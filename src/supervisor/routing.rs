@@ -39,7 +39,7 @@ impl<O: Os> Supervisor<O> {
         // new connections away until the old worker has exited means it cannot accept one
         // after its stop signal (servers that close accepted-but-unread connections on
         // shutdown, such as uvicorn, would drop it).
-        let stalled = |s: usize| self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s));
+        let stalled = |s: usize| self.held_out(s);
         let all: Vec<usize> =
             (0..self.slots.len()).filter(|s| self.workers.ready_on(*s) && self.slots[*s].retiring.is_none()).collect();
         let tiers: [&dyn Fn(usize) -> bool; 2] =
@@ -51,6 +51,12 @@ impl<O: Os> Supervisor<O> {
             }
         }
         all
+    }
+
+    /// `slot`'s worker is stalled, or is hung and being replaced (see `hung`): no new
+    /// connections, and its queue is relayed, even while a probation lets a hung one back in.
+    fn held_out(&self, slot: usize) -> bool {
+        self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(slot)) || self.replacements.on(slot, "hung")
     }
 
     /// Sample every slot's accept queue (every `StallWatch::EVERY`) and log stalls. The /proc
@@ -127,6 +133,7 @@ impl<O: Os> Supervisor<O> {
                 None => log::info!("{who} gets new connections again"),
             }
         }
+        self.watch_hung(now, &samples);
     }
 
     /// When the next queue sample is due (None: nothing to watch).
@@ -244,8 +251,9 @@ impl<O: Os> Supervisor<O> {
     /// Rescue the queues of the slots that are out of the serving set because they are stalled
     /// or have no ready worker, while another slot serves; release the others.
     fn rescue_stranded(&mut self, serving: &[usize]) {
+        let held: Vec<bool> = (0..self.slots.len()).map(|s| self.held_out(s)).collect();
         let Some(rescue) = &self.rescue else { return };
-        let stalled = |s: usize| self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s));
+        let stalled = |s: usize| held[s];
         for slot in 0..self.slots.len() {
             let stranded = self.shutdown.is_none()
                 && !serving.is_empty()

@@ -10,6 +10,7 @@
 //! - `control`: the control socket and the client subcommands (issue 9).
 //! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
 //! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
+//! - `hung`: `--hung-timeout` replacing deadlocked and spinning workers, never stopped ones (issue 17).
 //!
 //! Run one area with `cargo test --test it core::`.
 
@@ -18,6 +19,7 @@ mod control;
 mod conventions;
 mod core;
 mod fleet;
+mod hung;
 mod leftovers;
 mod logs;
 mod modes;
