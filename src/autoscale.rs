@@ -253,6 +253,9 @@ pub struct Autoscaler {
     /// The last automatic scale-down.
     last_down: Option<Instant>,
     history: VecDeque<Record>,
+    /// Automatic scale-ups and scale-downs so far.
+    ups: u64,
+    downs: u64,
 }
 
 /// What `reexec` hands over (times as instants; `reexec::state` makes them relative).
@@ -262,6 +265,8 @@ pub struct Saved {
     pub flap_at: Option<Instant>,
     pub last_down: Option<Instant>,
     pub history: Vec<Record>,
+    pub ups: u64,
+    pub downs: u64,
 }
 
 impl Autoscaler {
@@ -274,6 +279,8 @@ impl Autoscaler {
             flap_at: None,
             last_down: None,
             history: VecDeque::new(),
+            ups: 0,
+            downs: 0,
         }
     }
 
@@ -314,6 +321,10 @@ impl Autoscaler {
         self.samples.clear();
         if by == "auto" && to < from {
             self.last_down = Some(now);
+            self.downs += 1;
+        }
+        if by == "auto" && to > from {
+            self.ups += 1;
         }
         if by == "auto" && to > from {
             if self.last_down.is_some_and(|t| now.saturating_duration_since(t) < self.calm(now) * 2) {
@@ -325,6 +336,11 @@ impl Autoscaler {
         while self.history.len() > HISTORY {
             self.history.pop_front();
         }
+    }
+
+    /// Automatic scale-ups and scale-downs so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.ups, self.downs)
     }
 
     /// The changes made, oldest first.
@@ -347,7 +363,14 @@ impl Autoscaler {
     }
 
     pub fn export(&self) -> Saved {
-        Saved { flap: self.flap, flap_at: self.flap_at, last_down: self.last_down, history: self.history.iter().cloned().collect() }
+        Saved {
+            flap: self.flap,
+            flap_at: self.flap_at,
+            last_down: self.last_down,
+            history: self.history.iter().cloned().collect(),
+            ups: self.ups,
+            downs: self.downs,
+        }
     }
 
     pub fn import(&mut self, saved: Saved) {
@@ -355,6 +378,8 @@ impl Autoscaler {
         self.flap_at = saved.flap_at;
         self.last_down = saved.last_down;
         self.history = saved.history.into_iter().collect();
+        self.ups = saved.ups;
+        self.downs = saved.downs;
     }
 }
 
@@ -588,5 +613,6 @@ mod tests {
         b.import(a.export());
         assert_eq!(b.calm(t0 + Duration::from_secs(4)), 2 * CALM);
         assert_eq!(b.history().map(Record::text).collect::<Vec<_>>(), a.history().map(Record::text).collect::<Vec<_>>());
+        assert_eq!((b.counts(), a.counts()), ((1, 1), (1, 1)));
     }
 }

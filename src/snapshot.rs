@@ -26,6 +26,65 @@ pub struct Snapshot {
     /// A graceful or immediate stop is under way.
     pub stopping: bool,
     pub slots: Vec<SlotSnapshot>,
+    /// With `-n MIN..MAX`: the bounds, the decisions, what the policy sees now.
+    pub autoscale: Option<AutoscaleSnapshot>,
+}
+
+/// The automatic scaling (`-n MIN..MAX`, see `autoscale`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoscaleSnapshot {
+    pub min: usize,
+    pub max: usize,
+    /// The calm a scale-down needs now (`--scale-down-after`, doubled after flaps).
+    pub calm: Duration,
+    /// The last changes of the slot count, automatic or asked for, oldest first.
+    pub decisions: Vec<ScaleRecord>,
+    /// Automatic scale-ups and scale-downs so far.
+    pub ups: u64,
+    pub downs: u64,
+    /// The window of the last 2 s: its samples, the least share of them in which a serving slot
+    /// was pressed and the largest in which one had a queue (%), the workers' CPU in all
+    /// (thousandths of a core).
+    pub samples: usize,
+    pub pressed_pct: u32,
+    pub queued_pct: u32,
+    pub cpu_milli: u32,
+}
+
+/// One change of the slot count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleRecord {
+    pub ago: Duration,
+    pub from: usize,
+    pub to: usize,
+    /// `auto`, or who asked (`TTIN`, `TTOU`, `control`).
+    pub by: String,
+    pub reason: String,
+    /// When, in ms since the Unix epoch (for `/metrics`).
+    pub unix_ms: u64,
+}
+
+impl ScaleRecord {
+    /// `up` or `down`.
+    pub fn direction(&self) -> &'static str {
+        if self.to > self.from {
+            "up"
+        } else {
+            "down"
+        }
+    }
+
+    /// `scaled up to 3: every slot's queue non-empty for 2s`.
+    pub fn text(&self) -> String {
+        format!("scaled {} to {}: {}", self.direction(), self.to, self.reason)
+    }
+}
+
+impl AutoscaleSnapshot {
+    /// The last automatic decision.
+    pub fn last(&self) -> Option<&ScaleRecord> {
+        self.decisions.iter().rev().find(|d| d.by == "auto")
+    }
 }
 
 /// One slot: its workers (usually one; two during a roll or a memory replacement), its history,

@@ -34,6 +34,22 @@ pub struct State {
     pub sentinel: Option<(u32, RawFd)>,
     /// The workers' log pipes being pumped: (read end, stderr?, prefix).
     pub logs: Vec<(RawFd, bool, String)>,
+    /// `-n MIN..MAX`: the policy's memory (the bounds come from the command line again, the
+    /// count is `desired`).
+    pub autoscale: Option<AutoscaleState>,
+}
+
+/// The automatic scaling's memory: flaps (doublings, when the last was), the last automatic
+/// scale-down, the counts of automatic changes, and the recent changes (when, from, to, by,
+/// reason). Lines `autoscale FLAP FLAP_MS DOWN_MS UPS DOWNS` and `scaled MS FROM TO BY REASON`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AutoscaleState {
+    pub flap: u32,
+    pub flap_ms: Option<i64>,
+    pub last_down_ms: Option<i64>,
+    pub ups: u64,
+    pub downs: u64,
+    pub history: Vec<(i64, usize, usize, String, String)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -200,6 +216,12 @@ impl State {
         for (fd, stderr, prefix) in &self.logs {
             let _ = writeln!(o, "log {fd} {} {}", if *stderr { "err" } else { "out" }, enc(prefix));
         }
+        if let Some(a) = &self.autoscale {
+            let _ = writeln!(o, "autoscale {} {} {} {} {}", a.flap, opt(&a.flap_ms), opt(&a.last_down_ms), a.ups, a.downs);
+            for (ms, from, to, by, reason) in &a.history {
+                let _ = writeln!(o, "scaled {ms} {from} {to} {} {}", enc(by), enc(reason));
+            }
+        }
         let l = &self.listeners;
         let binds: Vec<String> = l.binds.iter().map(|(n, a)| format!("{}={}", enc(n), a)).collect();
         let fds: Vec<String> = l.sockets.iter().map(|f| f.to_string()).collect();
@@ -331,6 +353,22 @@ impl State {
                     f.next() == Some("err"),
                     dec(f.next().unwrap_or("%")),
                 )),
+                Some("autoscale") => {
+                    let a = s.autoscale.get_or_insert_with(AutoscaleState::default);
+                    a.flap = num(f.next(), "autoscale flap")? as u32;
+                    a.flap_ms = optn(f.next(), "autoscale flap time")?;
+                    a.last_down_ms = optn(f.next(), "autoscale last down")?;
+                    a.ups = num(f.next(), "autoscale ups")? as u64;
+                    a.downs = num(f.next(), "autoscale downs")? as u64;
+                }
+                Some("scaled") => {
+                    let ms = num(f.next(), "scaled time")?;
+                    let from = num(f.next(), "scaled from")? as usize;
+                    let to = num(f.next(), "scaled to")? as usize;
+                    let by = dec(f.next().unwrap_or("%"));
+                    let reason = dec(f.next().unwrap_or("%"));
+                    s.autoscale.get_or_insert_with(AutoscaleState::default).history.push((ms, from, to, by, reason));
+                }
                 Some("sentinel") => {
                     s.sentinel = Some((num(f.next(), "sentinel pid")? as u32, num(f.next(), "sentinel fd")? as RawFd))
                 }
@@ -433,6 +471,17 @@ mod tests {
             },
             sentinel: Some((777, 12)),
             logs: vec![(20, false, "[0 1234] ".into()), (21, true, "[0 1234] ".into())],
+            autoscale: Some(AutoscaleState {
+                flap: 1,
+                flap_ms: Some(-4000),
+                last_down_ms: None,
+                ups: 3,
+                downs: 1,
+                history: vec![
+                    (-9000, 1, 2, "auto".into(), "every slot's queue non-empty for 2s".into()),
+                    (-5000, 2, 1, "TTOU".into(), "asked by TTOU".into()),
+                ],
+            }),
         }
     }
 

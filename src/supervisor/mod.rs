@@ -12,6 +12,7 @@
 //! `lifecycle` (spawn, stop, reap, backoff, reconcile), `ready` (readiness, rolls), `routing`
 //! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
 
+mod autoscaling;
 mod commands;
 mod drain;
 mod hung;
@@ -85,8 +86,11 @@ pub struct Supervisor<O: Os> {
     hung: hung::HungWatch,
     /// Ends what the workers left if the launcher dies abruptly (see `sentinel`).
     sentinel: Option<crate::sentinel::Sentinel>,
-    /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU.
+    /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU, and with `-n MIN..MAX` the
+    /// automatic scaling.
     desired: usize,
+    /// `-n MIN..MAX`: the policy and its samples (see `autoscaling`).
+    autoscale: Option<autoscaling::Autoscaling>,
     all_ready_logged: bool,
     /// The slots new connections currently go to (None: all), by BPF steering in reuseport
     /// mode or by the forwarder in round-robin mode.
@@ -160,7 +164,9 @@ impl<O: Os> Supervisor<O> {
         // Sockets taken back from the fd store may be for more slots than -n: those retire.
         // As many slots as sockets (after a reexec or a scale, not -n); beyond -n they retire.
         let slots_n = listeners.slot_count().unwrap_or(cfg.workers);
-        let desired_n = cfg.workers;
+        // With -n MIN..MAX, the sockets' slots (the fd store's) are kept within the bounds.
+        let desired_n = cfg.autoscale.map_or(cfg.workers, |b| slots_n.clamp(b.min, b.max));
+        let autoscale = cfg.autoscale.map(|b| autoscaling::Autoscaling::new(b, cfg.scale_down_after));
         let slot_inodes = match cfg.ready {
             Ready::Auto(delay) => {
                 let inodes: std::io::Result<Vec<Vec<u64>>> =
@@ -184,7 +190,7 @@ impl<O: Os> Supervisor<O> {
         let cpus = cfg.pin.then(allowed_cpus);
         let now = Instant::now();
         let slots = (0..slots_n)
-            .map(|s| Slot { gen: 1, retiring: (s >= cfg.workers).then_some(now), ..Slot::default() })
+            .map(|s| Slot { gen: 1, retiring: (s >= desired_n).then_some(now), ..Slot::default() })
             .collect();
         let mut supervisor = Supervisor {
             roll: Roll::new(cfg.workers, cfg.ready_timeout),
@@ -201,6 +207,7 @@ impl<O: Os> Supervisor<O> {
             rx,
             shutdown: None,
             desired: desired_n,
+            autoscale,
             memory: Default::default(),
             replacements: Default::default(),
             hung: Default::default(),
@@ -349,6 +356,7 @@ impl<O: Os> Supervisor<O> {
         self.reporter.tick(now);
         let actions = self.roll.step(crate::roll::Input::Tick, now);
         self.apply(actions, now);
+        self.autoscale(now);
         self.rescale(now);
         self.replacements_due(now);
         self.watch_memory(now);
@@ -380,6 +388,7 @@ impl<O: Os> Supervisor<O> {
             .chain(self.next_probe())
             .chain(self.next_sample())
             .chain(self.next_memory_sample())
+            .chain(self.next_autoscale())
             .chain(self.drain_until.filter(|_| self.shutdown.is_none()))
             .chain(self.next_beat())
             .min()

@@ -147,6 +147,7 @@ impl<O: Os> Supervisor<O> {
             },
             sentinel,
             logs,
+            autoscale: self.autoscale_state(now),
         };
         (state, keep)
     }
@@ -215,6 +216,7 @@ impl<O: Os> Supervisor<O> {
             }
         }
         self.replacements.restore(&state.memory);
+        self.autoscale_resume(state.autoscale, now);
         for (fd, stderr, prefix) in state.logs {
             crate::logs::adopt(fd, stderr, prefix.into_bytes());
         }
