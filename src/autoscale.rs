@@ -84,7 +84,11 @@ pub enum Decision {
     Hold,
     /// Go to `to` slots, because of `reason` (`every slot's queue non-empty for 2s`); `figures`
     /// say how much (for the log).
-    Change { to: usize, reason: String, figures: String },
+    Change {
+        to: usize,
+        reason: String,
+        figures: String,
+    },
 }
 
 /// What the window shows, for `status`: its samples, the least share in which a serving slot
@@ -138,7 +142,7 @@ fn mean_cpu(samples: &[&Sample]) -> f32 {
 /// `2s`, `30s`, `1.5s`, `4m`.
 pub fn span(d: Duration) -> String {
     let s = d.as_secs_f64();
-    if s >= 60.0 && d.as_secs() % 60 == 0 && d.subsec_nanos() == 0 {
+    if s >= 60.0 && d.as_secs().is_multiple_of(60) && d.subsec_nanos() == 0 {
         format!("{}m", d.as_secs() / 60)
     } else if d.subsec_millis() == 0 {
         format!("{}s", d.as_secs())
@@ -326,11 +330,10 @@ impl Autoscaler {
         if by == "auto" && to > from {
             self.ups += 1;
         }
-        if by == "auto" && to > from {
-            if self.last_down.is_some_and(|t| now.saturating_duration_since(t) < self.calm(now) * 2) {
-                self.flap = (self.flaps(now) + 1).min(FLAP_MAX);
-                self.flap_at = Some(now);
-            }
+        let soon = |t: Instant| now.saturating_duration_since(t) < self.calm(now) * 2;
+        if by == "auto" && to > from && self.last_down.is_some_and(soon) {
+            self.flap = (self.flaps(now) + 1).min(FLAP_MAX);
+            self.flap_at = Some(now);
         }
         self.history.push_back(Record { at: now, from, to, by: by.to_string(), reason: reason.to_string() });
         while self.history.len() > HISTORY {
@@ -440,7 +443,10 @@ mod tests {
         // Slot 1 queued in 3 samples of 4 (75%), slot 0 always: up.
         let pattern = |t: Duration, c: usize| {
             let k = (t.as_millis() / 100) as u32;
-            vec![load(0, 2, 0.0), load(1, u32::from(k % 4 != 0), 0.0), load(2, 2, 0.0)].into_iter().take(c).collect()
+            vec![load(0, 2, 0.0), load(1, u32::from(!k.is_multiple_of(4)), 0.0), load(2, 2, 0.0)]
+                .into_iter()
+                .take(c)
+                .collect()
         };
         let mut n = 2;
         let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(3), &mut n, pattern);
@@ -448,7 +454,7 @@ mod tests {
         // In 2 of 4 (50%): never.
         let half = |t: Duration, c: usize| {
             let k = (t.as_millis() / 100) as u32;
-            vec![load(0, 2, 0.0), load(1, u32::from(k % 2 == 0), 0.0)].into_iter().take(c).collect()
+            vec![load(0, 2, 0.0), load(1, u32::from(k.is_multiple_of(2)), 0.0)].into_iter().take(c).collect()
         };
         let mut n = 2;
         assert!(simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(20), &mut n, half).is_empty());
@@ -491,14 +497,14 @@ mod tests {
         // Slot 1 queued in 1 sample of 10 (10% > 5%).
         let sometimes = |t: Duration, c: usize| {
             let k = (t.as_millis() / 100) as u32;
-            (0..c).map(|s| load(s, u32::from(s == 1 && k % 10 == 0), 0.05)).collect()
+            (0..c).map(|s| load(s, u32::from(s == 1 && k.is_multiple_of(10)), 0.05)).collect()
         };
         let mut n = 2;
         assert!(simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(90), &mut n, sometimes).is_empty());
         // 1 in 25 (4%): calm.
         let rarely = |t: Duration, c: usize| {
             let k = (t.as_millis() / 100) as u32;
-            (0..c).map(|s| load(s, u32::from(s == 1 && k % 25 == 0), 0.05)).collect()
+            (0..c).map(|s| load(s, u32::from(s == 1 && k.is_multiple_of(25)), 0.05)).collect()
         };
         let mut n = 2;
         assert_eq!(simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(31), &mut n, rarely).len(), 1);
@@ -514,7 +520,7 @@ mod tests {
         // A queue in 1 sample of 5, a third of a core: pressed 20% of the time.
         let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(120), &mut n, |t, c| {
             let k = (t.as_millis() / 100) as u32;
-            every(c, u32::from(k % 5 == 0), 0.33)
+            every(c, u32::from(k.is_multiple_of(5)), 0.33)
         });
         assert!(got.is_empty(), "{got:?}");
     }
@@ -599,7 +605,10 @@ mod tests {
         }
         let f = a.figures(now + 9 * SAMPLE_EVERY);
         assert_eq!((f.samples, f.pressed, f.queued, f.cpu), (10, 0.5, 1.0, 0.75));
-        assert_eq!((span(UP_AFTER), span(CALM), span(Duration::from_millis(1500))), ("2s".into(), "30s".into(), "1.5s".into()));
+        assert_eq!(
+            (span(UP_AFTER), span(CALM), span(Duration::from_millis(1500))),
+            ("2s".into(), "30s".into(), "1.5s".into())
+        );
         assert_eq!(span(Duration::from_secs(240)), "4m");
     }
 
@@ -612,7 +621,10 @@ mod tests {
         let mut b = Autoscaler::new(B, CALM);
         b.import(a.export());
         assert_eq!(b.calm(t0 + Duration::from_secs(4)), 2 * CALM);
-        assert_eq!(b.history().map(Record::text).collect::<Vec<_>>(), a.history().map(Record::text).collect::<Vec<_>>());
+        assert_eq!(
+            b.history().map(Record::text).collect::<Vec<_>>(),
+            a.history().map(Record::text).collect::<Vec<_>>()
+        );
         assert_eq!((b.counts(), a.counts()), ((1, 1), (1, 1)));
     }
 }

@@ -85,7 +85,13 @@ impl HungClock {
                 }
                 continue;
             };
-            let c = clock.get_or_insert(Clock { worker, since: now, unstalled_at: None, most_waiting: 0, quiet_until: None });
+            let c = clock.get_or_insert(Clock {
+                worker,
+                since: now,
+                unstalled_at: None,
+                most_waiting: 0,
+                quiet_until: None,
+            });
             c.unstalled_at = None;
             c.most_waiting = c.most_waiting.max(s.queue.unwrap_or(0));
             let stalled_for = now.saturating_duration_since(c.since);

@@ -162,7 +162,10 @@ mod tests {
         let v = parse(r#"{"pid":10,"workers":[],"autoscale":{"min":2,"max":4,"last":null}}"#).unwrap();
         assert_eq!(render(&v).lines().nth(1).unwrap(), "autoscale 2..4: no automatic decision yet");
         let v = parse(r#"{"pid":10,"workers":[],"autoscale":null}"#).unwrap();
-        assert_eq!(render(&v).lines().nth(1).unwrap(), "slot  pid  gen  state  uptime  restarts  last exit  cpu  mem  queue");
+        assert_eq!(
+            render(&v).lines().nth(1).unwrap(),
+            "slot  pid  gen  state  uptime  restarts  last exit  cpu  mem  queue"
+        );
     }
 
     #[test]

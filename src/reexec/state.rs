@@ -217,7 +217,8 @@ impl State {
             let _ = writeln!(o, "log {fd} {} {}", if *stderr { "err" } else { "out" }, enc(prefix));
         }
         if let Some(a) = &self.autoscale {
-            let _ = writeln!(o, "autoscale {} {} {} {} {}", a.flap, opt(&a.flap_ms), opt(&a.last_down_ms), a.ups, a.downs);
+            let _ =
+                writeln!(o, "autoscale {} {} {} {} {}", a.flap, opt(&a.flap_ms), opt(&a.last_down_ms), a.ups, a.downs);
             for (ms, from, to, by, reason) in &a.history {
                 let _ = writeln!(o, "scaled {ms} {from} {to} {} {}", enc(by), enc(reason));
             }

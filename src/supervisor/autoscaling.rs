@@ -15,8 +15,8 @@ use std::time::Instant;
 use super::os::Os;
 use super::Supervisor;
 use crate::autoscale::{Autoscaler, Bounds, Decision, Record, Sample, Saved, SlotLoad, CPU_EVERY, SAMPLE_EVERY};
-use crate::reexec::{at_ms, ms_from, AutoscaleState};
 use crate::control::measure;
+use crate::reexec::{at_ms, ms_from, AutoscaleState};
 use crate::snapshot::{AutoscaleSnapshot, ScaleRecord};
 use crate::steer;
 
@@ -193,10 +193,9 @@ impl<O: Os> Supervisor<O> {
     /// `-n MIN..MAX` refuses a count outside its bounds.
     pub(super) fn within_bounds(&self, wanted: usize, by: &str) -> Result<(), String> {
         match self.autoscale.as_ref().map(|a| a.policy.bounds) {
-            Some(b) if wanted < b.min || wanted > b.max => Err(format!(
-                "{by}: cannot scale to {wanted} workers: -n {b} keeps between {} and {}",
-                b.min, b.max
-            )),
+            Some(b) if wanted < b.min || wanted > b.max => {
+                Err(format!("{by}: cannot scale to {wanted} workers: -n {b} keeps between {} and {}", b.min, b.max))
+            }
             _ => Ok(()),
         }
     }

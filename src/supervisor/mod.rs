@@ -293,7 +293,7 @@ impl<O: Os> Supervisor<O> {
 
     /// The first worker of every slot; any failure to start one is fatal (nothing is left).
     fn start_all(&mut self, now: Instant) -> Result<(), Error> {
-        for slot in 0..self.cfg.workers {
+        for slot in 0..self.desired {
             if self.slots[slot].retiring.is_some() {
                 continue;
             }

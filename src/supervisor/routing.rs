@@ -104,8 +104,12 @@ impl<O: Os> Supervisor<O> {
                     }
                     _ => (false, false, None),
                 };
-                // A retiring slot is neither judged nor a sign that others keep up.
-                let queue = if self.slots[s].retiring.is_some() { None } else { queues[s] };
+                // A retiring slot is neither judged nor a sign that others keep up; nor is one
+                // without a ready worker (just added, in backoff): steering sends it nothing,
+                // so its empty queue says nothing of the others (a saturated one-at-a-time
+                // worker, whose queue refills as fast as it accepts, was taken for stalled).
+                let unserved = self.slots[s].retiring.is_some() || !self.workers.ready_on(s);
+                let queue = if unserved { None } else { queues[s] };
                 Sample { worker: workers[s], queue, cpu, stopped, running }
             })
             .collect();

@@ -17,9 +17,7 @@ use nix::sys::signal::Signal;
 
 use crate::common::*;
 
-#[allow(dead_code)]
-#[path = "../../src/control/json.rs"]
-mod json;
+use crate::json;
 
 use json::Value;
 

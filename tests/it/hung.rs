@@ -10,9 +10,7 @@ use nix::sys::signal::Signal;
 
 use crate::common::*;
 
-#[allow(dead_code)]
-#[path = "../../src/control/json.rs"]
-mod json;
+use crate::json;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const GRACE: Duration = Duration::from_secs(1);

@@ -10,16 +10,22 @@
 //! - `control`: the control socket and the client subcommands (issue 9).
 //! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
 //! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
+//! - `autoscale`: `-n MIN..MAX` following the load up and down, and not moving under a steady one (issue 17).
 //! - `hung`: `--hung-timeout` replacing deadlocked and spinning workers, never stopped ones (issue 17).
 //!
 //! Run one area with `cargo test --test it core::`.
 
+mod autoscale;
 mod common;
 mod control;
 mod conventions;
 mod core;
 mod fleet;
 mod hung;
+/// The launcher's own small JSON (status --json is parsed with it).
+#[allow(dead_code)]
+#[path = "../../src/control/json.rs"]
+mod json;
 mod leftovers;
 mod logs;
 mod modes;
