@@ -5,13 +5,17 @@
 //!
 //! The policy (its constants are below; the README has the measurements behind them):
 //! - Every [`SAMPLE_EVERY`], each serving slot's accept queue (the longest over its binds) and
-//!   its worker's CPU (its process group's, read every [`CPU_EVERY`], in cores). A slot is
-//!   *pressed* when connections wait in its queue or its worker used [`CPU_BUSY`] of a core or
-//!   more (a single-threaded server at its limit: Node accepts eagerly and keeps its queue
-//!   empty while it burns its core).
-//! - **Up** (one slot): every serving slot pressed in [`UP_SHARE`] of the samples of the last
-//!   [`UP_AFTER`], all of them taken while every kept slot had a ready worker (so a slot just
-//!   added counts only once it serves).
+//!   its worker's CPU (its process group's, read every [`CPU_EVERY`], in cores). A sample is
+//!   *pressed* when at least as many connections wait, in all the serving slots' queues, as
+//!   there are serving slots (the workers cannot keep up: every request waits for another on
+//!   average), or when the workers used [`CPU_BUSY`] of a core each or more (single-threaded
+//!   servers at their limit: Node accepts eagerly and keeps its queue empty while it burns its
+//!   core). Totals, not every slot's own queue: the kernel's hash spreads new connections
+//!   unevenly, and with 8 clients on 2 one-at-a-time workers one of the two queues was empty in
+//!   a third of the samples while both workers were saturated.
+//! - **Up** (one slot): [`UP_SHARE`] of the samples of the last [`UP_AFTER`] pressed, all of
+//!   them taken while every kept slot had a ready worker (so a slot just added counts only once
+//!   it serves).
 //! - **Down** (the highest slot): for the whole calm ([`Autoscaler::calm`]: `--scale-down-after`,
 //!   30 s by default) no slot's queue non-empty in more than [`CALM_QUEUE`] of the samples, and
 //!   the workers' CPU all together at most [`CALM_CPU`] of a core per slot that would remain.
@@ -34,11 +38,11 @@ pub use crate::cli::Bounds;
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// How often the workers' CPU is read (a scan of /proc); samples in between carry the last.
 pub const CPU_EVERY: Duration = Duration::from_secs(1);
-/// How long every slot must be pressed before one is added.
+/// How long the slots must be pressed before one is added.
 pub const UP_AFTER: Duration = Duration::from_secs(2);
-/// The share of [`UP_AFTER`]'s samples in which each slot must be pressed.
+/// The share of [`UP_AFTER`]'s samples that must be pressed.
 pub const UP_SHARE: f64 = 0.75;
-/// A worker that used this much of a core (over [`CPU_EVERY`]) is pressed.
+/// Workers that used this much of a core each (over [`CPU_EVERY`]) are pressed.
 pub const CPU_BUSY: f32 = 0.9;
 /// During the calm, no slot's queue may be non-empty in more than this share of the samples.
 pub const CALM_QUEUE: f64 = 0.05;
@@ -65,10 +69,6 @@ impl SlotLoad {
     fn queued(&self) -> bool {
         self.queue.is_some_and(|q| q > 0)
     }
-
-    fn busy(&self) -> bool {
-        self.cpu.is_some_and(|c| c >= CPU_BUSY)
-    }
 }
 
 /// The serving slots at one moment. Only samples taken while every kept slot had a ready
@@ -82,7 +82,7 @@ pub struct Sample {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Hold,
-    /// Go to `to` slots, because of `reason` (`every slot's queue non-empty for 2s`); `figures`
+    /// Go to `to` slots, because of `reason` (`at least one connection waiting per slot for 2s`); `figures`
     /// say how much (for the log).
     Change {
         to: usize,
@@ -91,34 +91,68 @@ pub enum Decision {
     },
 }
 
-/// What the window shows, for `status`: its samples, the least share in which a serving slot
-/// was pressed, the largest share in which one had a queue, the workers' mean CPU in all.
+impl Sample {
+    /// Connections waiting in all the serving slots' queues.
+    fn waiting(&self) -> u32 {
+        self.slots.iter().filter_map(|l| l.queue).sum()
+    }
+
+    /// The workers' CPU in all, in cores.
+    fn cpu(&self) -> f32 {
+        self.slots.iter().filter_map(|l| l.cpu).sum()
+    }
+
+    /// At least one connection waiting per serving slot.
+    fn backed_up(&self) -> bool {
+        !self.slots.is_empty() && self.waiting() as usize >= self.slots.len()
+    }
+
+    /// The workers at [`CPU_BUSY`] of a core each or more.
+    fn busy(&self) -> bool {
+        !self.slots.is_empty() && self.cpu() >= CPU_BUSY * self.slots.len() as f32
+    }
+
+    fn pressed(&self) -> bool {
+        self.backed_up() || self.busy()
+    }
+}
+
+/// What the window shows, for `status`: its samples, the share of them pressed, the
+/// connections waiting in all (mean), the largest share in which one slot had a queue, the
+/// workers' mean CPU in all.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Figures {
     pub samples: usize,
     pub pressed: f64,
+    pub waiting: f64,
     pub queued: f64,
     pub cpu: f32,
 }
 
-/// Per slot over some samples: in how many present, pressed, queued, CPU-busy.
-#[derive(Debug, Default, Clone, Copy)]
-struct Tally {
-    present: usize,
-    pressed: usize,
-    queued: usize,
-    busy: usize,
+/// In how many of `samples` slot `slot` served, and had a queue.
+fn queued_share(samples: &[&Sample], slot: usize) -> f64 {
+    let (mut present, mut queued) = (0, 0);
+    for l in samples.iter().flat_map(|s| s.slots.iter().filter(|l| l.slot == slot)) {
+        present += 1;
+        queued += usize::from(l.queued());
+    }
+    share(queued, present)
 }
 
-fn tally(samples: &[&Sample], slot: usize) -> Tally {
-    let mut t = Tally::default();
-    for l in samples.iter().flat_map(|s| s.slots.iter().filter(|l| l.slot == slot)) {
-        t.present += 1;
-        t.pressed += usize::from(l.queued() || l.busy());
-        t.queued += usize::from(l.queued());
-        t.busy += usize::from(l.busy());
-    }
-    t
+/// The largest share of `samples` in which one slot had a queue.
+fn most_queued(samples: &[&Sample]) -> f64 {
+    let mut slots: Vec<usize> = samples.iter().flat_map(|s| s.slots.iter().map(|l| l.slot)).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    slots.iter().map(|s| queued_share(samples, *s)).fold(0.0, f64::max)
+}
+
+fn how_many(samples: &[&Sample], f: fn(&Sample) -> bool) -> usize {
+    samples.iter().filter(|s| f(s)).count()
+}
+
+fn mean_waiting(samples: &[&Sample]) -> f64 {
+    share(samples.iter().map(|s| s.waiting() as usize).sum(), samples.len())
 }
 
 fn share(n: usize, of: usize) -> f64 {
@@ -131,7 +165,7 @@ fn share(n: usize, of: usize) -> f64 {
 
 /// The workers' CPU in all, averaged over `samples`.
 fn mean_cpu(samples: &[&Sample]) -> f32 {
-    let total: f32 = samples.iter().map(|s| s.slots.iter().filter_map(|l| l.cpu).sum::<f32>()).sum();
+    let total: f32 = samples.iter().map(|s| s.cpu()).sum();
     if samples.is_empty() {
         0.0
     } else {
@@ -182,26 +216,23 @@ pub fn judge(samples: &[Sample], count: usize, bounds: Bounds, calm: Duration, n
 
 fn up(samples: &[Sample], count: usize, now: Instant) -> Option<Decision> {
     let window = covering(samples, UP_AFTER, now)?;
-    let last = window.last()?;
-    if last.slots.is_empty() {
+    let n = window.len();
+    let pressed = how_many(&window, Sample::pressed);
+    if n == 0 || share(pressed, n) < UP_SHARE {
         return None;
     }
-    let tallies: Vec<Tally> = last.slots.iter().map(|l| tally(&window, l.slot)).collect();
-    let pressed = |t: &Tally| t.present * 2 >= window.len() && share(t.pressed, t.present) >= UP_SHARE;
-    if !tallies.iter().all(pressed) {
-        return None;
-    }
-    let every = |f: fn(&Tally) -> usize| tallies.iter().all(|t| share(f(t), t.present) >= UP_SHARE);
-    let what = match (every(|t| t.queued), every(|t| t.busy)) {
-        (true, _) => "every slot's queue non-empty".to_string(),
-        (false, true) => format!("every worker at {:.0}% CPU or more", CPU_BUSY * 100.0),
-        _ => format!("every slot's queue non-empty or its worker at {:.0}% CPU or more", CPU_BUSY * 100.0),
+    let what = match (
+        share(how_many(&window, Sample::backed_up), n) >= UP_SHARE,
+        share(how_many(&window, Sample::busy), n) >= UP_SHARE,
+    ) {
+        (true, _) => "at least one connection waiting per slot".to_string(),
+        (false, true) => format!("the workers at {:.0}% of a core each or more", CPU_BUSY * 100.0),
+        _ => "connections waiting or the workers' CPU at its limit".to_string(),
     };
-    let least = tallies.iter().map(|t| share(t.pressed, t.present)).fold(1.0, f64::min);
     let figures = format!(
-        "each slot pressed in {:.0}% of {} samples or more; workers at {:.2} CPU in all",
-        least * 100.0,
-        window.len(),
+        "pressed in {:.0}% of {n} samples; {:.1} connections waiting on average; workers at {:.2} CPU in all",
+        share(pressed, n) * 100.0,
+        mean_waiting(&window),
         mean_cpu(&window)
     );
     Some(Decision::Change { to: count + 1, reason: format!("{what} for {}", span(UP_AFTER)), figures })
@@ -209,10 +240,7 @@ fn up(samples: &[Sample], count: usize, now: Instant) -> Option<Decision> {
 
 fn down(samples: &[Sample], count: usize, calm: Duration, now: Instant) -> Option<Decision> {
     let window = covering(samples, calm, now)?;
-    let mut slots: Vec<usize> = window.iter().flat_map(|s| s.slots.iter().map(|l| l.slot)).collect();
-    slots.sort_unstable();
-    slots.dedup();
-    let most_queued = slots.iter().map(|s| tally(&window, *s)).map(|t| share(t.queued, t.present)).fold(0.0, f64::max);
+    let most_queued = most_queued(&window);
     let cpu = mean_cpu(&window);
     if most_queued > CALM_QUEUE || cpu > CALM_CPU * (count - 1) as f32 {
         return None;
@@ -237,7 +265,7 @@ pub struct Record {
 }
 
 impl Record {
-    /// `scaled up to 3: every slot's queue non-empty for 2s`.
+    /// `scaled up to 3: at least one connection waiting per slot for 2s`.
     pub fn text(&self) -> String {
         let dir = if self.to > self.from { "up" } else { "down" };
         format!("scaled {dir} to {}: {}", self.to, self.reason)
@@ -355,12 +383,11 @@ impl Autoscaler {
     pub fn figures(&self, now: Instant) -> Figures {
         let start = now.checked_sub(UP_AFTER).unwrap_or(now);
         let window: Vec<&Sample> = self.samples.iter().filter(|s| s.at >= start).collect();
-        let Some(last) = window.last() else { return Figures::default() };
-        let tallies: Vec<Tally> = last.slots.iter().map(|l| tally(&window, l.slot)).collect();
         Figures {
             samples: window.len(),
-            pressed: tallies.iter().map(|t| share(t.pressed, t.present)).fold(1.0, f64::min),
-            queued: tallies.iter().map(|t| share(t.queued, t.present)).fold(0.0, f64::max),
+            pressed: share(how_many(&window, Sample::pressed), window.len()),
+            waiting: mean_waiting(&window),
+            queued: most_queued(&window),
             cpu: mean_cpu(&window),
         }
     }
@@ -427,23 +454,26 @@ mod tests {
     }
 
     #[test]
-    fn every_queue_non_empty_for_2s_adds_one_slot_at_a_time_up_to_max() {
+    fn a_connection_waiting_per_slot_for_2s_adds_one_slot_at_a_time_up_to_max() {
         let (t0, mut n) = (Instant::now(), 1);
         let mut a = Autoscaler::new(B, CALM);
         let got = simulate(&mut a, t0, Duration::from_secs(10), &mut n, |_, c| every(c, 4, 0.05));
         let times: Vec<(Duration, usize)> = got.iter().map(|g| (g.0, g.1)).collect();
         assert_eq!(times, vec![(2000 * MS, 2), (4100 * MS, 3)], "{got:?}");
-        assert_eq!(got[0].2, "every slot's queue non-empty for 2s");
-        assert_eq!(a.history().last().unwrap().text(), "scaled up to 3: every slot's queue non-empty for 2s");
+        assert_eq!(got[0].2, "at least one connection waiting per slot for 2s");
+        assert_eq!(
+            a.history().last().unwrap().text(),
+            "scaled up to 3: at least one connection waiting per slot for 2s"
+        );
     }
 
     #[test]
-    fn up_needs_three_quarters_of_the_samples_of_every_slot() {
+    fn up_needs_three_quarters_of_the_samples_pressed() {
         let t0 = Instant::now();
-        // Slot 1 queued in 3 samples of 4 (75%), slot 0 always: up.
+        // Two slots, 2 waiting in 3 samples of 4 (75%), 1 in the fourth: up.
         let pattern = |t: Duration, c: usize| {
             let k = (t.as_millis() / 100) as u32;
-            vec![load(0, 2, 0.0), load(1, u32::from(!k.is_multiple_of(4)), 0.0), load(2, 2, 0.0)]
+            vec![load(0, 1, 0.0), load(1, u32::from(!k.is_multiple_of(4)), 0.0), load(2, 2, 0.0)]
                 .into_iter()
                 .take(c)
                 .collect()
@@ -454,7 +484,7 @@ mod tests {
         // In 2 of 4 (50%): never.
         let half = |t: Duration, c: usize| {
             let k = (t.as_millis() / 100) as u32;
-            vec![load(0, 2, 0.0), load(1, u32::from(k.is_multiple_of(2)), 0.0)].into_iter().take(c).collect()
+            vec![load(0, 1, 0.0), load(1, u32::from(k.is_multiple_of(2)), 0.0)].into_iter().take(c).collect()
         };
         let mut n = 2;
         assert!(simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(20), &mut n, half).is_empty());
@@ -464,20 +494,30 @@ mod tests {
     fn busy_cpus_count_as_pressure_and_say_so() {
         let (t0, mut n) = (Instant::now(), 1);
         let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(2), &mut n, |_, c| every(c, 0, 0.97));
-        assert_eq!(got[0].2, "every worker at 90% CPU or more for 2s");
-        let mixed = |_: Duration, _: usize| vec![load(0, 3, 0.1), load(1, 0, 0.95)];
+        assert_eq!(got[0].2, "the workers at 90% of a core each or more for 2s");
+        // Half the samples backed up, the other half busy: pressed throughout, by neither alone.
+        let mixed = |t: Duration, _: usize| {
+            let k = (t.as_millis() / 100) as u32;
+            let (q, cpu) = if k.is_multiple_of(2) { (2, 0.1) } else { (0, 0.95) };
+            vec![load(0, q, cpu), load(1, 0, cpu)]
+        };
         let mut n = 2;
         let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(2), &mut n, mixed);
-        assert_eq!(got[0].2, "every slot's queue non-empty or its worker at 90% CPU or more for 2s");
+        assert_eq!(got[0].2, "connections waiting or the workers' CPU at its limit for 2s");
     }
 
     #[test]
-    fn a_slot_with_an_empty_queue_holds_the_others_back() {
-        let (t0, mut n) = (Instant::now(), 2);
-        let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(20), &mut n, |_, _| {
-            vec![load(0, 5, 0.3), load(1, 0, 0.3)]
-        });
-        assert!(got.is_empty(), "{got:?}");
+    fn uneven_queues_count_in_all() {
+        let t0 = Instant::now();
+        // One connection waiting on two slots: no pressure.
+        let mut n = 2;
+        let one = |_: Duration, _: usize| vec![load(0, 1, 0.3), load(1, 0, 0.3)];
+        assert!(simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(20), &mut n, one).is_empty());
+        // Five on one slot, none on the other (the hash is uneven): the workers cannot keep up.
+        let mut n = 2;
+        let uneven = |_: Duration, c: usize| (0..c).map(|s| load(s, if s == 0 { 5 } else { 0 }, 0.3)).collect();
+        let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(2), &mut n, uneven);
+        assert_eq!(got.len(), 1, "{got:?}");
     }
 
     #[test]
@@ -517,7 +557,7 @@ mod tests {
     #[test]
     fn a_steady_load_one_worker_serves_causes_no_decision() {
         let (t0, mut n) = (Instant::now(), 1);
-        // A queue in 1 sample of 5, a third of a core: pressed 20% of the time.
+        // A connection waiting in 1 sample of 5, a third of a core: pressed 20% of the time.
         let got = simulate(&mut Autoscaler::new(B, CALM), t0, Duration::from_secs(120), &mut n, |t, c| {
             let k = (t.as_millis() / 100) as u32;
             every(c, u32::from(k.is_multiple_of(5)), 0.33)
@@ -546,7 +586,7 @@ mod tests {
         let mut a = Autoscaler::new(B, CALM);
         assert_eq!(a.calm(t0), CALM);
         a.changed(2, 1, "auto", "calm for 30s", t0);
-        a.changed(1, 2, "auto", "every slot's queue non-empty for 2s", t0 + Duration::from_secs(10));
+        a.changed(1, 2, "auto", "at least one connection waiting per slot for 2s", t0 + Duration::from_secs(10));
         assert_eq!(a.calm(t0 + Duration::from_secs(10)), 2 * CALM);
         for i in 0..4 {
             let t = t0 + Duration::from_secs(20 + i * 20);
@@ -600,11 +640,11 @@ mod tests {
         let mut a = Autoscaler::new(B, CALM);
         assert_eq!(a.figures(now), Figures::default());
         for i in 0..10u32 {
-            let slots = vec![load(0, 1, 0.5), load(1, u32::from(i % 2 == 0), 0.25)];
+            let slots = vec![load(0, 1, 0.5), load(1, u32::from(i.is_multiple_of(2)), 0.25)];
             a.observe(Some(Sample { at: now + i * SAMPLE_EVERY, slots }));
         }
         let f = a.figures(now + 9 * SAMPLE_EVERY);
-        assert_eq!((f.samples, f.pressed, f.queued, f.cpu), (10, 0.5, 1.0, 0.75));
+        assert_eq!((f.samples, f.pressed, f.waiting, f.queued, f.cpu), (10, 0.5, 1.5, 1.0, 0.75));
         assert_eq!(
             (span(UP_AFTER), span(CALM), span(Duration::from_millis(1500))),
             ("2s".into(), "30s".into(), "1.5s".into())
@@ -617,7 +657,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Autoscaler::new(B, CALM);
         a.changed(2, 1, "auto", "calm for 30s", t0);
-        a.changed(1, 2, "auto", "every slot's queue non-empty for 2s", t0 + Duration::from_secs(3));
+        a.changed(1, 2, "auto", "at least one connection waiting per slot for 2s", t0 + Duration::from_secs(3));
         let mut b = Autoscaler::new(B, CALM);
         b.import(a.export());
         assert_eq!(b.calm(t0 + Duration::from_secs(4)), 2 * CALM);

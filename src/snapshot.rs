@@ -42,11 +42,12 @@ pub struct AutoscaleSnapshot {
     /// Automatic scale-ups and scale-downs so far.
     pub ups: u64,
     pub downs: u64,
-    /// The window of the last 2 s: its samples, the least share of them in which a serving slot
-    /// was pressed and the largest in which one had a queue (%), the workers' CPU in all
-    /// (thousandths of a core).
+    /// The window of the last 2 s: its samples, the share of them pressed (%), the connections
+    /// waiting in all (mean, hundredths), the largest share in which one slot had a queue (%),
+    /// the workers' CPU in all (thousandths of a core).
     pub samples: usize,
     pub pressed_pct: u32,
+    pub waiting_centi: u32,
     pub queued_pct: u32,
     pub cpu_milli: u32,
 }
@@ -74,7 +75,7 @@ impl ScaleRecord {
         }
     }
 
-    /// `scaled up to 3: every slot's queue non-empty for 2s`.
+    /// `scaled up to 3: at least one connection waiting per slot for 2s`.
     pub fn text(&self) -> String {
         format!("scaled {} to {}: {}", self.direction(), self.to, self.reason)
     }

@@ -90,6 +90,7 @@ fn autoscale(a: &AutoscaleSnapshot) -> Value {
             Value::obj([
                 ("samples", a.samples.into()),
                 ("pressed", pct(a.pressed_pct)),
+                ("waiting", pct(a.waiting_centi)),
                 ("queued", pct(a.queued_pct)),
                 ("cpu", Value::Num(f64::from(a.cpu_milli) / 1000.0)),
             ]),

@@ -70,7 +70,7 @@ pub fn render(status: &Value) -> String {
     out
 }
 
-/// `autoscale 1..3 (2 desired): scaled up to 3: every slot's queue non-empty for 2s (4.1s ago)`.
+/// `autoscale 1..3 (2 desired): scaled up to 3: at least one connection waiting per slot for 2s (4.1s ago)`.
 fn autoscale(a: &Value) -> String {
     let n = |k: &str| a.get(k).and_then(Value::as_u64).unwrap_or(0);
     let bounds = format!("autoscale {}..{}", n("min"), n("max"));
@@ -151,13 +151,13 @@ mod tests {
     fn the_autoscale_line_shows_the_bounds_and_the_last_decision() {
         let v = parse(
             r#"{"pid":10,"mode":"reuseport","binds":[],"generation":1,"desired":3,"ready":3,"workers":[],
-            "autoscale":{"min":1,"max":3,"last":{"text":"scaled up to 3: every slot's queue non-empty for 2s","ago_s":4.12}}}"#,
+            "autoscale":{"min":1,"max":3,"last":{"text":"scaled up to 3: at least one connection waiting per slot for 2s","ago_s":4.12}}}"#,
         )
         .unwrap();
         let t = render(&v);
         assert_eq!(
             t.lines().nth(1).unwrap(),
-            "autoscale 1..3: scaled up to 3: every slot's queue non-empty for 2s (4.1s ago)"
+            "autoscale 1..3: scaled up to 3: at least one connection waiting per slot for 2s (4.1s ago)"
         );
         let v = parse(r#"{"pid":10,"workers":[],"autoscale":{"min":2,"max":4,"last":null}}"#).unwrap();
         assert_eq!(render(&v).lines().nth(1).unwrap(), "autoscale 2..4: no automatic decision yet");

@@ -479,7 +479,7 @@ mod tests {
                 ups: 3,
                 downs: 1,
                 history: vec![
-                    (-9000, 1, 2, "auto".into(), "every slot's queue non-empty for 2s".into()),
+                    (-9000, 1, 2, "auto".into(), "at least one connection waiting per slot for 2s".into()),
                     (-5000, 2, 1, "TTOU".into(), "asked by TTOU".into()),
                 ],
             }),

@@ -61,6 +61,7 @@ impl Autoscaling {
             downs,
             samples: f.samples,
             pressed_pct: (f.pressed * 100.0).round() as u32,
+            waiting_centi: (f.waiting * 100.0).round() as u32,
             queued_pct: (f.queued * 100.0).round() as u32,
             cpu_milli: (f.cpu * 1000.0).round() as u32,
         }

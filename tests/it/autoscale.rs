@@ -98,7 +98,7 @@ fn eight_busy_clients_bring_three_workers_and_the_count_returns_to_one() {
     let (ok, failures) = load.finish();
     let down = Instant::now();
     let last = s.get("autoscale").unwrap().get("last").unwrap().get("text").unwrap().as_str().unwrap().to_string();
-    assert_eq!(last, "scaled up to 3: every slot's queue non-empty for 2s");
+    assert_eq!(last, "scaled up to 3: at least one connection waiting per slot for 2s");
     let s = wait_status(&l, &control, secs(90), "back to 1 worker", |s| settled_at(s, 1));
     eprintln!("load stopped: back to 1 worker after {:?}", down.elapsed());
     assert!(failures.is_empty(), "{} of {} failed while scaling up: {failures:?}", failures.len(), ok);
@@ -106,8 +106,8 @@ fn eight_busy_clients_bring_three_workers_and_the_count_returns_to_one() {
     assert_eq!(
         auto,
         [
-            "scaled up to 2: every slot's queue non-empty for 2s",
-            "scaled up to 3: every slot's queue non-empty for 2s",
+            "scaled up to 2: at least one connection waiting per slot for 2s",
+            "scaled up to 3: at least one connection waiting per slot for 2s",
             "scaled down to 2: calm for 5s",
             "scaled down to 1: calm for 5s",
         ],
