@@ -4,8 +4,8 @@
 //!
 //! Every [`SAMPLE_EVERY`]: each serving slot's accept queue (the longest over its binds,
 //! `TCP_INFO` on the listeners the launcher holds) and, every [`CPU_EVERY`], the CPU its ready
-//! worker's process group used since the reading before (one scan of /proc for the members,
-//! then `/proc/PID/stat` of each). A sample counts only while no roll runs, the launcher is not
+//! worker's process group used since the reading before (`/proc/PID/stat` of each member; the
+//! members from a scan of /proc at most every [`MEMBERS_EVERY`], or when a worker is new). A sample counts only while no roll runs, the launcher is not
 //! stopping or draining, and every kept slot has a ready worker; any other sample starts the
 //! policy's windows again.
 
@@ -29,7 +29,14 @@ pub(super) struct Autoscaling {
     ticks: HashMap<i32, (Instant, u64)>,
     /// Cores each slot's worker used between its last two readings.
     cores: HashMap<usize, f32>,
+    /// The processes of each worker's group (by worker pid), from the last scan of /proc.
+    members: HashMap<i32, Vec<i32>>,
+    members_at: Option<Instant>,
 }
+
+/// How long a scan of /proc for the workers' process groups is trusted (a scan visits every
+/// process of the machine; reading the members' CPU is a few small reads).
+const MEMBERS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Autoscaling {
     pub(super) fn new(bounds: Bounds, down_after: std::time::Duration) -> Autoscaling {
@@ -39,6 +46,8 @@ impl Autoscaling {
             next_cpu: None,
             ticks: HashMap::new(),
             cores: HashMap::new(),
+            members: HashMap::new(),
+            members_at: None,
         }
     }
 
@@ -121,10 +130,16 @@ impl<O: Os> Supervisor<O> {
             })
             .collect();
         let pids: Vec<i32> = workers.iter().map(|w| w.1).collect();
-        let groups = crate::readiness::groups_members(&pids);
+        let Some(a) = &mut self.autoscale else { return };
+        let stale = a.members_at.is_none_or(|t| now.saturating_duration_since(t) >= MEMBERS_EVERY);
+        if stale || pids.iter().any(|p| !a.members.contains_key(p)) {
+            a.members = pids.iter().copied().zip(crate::readiness::groups_members(&pids)).collect();
+            a.members_at = Some(now);
+        }
+        let groups: Vec<Vec<i32>> =
+            pids.iter().map(|p| a.members.get(p).cloned().unwrap_or_else(|| vec![*p])).collect();
         let ticks = measure::read_ticks(&groups);
         let hz = measure::clock_ticks_per_second();
-        let Some(a) = &mut self.autoscale else { return };
         a.next_cpu = Some(now + CPU_EVERY);
         a.cores.clear();
         let mut seen = HashMap::new();
