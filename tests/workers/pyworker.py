@@ -31,7 +31,8 @@ the tests:
                          request): connections beyond the one in service wait in the accept queue
     --poison             two requests poison the worker, which then never accepts again:
                          GET /deadlock blocks forever (no CPU), GET /spin loops forever (100% of a
-                         core); each prints `poisoned by /deadlock` (or /spin) on stderr first
+                         core), with or without a query; each prints `poisoned by PATH` on
+                         stderr first
 """
 import argparse
 import os
@@ -101,7 +102,7 @@ def poisoned(path):
     sys.stderr.write("poisoned by %s\n" % path)
     sys.stderr.flush()
     ACCEPT_LOCK.acquire()  # the accepting thread now blocks before its next accept
-    if path == "/spin":
+    if path.startswith("/spin"):
         while True:
             pass
     threading.Event().wait()
@@ -114,7 +115,7 @@ class Handler(BaseHTTPRequestHandler):
     poison = False
 
     def do_GET(self):
-        if self.poison and self.path in ("/deadlock", "/spin"):
+        if self.poison and self.path.split("?")[0] in ("/deadlock", "/spin"):
             poisoned(self.path)
         if self.delay and (not self.slow_if_file or os.path.exists(self.slow_if_file)):
             time.sleep(self.delay)
