@@ -55,6 +55,7 @@ def parse_args(argv):
     p.add_argument("--light", type=int, default=1, help="clients in the light phases (default 1)")
     p.add_argument("--heavy", type=int, default=6, help="clients in the heavy phase (default 6)")
     p.add_argument("--delay", type=float, default=0.05, help="seconds per request (default 0.05)")
+    p.add_argument("--mode", default="reuseport", help="the launcher's --mode (default reuseport)")
     p.add_argument("--phases", help="seconds of light,heavy,light (default: by size)")
     p.add_argument("--rounds", type=int, help="rounds (default: by size)")
     p.add_argument("--scale-down-after", help="--scale-down-after of the auto configuration")
@@ -98,17 +99,19 @@ def render_md(args, configs, summaries, info) -> str:
     by = {c.name: [s for s in summaries if s["config"] == c.name] for c in configs}
     out = [f"# Automatic scaling under a step of load ({info['date']}, commit {info['commit']})", "",
            f"`{info['command']}`; {os.cpu_count()} CPUs; load average {info['load_start']} at start, "
-           f"{info['load_end']} at end. Workers: `pyworker.py --serial --handle-delay {args.delay}`; "
+           f"{info['load_end']} at end. `--mode {args.mode}`; workers: `pyworker.py --serial --handle-delay {args.delay}`; "
            f"load: {args.light} client(s) for {args.seconds[0]:.0f} s, {args.heavy} for {args.seconds[1]:.0f} s, "
            f"{args.light} for {args.seconds[2]:.0f} s (closed loop, new connection per request); "
            f"{args.rounds} round(s), medians over rounds.", "",
-           "| configuration | requests | failed | p50 ms | p99 ms | p99 ms, heavy phase | mean workers | most | launcher CPU |",
+           "| configuration | requests | failed | p50 ms | p99 ms | heavy phase: requests, mean ms, p99 ms "
+           "| mean workers | most | launcher CPU |",
            "|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
         rows = by[c.name]
-        heavy = median([list(r["phases"].values())[1]["p99_ms"] for r in rows])
+        heavy = {k: median([list(r["phases"].values())[1][k] for r in rows]) for k in ("requests", "mean_ms", "p99_ms")}
         out.append(f"| {c.title} | {pooled(rows, 'requests'):.0f} | {sum(r['failed'] for r in rows)} | "
-                   f"{pooled(rows, 'p50_ms'):.1f} | {pooled(rows, 'p99_ms'):.1f} | {heavy:.1f} | "
+                   f"{pooled(rows, 'p50_ms'):.1f} | {pooled(rows, 'p99_ms'):.1f} | "
+                   f"{heavy['requests']:.0f}, {heavy['mean_ms']:.1f}, {heavy['p99_ms']:.1f} | "
                    f"{pooled(rows, 'mean_workers'):.2f} | {max(r['most_workers'] for r in rows)} | "
                    f"{pooled(rows, 'launcher_cpu_pct'):.2f}% |")
     auto, fixed = by["auto"], by["fixed-n"]
@@ -192,7 +195,8 @@ def main(argv) -> int:
             order = configs[r % 3:] + configs[:r % 3]
             for c in order:
                 print(f"autoscale bench: round {r + 1}, {c.title}", flush=True)
-                runs.append(steps.run_config(registry, binary, c, phases, args.delay, args.scale_down_after, raw, r + 1))
+                runs.append(steps.run_config(registry, binary, c, phases, args.delay, args.scale_down_after, raw, r + 1,
+                                             args.mode))
     except KeyboardInterrupt:
         print("interrupted: stopping everything the bench started", flush=True)
         return 130

@@ -129,12 +129,12 @@ def status(binary: str, control: Path) -> Optional[dict]:
 
 
 def run_config(registry: procs.Registry, binary: str, cfg: Config, phases: List[Phase], delay: float,
-               scale_down_after: Optional[str], raw: Path, round_: int) -> Run:
+               scale_down_after: Optional[str], raw: Path, round_: int, mode: str = "reuseport") -> Run:
     port = procs.free_port()
     control = raw / f"{cfg.name}-r{round_}.sock"
     control.unlink(missing_ok=True)
-    argv = [binary, "-n", cfg.workers, "-b", f"127.0.0.1:{port}", "--ready", "auto", "--grace", "10s",
-            "--control", str(control)]
+    argv = [binary, "-n", cfg.workers, "-b", f"127.0.0.1:{port}", "--mode", mode, "--ready", "auto",
+            "--grace", "10s", "--control", str(control)]
     if cfg.auto and scale_down_after:
         argv += ["--scale-down-after", scale_down_after]
     argv += ["--", sys.executable, str(PYWORKER), "--serial", "--handle-delay", str(delay)]
@@ -208,7 +208,8 @@ def summary(run: Run, phases: List[Phase]) -> dict:
     per_phase = {}
     for name, a, b in bounds:
         inside = [r[1] for r in run.requests if r[2] and a <= r[0] < b]
-        per_phase[f"{name}@{a:.0f}s"] = {"requests": len(inside), "p99_ms": percentile(inside, 0.99) * 1000}
+        per_phase[f"{name}@{a:.0f}s"] = {"requests": len(inside), "p99_ms": percentile(inside, 0.99) * 1000,
+                                         "mean_ms": 1000 * sum(inside) / len(inside) if inside else float("nan")}
     mean_workers = sum(n for _, n in run.workers) / len(run.workers) if run.workers else float("nan")
     return {
         "config": run.config.name, "round": run.round, "requests": len(run.requests),
