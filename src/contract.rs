@@ -27,6 +27,7 @@ pub const DROPPED: &[&str] = &[
     "NODE_CHANNEL_SERIALIZATION_MODE",
     "PORT",
     "REUSE_LAUNCH_SLOT",
+    "NODE_APP_INSTANCE",
     "REUSE_LAUNCH_GENERATION",
     "REUSE_LAUNCH_PID",
     "WATCHDOG_USEC",
@@ -92,6 +93,8 @@ pub fn environment(inherited: &[(OsString, OsString)], c: &Contract, w: &WorkerV
         env.push(entry("WATCHDOG_USEC", wd.as_micros().to_string()));
     }
     env.push(entry("REUSE_LAUNCH_SLOT", w.slot.to_string()));
+    // PM2's name for the same number ("run the cron job on instance 0").
+    env.push(entry("NODE_APP_INSTANCE", w.slot.to_string()));
     env.push(entry("REUSE_LAUNCH_GENERATION", w.gen.to_string()));
     env.push(entry("SERVER_STARTER_GENERATION", w.gen.to_string()));
     if let Some(sock) = w.notify_socket {
@@ -164,6 +167,7 @@ mod tests {
             ("NODE_CHANNEL_SERIALIZATION_MODE", "json"),
             ("PORT", "1"),
             ("REUSE_LAUNCH_SLOT", "9"),
+            ("NODE_APP_INSTANCE", "9"),
             ("REUSE_LAUNCH_GENERATION", "9"),
             ("REUSE_LAUNCH_PID", "9"),
             ("WATCHDOG_USEC", "1"),
@@ -201,6 +205,7 @@ mod tests {
         assert_eq!(row("LISTEN_FDNAMES"), Some("http:admin"));
         assert_eq!(row("PORT"), Some("8080"));
         assert_eq!(row("REUSE_LAUNCH_SLOT"), Some("2"));
+        assert_eq!(row("NODE_APP_INSTANCE"), Some("2"));
         assert_eq!(row("REUSE_LAUNCH_GENERATION"), Some("5"));
         assert_eq!(row("REUSE_LAUNCH_PID"), Some("4242"));
         assert_eq!(row("NOTIFY_SOCKET"), None);

@@ -22,6 +22,9 @@ pub enum Event {
     /// A request from the control socket; the loop answers at once on the channel (it never
     /// waits on the client: the control thread does the talking).
     Control(Command, Sender<Reply>),
+    /// A worker's trapped bind()/listen() has kept the interceptor's thread this long (see
+    /// `intercept`): the loop kills that worker.
+    Held(WorkerId, std::time::Duration),
 }
 
 /// What a control client can ask the running launcher.

@@ -23,6 +23,7 @@ mod control;
 mod error;
 mod event;
 mod hung;
+mod intercept;
 mod load;
 mod logs;
 mod metrics;
@@ -94,7 +95,8 @@ fn run() -> Result<(), Error> {
     }
     spawn::raise_fd_limit();
     let control_path = config.control.clone();
-    let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new())?;
+    let resumed_on = resumed.as_ref().is_some_and(|s| !s.intercept.is_empty());
+    let mut supervisor = Supervisor::new(config, listeners, program, identity, RealOs::new(), resumed_on)?;
     supervisor.set_sentinel(match resumed.as_ref().and_then(|s| s.sentinel) {
         Some((pid, fd)) => Some(sentinel::Sentinel::adopt(pid, fd)),
         None => sentinel::Sentinel::start(),

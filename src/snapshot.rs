@@ -28,6 +28,19 @@ pub struct Snapshot {
     pub slots: Vec<SlotSnapshot>,
     /// With `-n MIN..MAX`: the bounds, the decisions, what the policy sees now.
     pub autoscale: Option<AutoscaleSnapshot>,
+    /// `--intercept-bind`.
+    pub intercept: InterceptSnapshot,
+}
+
+/// Workers' own binds taken over (`--intercept-bind`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterceptSnapshot {
+    /// `on`, `off`, `off (self mode: ...)` or `unavailable: CAUSE`.
+    pub state: String,
+    /// Binds of a --bind port that got the slot's socket, since start.
+    pub binds: u64,
+    /// listen() calls on a launcher's socket answered without reaching the kernel.
+    pub listens: u64,
 }
 
 /// The automatic scaling (`-n MIN..MAX`, see `autoscale`).

@@ -14,26 +14,33 @@
 //!    log pipes (`--log-prefix slot-pid`, see `logs`), their write ends are dup2'd onto fds 1
 //!    and 2 (first moved above the target range, like the sockets; the parent made them, with
 //!    O_CLOEXEC, and closes its copies after the fork);
-//! 4. with `--user`: supplementary groups, gid, uid dropped (and checked);
-//! 5. `PR_SET_PDEATHSIG = SIGKILL` (after 4: a credential change clears it), then a check that
+//! 4. with `--intercept-bind`: the seccomp filter that hands the worker's `bind` and `listen` to
+//!    the launcher (see `intercept`), after `no_new_privs` when the launcher lacks CAP_SYS_ADMIN;
+//!    its notification fd is sent to the parent over the error channel (SCM_RIGHTS) and closed
+//!    here. Before 5: installed while the child still has the launcher's credentials, so a root
+//!    launcher needs no `no_new_privs` even for a `--user` worker;
+//! 5. with `--user`: supplementary groups, gid, uid dropped (and checked);
+//! 6. `PR_SET_PDEATHSIG = SIGKILL` (after 5: a credential change clears it), then a check that
 //!    the launcher is still its parent. The death signal fires when the *thread* that forked
 //!    exits, so workers are only ever forked from the supervisor loop on the launcher's main
 //!    thread, which lives as long as the launcher: the signal, notify and helper threads may
 //!    come and go without killing workers;
-//! 6. `LISTEN_PID` (and `WATCHDOG_PID`) written with the child's own pid into buffers prepared
+//! 7. `LISTEN_PID` (and `WATCHDOG_PID`) written with the child's own pid into buffers prepared
 //!    by the parent;
-//! 7. `execve`. A failure is reported to the parent through a CLOEXEC pipe (errno, 4 bytes),
-//!    so the parent knows synchronously whether the exec happened.
+//! 8. `execve`. A failure is reported to the parent through a CLOEXEC channel (a SEQPACKET
+//!    socket pair: errno, 4 bytes), so the parent knows synchronously whether the exec
+//!    happened; the channel's end of file is the exec.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sched::CpuSet;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::unistd::Pid;
 
 use crate::command::{Credentials, Program};
+use crate::intercept::ChildFilter;
 
 /// Most listening fds one worker can receive (fixed so the child needs no allocation).
 pub const MAX_FDS: usize = 64;
@@ -83,6 +90,16 @@ pub struct Spec<'a> {
     /// Become the worker's fds 1 and 2 (the write ends of its log pipes, see `logs`); None:
     /// it inherits the launcher's.
     pub stdio: Option<[RawFd; 2]>,
+    /// `--intercept-bind`: the filter to start the worker under.
+    pub intercept: Option<&'a ChildFilter>,
+}
+
+/// A started worker.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: Pid,
+    /// With [`Spec::intercept`]: the filter's notification fd.
+    pub notif: Option<OwnedFd>,
 }
 
 /// What the child reads between fork and exec: built in the parent, so the child allocates nothing.
@@ -96,6 +113,7 @@ struct ChildCtx {
     stdio: Option<[RawFd; 2]>,
     /// CPU affinity to set (built in the parent).
     cpus: Option<CpuSet>,
+    filter: Option<ChildFilter>,
     pipe_w: RawFd,
     pid_slots: [*mut u8; 4],
     npid: usize,
@@ -110,7 +128,7 @@ struct ChildCtx {
 
 /// Start one worker. Must be called from the launcher's main thread (see the module doc on
 /// PDEATHSIG).
-pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
+pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     if spec.fds.len() > MAX_FDS {
         return Err(io::Error::other(format!("at most {MAX_FDS} listening fds per worker")));
     }
@@ -141,7 +159,8 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
     }
     envp.push(std::ptr::null());
 
-    let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (pipe_r, pipe_w) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
     let mut ctx = ChildCtx {
         parent: std::process::id() as libc::pid_t,
         fds: [-1; MAX_FDS],
@@ -149,6 +168,7 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
         stdin_socket: spec.socket_on_stdin,
         stdio: spec.stdio,
         cpus: spec.cpu.and_then(cpu_set),
+        filter: spec.intercept.copied(),
         pipe_w: pipe_w.as_raw_fd(),
         pid_slots,
         npid: spec.pid_vars.len(),
@@ -171,22 +191,76 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Pid> {
         unsafe { child_exec(&ctx) }
     }
     drop(pipe_w);
-    let mut errno = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match nix::unistd::read(&pipe_r, &mut errno[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
+    let pid = Pid::from_raw(pid);
+    let kill_and_reap = |e: io::Error| {
+        // Whatever the child is doing (it may have exec'd), it must not run unaccounted for.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        Err(e)
+    };
+    match read_channel(&pipe_r) {
+        Ok(Said::Exec(notif)) if spec.intercept.is_some() && notif.is_none() => {
+            // The child fails before exec when it cannot send the fd: a lost fd (the launcher
+            // out of fds: the kernel drops it) leaves a worker whose binds nobody would serve.
+            kill_and_reap(io::Error::other("the worker's seccomp notification fd did not arrive"))
+        }
+        Ok(Said::Exec(notif)) => Ok(Spawned { pid, notif }),
+        Ok(Said::Failed(errno)) => {
+            // The exec failed: the child has exited (or is about to); reap it here, synchronously.
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(io::Error::from_raw_os_error(errno))
+        }
+        Err(e) => kill_and_reap(e),
+    }
+}
+
+/// What the child said on its channel.
+enum Said {
+    /// It exec'd (end of file), after sending its notification fd (with `--intercept-bind`).
+    Exec(Option<OwnedFd>),
+    /// A step or the exec failed with this errno (4 bytes).
+    Failed(i32),
+}
+
+/// What the child said before its exec: the notification fd (with `--intercept-bind`), then
+/// the end of file of the exec, or the errno of a failure.
+fn read_channel(chan: &OwnedFd) -> io::Result<Said> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut notif = None;
+    loop {
+        let mut buf = [0u8; 4];
+        let mut space = nix::cmsg_space!(RawFd);
+        let (n, fds, truncated) = {
+            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            match recvmsg::<()>(chan.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Ok(msg) => {
+                    let mut fds = Vec::new();
+                    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                    for c in msg.cmsgs().into_iter().flatten() {
+                        if let ControlMessageOwned::ScmRights(f) = c {
+                            fds.extend(f);
+                        }
+                    }
+                    (msg.bytes, fds, truncated)
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // SAFETY: SCM_RIGHTS just gave this process these fds; nothing else owns them.
+        let mut owned = fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) });
+        match (n, owned.next()) {
+            (0, _) => return Ok(Said::Exec(notif)),
+            (1, Some(fd)) => notif = Some(fd),
+            (1, None) if truncated => {
+                return Err(io::Error::other(
+                    "the worker's seccomp notification fd was lost (the launcher is out of fds)",
+                ))
+            }
+            (4, None) => return Ok(Said::Failed(i32::from_ne_bytes(buf))),
+            (n, _) => return Err(io::Error::other(format!("unexpected message of {n} bytes from the worker's child"))),
         }
     }
-    if got == 0 {
-        return Ok(Pid::from_raw(pid));
-    }
-    // The exec failed: the child has exited (or is about to); reap it here, synchronously.
-    let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-    Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
 }
 
 /// A CPU set with only `cpu` in it (None when `cpu` is beyond what a set can hold).
@@ -272,6 +346,15 @@ unsafe fn child_exec(ctx: &ChildCtx) -> ! {
             for fd in floor..max {
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
             }
+        }
+
+        // The bind() interception's filter, with the launcher's credentials still (see step 4).
+        if let Some(filter) = &ctx.filter {
+            let notif = crate::intercept::install(filter);
+            if notif < 0 || !crate::intercept::send_fd(pipe, notif) {
+                fail(pipe);
+            }
+            libc::close(notif);
         }
 
         // Drop privileges last (groups, then gid, then uid) and check it took.

@@ -3,13 +3,14 @@
  * hello.js: the Node.js HTTP worker every Node configuration of the benchmark runs.
  *
  * Where it listens, in this order:
- *   - LISTEN_FDS set (and LISTEN_PID, if set, is this process): the inherited socket on fd 3,
- *     as handed down by reuse-launch (or systemd);
+ *   - LISTEN_FDS set (and LISTEN_PID, if set, is this process), unless HELLO_BIND=1: the
+ *     inherited socket on fd 3, as handed down by reuse-launch (or systemd);
  *   - a cluster worker (Node's cluster module, bench/workers/cluster.js or PM2 cluster mode):
  *     listen(PORT) through the cluster primary, which accepts for it (SCHED_RR) or shares
  *     its socket (SCHED_NONE);
  *   - otherwise: its own socket on HOST:PORT (default 127.0.0.1:8080), for the single-process
- *     configuration and for nginx's upstream backends.
+ *     configuration and for nginx's upstream backends; under reuse-launch with HELLO_BIND=1 that
+ *     bind() gets the slot's socket (--intercept-bind: bench/intercept.py).
  *
  * Routes: `/` answers "hello from pid N"; `/cpu` runs a busy loop of 1e7 iterations first;
  * `/mixed` runs a busy loop of 6e6 iterations (about 50 ms on the bench machine) for 1 request in
@@ -57,7 +58,8 @@ function handle(req, res) {
 
 /** The argument for server.listen(): see the file comment for the order. */
 function listenTarget() {
-  const inherited = process.env.LISTEN_FDS && (!process.env.LISTEN_PID || process.env.LISTEN_PID === PID);
+  const inherited = process.env.LISTEN_FDS && (!process.env.LISTEN_PID || process.env.LISTEN_PID === PID)
+    && process.env.HELLO_BIND !== '1';
   if (inherited) {
     return { fd: 3 };
   }

@@ -20,10 +20,12 @@ CONTROL (the same binary as a client of the running launcher's control socket):
   reuse-launch status [--json] | scale N|+K|-K | roll | stop | reexec   [--pid PID | --control PATH]
   reexec: the launcher re-executes its own binary in place (same pid, same workers)
 
-WORKER ENVIRONMENT (fds 3.. are the listening sockets, in --bind order):
+WORKER ENVIRONMENT (fds 3.. are the listening sockets, in --bind order; a worker that binds a
+--bind port itself gets the same socket on that fd, see --intercept-bind):
   LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES   systemd socket-activation variables (sd_listen_fds)
   PORT                    port of the first --bind
   REUSE_LAUNCH_SLOT       0..N-1, stable across restarts of the slot
+  NODE_APP_INSTANCE       the same, under PM2's name
   REUSE_LAUNCH_GENERATION bumped by every rolling restart
   REUSE_LAUNCH_PID        the launcher's pid
   NOTIFY_SOCKET           with --ready notify or --watchdog: send READY=1 (WATCHDOG=1) there
@@ -40,8 +42,8 @@ LAUNCHER ENVIRONMENT:
   REUSE_LAUNCH_READY, REUSE_LAUNCH_READY_DELAY, REUSE_LAUNCH_READY_TIMEOUT,
   REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP,
   REUSE_LAUNCH_SOCKET_ON_STDIN, REUSE_LAUNCH_CONTROL, REUSE_LAUNCH_LOG_PREFIX, REUSE_LAUNCH_METRICS,
-  REUSE_LAUNCH_MIN_READY, REUSE_LAUNCH_DRAIN_DELAY, REUSE_LAUNCH_HUNG_TIMEOUT,
-  REUSE_LAUNCH_SCALE_DOWN_AFTER;
+  REUSE_LAUNCH_MIN_READY, REUSE_LAUNCH_DRAIN_DELAY, REUSE_LAUNCH_INTERCEPT_BIND,
+  REUSE_LAUNCH_HUNG_TIMEOUT, REUSE_LAUNCH_SCALE_DOWN_AFTER;
   PORT sets the default bind; RUST_LOG the log level. Started with LISTEN_FDS/LISTEN_PID
   (systemd socket activation) it adopts those sockets instead of binding; with NOTIFY_SOCKET it
   reports READY=1, RELOADING=1, STATUS=, STOPPING=1 to its own supervisor.
@@ -143,6 +145,14 @@ pub struct Args {
     /// Not with --mode self (there is no socket to give).
     #[arg(long, env = "REUSE_LAUNCH_SOCKET_ON_STDIN", value_parser = clap::builder::FalseyValueParser::new())]
     pub socket_on_stdin: bool,
+
+    /// A worker (or any process it starts) that binds a --bind port itself gets its slot's
+    /// socket on that fd instead, and its listen() leaves the launcher's backlog alone (seccomp
+    /// user notification, Linux 5.9+): servers that bind PORT run unchanged. `auto`: on where
+    /// the kernel allows it (a line at start says why not elsewhere); `on`: refuse to start
+    /// without it; `off`: workers must use fds 3.. (LISTEN_FDS). Not with --mode self.
+    #[arg(long, env = "REUSE_LAUNCH_INTERCEPT_BIND", default_value = "auto", value_name = "auto|on|off")]
+    pub intercept_bind: String,
 
     /// With --mode reuseport: how a new connection picks its slot among the serving ones.
     /// `hash` (the kernel's hash of the connection; uniformly at random while some slot is left

@@ -75,6 +75,8 @@ pub struct Config {
     pub group: Option<String>,
     /// `--socket-on-stdin`: the slot's first listening socket is also the worker's fd 0.
     pub socket_on_stdin: bool,
+    /// `--intercept-bind`: workers' own binds of a --bind port get their slot's socket.
+    pub intercept_bind: crate::intercept::Setting,
     pub steer: Steer,
     /// `--max-memory` in bytes.
     pub max_memory: Option<u64>,
@@ -136,6 +138,15 @@ impl Config {
                 &args.mode,
                 "--socket-on-stdin gives workers a listening socket, and in self mode there is none \
                  (workers bind PORT themselves): drop one of the two",
+            ));
+        }
+        let intercept_bind =
+            args.intercept_bind.parse().map_err(|e: String| usage("--intercept-bind", &args.intercept_bind, e))?;
+        if intercept_bind == crate::intercept::Setting::On && mode == Mode::SelfBind {
+            return Err(usage(
+                "--intercept-bind",
+                &args.intercept_bind,
+                "in self mode the launcher holds no socket to give a worker's bind(): drop one of the two",
             ));
         }
         let steer = Steer::parse(&args.steer).map_err(|e| usage("--steer", &args.steer, e))?;
@@ -253,6 +264,7 @@ impl Config {
             user: args.user,
             group: args.group,
             socket_on_stdin: args.socket_on_stdin,
+            intercept_bind,
             steer,
             max_memory: match &args.max_memory {
                 Some(m) => Some(parse_size(m).map_err(|e| usage("--max-memory", m, e))?),

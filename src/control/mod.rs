@@ -5,8 +5,10 @@
 //! This module owns where the socket lives ([`default_dir`], [`search_dirs`]) and the parts
 //! both ends share ([`parse_scale`]). The children own the rest:
 //! - `server`: the socket's threads in the launcher (accept, peer check, one thread per
-//!   client up to a cap, requests in, [`Event::Control`](crate::event::Event::Control) to the
-//!   loop, responses out). The supervisor loop never waits on a client.
+//!   client, requests in, [`Event::Control`](crate::event::Event::Control) to the loop,
+//!   responses out). The supervisor loop never waits on a client.
+//! - `clients`: the cap on clients, and the idle client that makes room for a new one.
+//! - `place`: binding the socket at its path, the private default directory, stale sockets.
 //! - `status`: the status response, built in the server thread from the loop's
 //!   [`Snapshot`](crate::snapshot::Snapshot) plus what `measure` reads off the loop.
 //! - `measure`: CPU %, RSS of each worker's process group (/proc) and accept queues (TCP_INFO).
@@ -20,8 +22,10 @@
 //! ```
 
 pub mod client;
+mod clients;
 mod json;
 pub(crate) mod measure;
+mod place;
 mod server;
 mod status;
 mod table;

@@ -1,21 +1,29 @@
-//! The launcher's end of the control socket: binding it safely, the accept thread, and one
-//! thread per client (at most [`MAX_CLIENTS`] at once).
+//! The launcher's end of the control socket: the accept thread, and one thread per client
+//! (at most [`MAX_CLIENTS`](super::clients::MAX_CLIENTS) at once; at the cap the client idle
+//! longest makes room, see `clients`). Where the socket is bound is `place`'s.
 //!
 //! Each client is checked with SO_PEERCRED (the launcher's own uid or root; anyone else gets
 //! one refusal line). A request is one line of at most [`MAX_LINE`] bytes that must be complete
 //! within [`REQUEST_TIMEOUT`] of the previous answer (or of connecting); otherwise the client
 //! gets an error line and is dropped. A request becomes an `Event::Control` on the loop's
 //! channel; this thread, not the loop, waits for the reply (at most [`REPLY_TIMEOUT`]), then
-//! measures what `status` needs and writes the response. A slow, stuck or hostile client costs
-//! one of these threads, never a turn of the supervisor loop.
+//! measures what `status` needs and writes the response (at most [`WRITE_TIMEOUT`] blocked on
+//! a client that does not read). A slow, stuck or hostile client costs one of these threads,
+//! never a turn of the supervisor loop.
+//!
+//! Why threads here and epoll on the `--metrics` port: the socket is 0600 in a 0700 directory,
+//! so its clients are the launcher's own user and root, who can stop the launcher anyway; the
+//! work of a request blocks (waiting for the loop, reading /proc for `status`); and the
+//! number of threads is bounded. What a forgetful or stuck script of that user could still do,
+//! hold every place with idle connections, is undone by the eviction of the idle client.
 //!
 //! [`ControlSocket`] is the guard that removes the socket file when the launcher returns from
 //! `run` (a clean stop or a fatal error alike).
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +31,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
+use super::clients::{Clients, Ticket};
 use super::json::{self, Value};
 use super::measure::CpuHistory;
 use crate::error::Error;
@@ -35,10 +44,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client thread waits for the supervisor loop's reply (it answers at once unless
 /// the launcher is wedged).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Clients served at once; more are told so and dropped.
-pub const MAX_CLIENTS: usize = 32;
 /// How long writing a response may block on a client that does not read.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an exiting launcher waits for the answers being written.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -59,8 +66,9 @@ impl ControlSocket {
     pub fn start(path: Option<PathBuf>, tx: Sender<Event>) -> Result<Option<ControlSocket>, Error> {
         let explicit = path.is_some();
         let path = path.unwrap_or_else(|| super::default_dir().join(format!("{}.sock", std::process::id())));
-        match ControlSocket::bind(&path, explicit) {
-            Ok((listener, socket)) => {
+        match super::place::bind(&path, explicit) {
+            Ok((listener, id)) => {
+                let socket = ControlSocket { path: path.clone(), id, busy: Arc::default() };
                 let shown = path.display().to_string();
                 let busy = socket.busy.clone();
                 std::thread::Builder::new()
@@ -74,46 +82,6 @@ impl ControlSocket {
             Err(e) => {
                 log::warn!("no control socket ({}: {e}); use --control PATH to put it elsewhere", path.display());
                 Ok(None)
-            }
-        }
-    }
-
-    fn bind(path: &Path, explicit: bool) -> io::Result<(UnixListener, ControlSocket)> {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = path.file_name().ok_or_else(|| io::Error::other("not a file name"))?;
-        if explicit {
-            if !dir.exists() {
-                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-            }
-        } else {
-            private_dir(dir)?;
-            sweep_stale(dir);
-        }
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(io::Error::other("the path exists and is not a socket"));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(io::Error::other("another launcher answers on it (stop it or pick another --control)"));
-            }
-            // A socket nobody listens on: a dead launcher's. The rename below replaces it.
-        }
-        // Bind under a temporary name, restrict it, then move it into place: no moment where the
-        // socket is reachable with other permissions, and a stale socket is replaced atomically.
-        let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp)?;
-        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .and_then(|()| std::fs::symlink_metadata(path));
-        match placed {
-            Ok(meta) => Ok((
-                listener,
-                ControlSocket { path: path.to_path_buf(), id: (meta.dev(), meta.ino()), busy: Arc::default() },
-            )),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e)
             }
         }
     }
@@ -132,48 +100,8 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Make sure `dir` is a directory of ours that nobody else can enter (0700), creating it if
-/// needed. A symlink, or a directory someone else owns (`/tmp/reuse-launch-<uid>` made by
-/// another user first), is refused.
-fn private_dir(dir: &Path) -> io::Result<()> {
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.file_type().is_dir() {
-        return Err(io::Error::other(format!("{} is not a directory", dir.display())));
-    }
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(io::Error::other(format!("{} belongs to uid {}, not to us (uid {me})", dir.display(), meta.uid())));
-    }
-    if meta.mode() & 0o777 != 0o700 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
-}
-
-/// Remove the sockets of launchers that are gone from our default directory (a SIGKILLed
-/// launcher cannot remove its own): `<pid>.sock` files whose pid is not running and on which
-/// nobody listens (a launcher in another pid namespace may share the directory: its pid means
-/// nothing here, but it answers).
-fn sweep_stale(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(super::pid_of_socket_name) else { continue };
-        let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
-        if is_socket && !super::alive(pid) && UnixStream::connect(entry.path()).is_err() {
-            log::debug!("removing {}: launcher {pid} is gone", entry.path().display());
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
-
 fn accept_loop(listener: UnixListener, tx: Sender<Event>, path: String, busy: Arc<AtomicUsize>) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let clients = Arc::new(Clients::default());
     let cpu = Arc::new(CpuHistory::default());
     for stream in listener.incoming() {
         let mut stream = match stream {
@@ -184,46 +112,40 @@ fn accept_loop(listener: UnixListener, tx: Sender<Event>, path: String, busy: Ar
                 continue;
             }
         };
-        if active.load(Ordering::SeqCst) >= MAX_CLIENTS {
+        // Checked before it takes a place: a refused client never makes another one leave.
+        if let Err(why) = peer_allowed(&stream) {
+            log::warn!("control socket: refused a client: {why}");
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ =
-                reply(&mut stream, &failure(None, &format!("busy: {MAX_CLIENTS} control clients connected already")));
+            let _ = reply(&mut stream, &failure(None, &format!("refused: {why}")));
             continue;
         }
-        active.fetch_add(1, Ordering::SeqCst);
-        let client =
-            Client { tx: tx.clone(), cpu: cpu.clone(), path: path.clone(), active: active.clone(), busy: busy.clone() };
+        let ticket = match clients.admit(&stream) {
+            Ok(ticket) => ticket,
+            Err(why) => {
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                let _ = reply(&mut stream, &failure(None, &why));
+                continue;
+            }
+        };
+        let client = Client { tx: tx.clone(), cpu: cpu.clone(), path: path.clone(), busy: busy.clone(), ticket };
         let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || client.serve(stream));
         if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::SeqCst);
             log::warn!("control socket: cannot start a client thread: {e}");
         }
     }
 }
 
-/// One connected client, served by its own thread.
+/// One connected client, served by its own thread; its place is freed when it is dropped.
 struct Client {
     tx: Sender<Event>,
     cpu: Arc<CpuHistory>,
     path: String,
-    active: Arc<AtomicUsize>,
     busy: Arc<AtomicUsize>,
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::SeqCst);
-    }
+    ticket: Ticket,
 }
 
 impl Client {
     fn serve(self, mut stream: UnixStream) {
-        if let Err(why) = peer_allowed(&stream) {
-            log::warn!("control socket: refused a client: {why}");
-            let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-            let _ = reply(&mut stream, &failure(None, &format!("refused: {why}")));
-            return;
-        }
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         let mut buf: Vec<u8> = Vec::new();
         loop {
@@ -239,10 +161,14 @@ impl Client {
             if text.trim().is_empty() {
                 continue;
             }
+            if !self.ticket.busy() {
+                return; // disconnected to make room for a new client (it was told so)
+            }
             self.busy.fetch_add(1, Ordering::SeqCst);
             let response = self.request(&text);
             let written = reply(&mut stream, &response);
             self.busy.fetch_sub(1, Ordering::SeqCst);
+            self.ticket.idle();
             if written.is_err() {
                 return;
             }

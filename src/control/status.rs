@@ -58,6 +58,9 @@ fn build(snap: &Snapshot, usage: &HashMap<i32, Usage>, queues: &[Option<(u32, u3
         ("control", control.into()),
         ("version", env!("CARGO_PKG_VERSION").into()),
         ("image", image().into()),
+        ("intercept_bind", snap.intercept.state.as_str().into()),
+        ("intercepted_binds", snap.intercept.binds.into()),
+        ("intercepted_listens", snap.intercept.listens.into()),
         ("workers", Value::Arr(rows)),
     ])
 }
@@ -185,6 +188,7 @@ mod tests {
                 },
             ],
             autoscale: None,
+            intercept: crate::snapshot::InterceptSnapshot { state: "on".into(), binds: 3, listens: 2 },
         };
         let usage = HashMap::from([(11, Usage { cpu_percent: Some(1.5), rss_bytes: Some(4096) })]);
         let v = build(&snap, &usage, &[Some((0, 128)), None], "/run/x.sock");
@@ -193,6 +197,7 @@ mod tests {
             text.starts_with(r#"{"pid":10,"mode":"reuseport","binds":["127.0.0.1:8080"],"generation":2,"#),
             "{text}"
         );
+        assert!(text.contains(r#""intercept_bind":"on","intercepted_binds":3,"intercepted_listens":2,"#), "{text}");
         let rows = v.get("workers").and_then(Value::as_array).unwrap();
         assert_eq!(
             rows[0].to_string(),

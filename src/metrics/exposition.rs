@@ -19,6 +19,11 @@
 //! | `reuse_launch_accept_queue` | gauge | `slot`, `bind` |
 //! | `reuse_launch_accept_queue_max` | gauge | `slot`, `bind` |
 //! | `reuse_launch_listen_overflows_total` | counter | |
+//! | `reuse_launch_intercepted_binds_total` | counter | |
+//! | `reuse_launch_intercepted_listens_total` | counter | |
+//! | `reuse_launch_metrics_connections` | gauge | |
+//! | `reuse_launch_metrics_connections_max` | gauge | |
+//! | `reuse_launch_metrics_closed_total` | counter | `reason`: timeout, evicted, refused, invalid, write_timeout |
 //!
 //! A slot's RSS and CPU are those of every process of its workers' process groups (during a
 //! roll, old and new worker together); CPU includes the children those processes reaped, and
@@ -28,10 +33,12 @@
 //! one socket per bind is reported once, as `slot="shared"`; `self` mode has none.
 //! `reuse_launch_listen_overflows_total` is `ListenOverflows` of /proc/net/netstat: every
 //! listener of the launcher's network namespace (the host, or the pod), not only its own.
+//! The last three are the `--metrics` endpoint's own connections (see [`super::limits`]).
 
 use std::fmt::{Display, Write as _};
 use std::os::fd::RawFd;
 
+use super::limits::{Counts, CLOSE_REASONS};
 use super::View;
 use crate::readiness;
 use crate::snapshot::{AutoscaleSnapshot, Snapshot};
@@ -64,6 +71,8 @@ pub struct Measured {
     pub slots: Vec<(u64, f64)>,
     pub queues: Vec<Queue>,
     pub listen_overflows: Option<u64>,
+    /// The endpoint's connections.
+    pub server: Counts,
 }
 
 /// Read /proc and the listeners for the slots of `s`.
@@ -96,7 +105,7 @@ pub fn measure(s: &Snapshot) -> Measured {
     }
     let listen_overflows =
         std::fs::read_to_string("/proc/net/netstat").ok().and_then(|t| netstat(&t, "TcpExt", "ListenOverflows"));
-    Measured { slots, queues, listen_overflows }
+    Measured { slots, queues, listen_overflows, server: Counts::default() }
 }
 
 /// User and system CPU time of `pids`, and of the children they reaped, in clock ticks.
@@ -267,7 +276,36 @@ pub fn render(view: &View, m: &Measured) -> String {
         );
         o.sample("reuse_launch_listen_overflows_total", &[], n);
     }
+    o.family(
+        "reuse_launch_intercepted_binds_total",
+        "counter",
+        "Workers' own bind() calls of a --bind port that got the slot's socket (--intercept-bind).",
+    );
+    o.sample("reuse_launch_intercepted_binds_total", &[], s.intercept.binds);
+    o.family(
+        "reuse_launch_intercepted_listens_total",
+        "counter",
+        "Workers' listen() calls on a launcher's socket answered without changing it (--intercept-bind).",
+    );
+    o.sample("reuse_launch_intercepted_listens_total", &[], s.intercept.listens);
+    connections(&mut o, &m.server);
     o.0
+}
+
+/// The endpoint's own connections.
+fn connections(o: &mut Out, c: &Counts) {
+    o.family("reuse_launch_metrics_connections", "gauge", "Open connections to this endpoint.");
+    o.sample("reuse_launch_metrics_connections", &[], c.open);
+    o.family("reuse_launch_metrics_connections_max", "gauge", "The most connections this endpoint keeps open.");
+    o.sample("reuse_launch_metrics_connections_max", &[], c.max);
+    o.family(
+        "reuse_launch_metrics_closed_total",
+        "counter",
+        "Connections this endpoint closed on a client, by reason.",
+    );
+    for (reason, n) in CLOSE_REASONS.iter().zip(c.closed) {
+        o.sample("reuse_launch_metrics_closed_total", &[("reason", reason)], n);
+    }
 }
 
 #[cfg(test)]
@@ -323,6 +361,7 @@ mod tests {
                     queued_pct: 95,
                     cpu_milli: 50,
                 }),
+                intercept: crate::snapshot::InterceptSnapshot { state: "on".into(), binds: 4, listens: 3 },
             },
             serving: 1,
         }
@@ -334,6 +373,7 @@ mod tests {
             slots: vec![(4096, 1.5), (8192, 0.25), (0, 0.0)],
             queues: vec![Queue { slot: "0".into(), bind: "127.0.0.1:8080".into(), len: 3, max: 4096 }],
             listen_overflows: Some(7),
+            server: Counts { open: 3, max: 1024, closed: [5, 0, 0, 1, 0] },
         };
         let text = render(&view(), &m);
         for line in [
@@ -362,6 +402,14 @@ mod tests {
             "reuse_launch_accept_queue{slot=\"0\",bind=\"127.0.0.1:8080\"} 3",
             "reuse_launch_accept_queue_max{slot=\"0\",bind=\"127.0.0.1:8080\"} 4096",
             "reuse_launch_listen_overflows_total 7",
+            "# TYPE reuse_launch_intercepted_binds_total counter",
+            "reuse_launch_intercepted_binds_total 4",
+            "reuse_launch_intercepted_listens_total 3",
+            "reuse_launch_metrics_connections 3",
+            "reuse_launch_metrics_connections_max 1024",
+            "reuse_launch_metrics_closed_total{reason=\"timeout\"} 5",
+            "reuse_launch_metrics_closed_total{reason=\"invalid\"} 1",
+            "reuse_launch_metrics_closed_total{reason=\"write_timeout\"} 0",
             &format!("reuse_launch_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");

@@ -58,6 +58,7 @@ mod tests {
             stopping: false,
             slots: vec![],
             autoscale: None,
+            intercept: Default::default(),
         }
     }
 

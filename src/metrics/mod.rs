@@ -1,11 +1,13 @@
-//! `--metrics ADDR`: an HTTP endpoint for monitoring and orchestrators, served from a thread of
-//! its own, never from the supervisor loop.
+//! `--metrics ADDR`: an HTTP endpoint for monitoring and orchestrators, served from threads
+//! of its own, never from the supervisor loop.
 //!
 //! - `GET /metrics`: Prometheus text exposition ([`exposition`]): the loop's tables, plus what
 //!   costs a /proc read or a syscall per worker (RSS and CPU of each worker's process group,
-//!   accept-queue lengths), measured here, on the endpoint's thread, at each scrape.
+//!   accept-queue lengths), measured at each scrape on the `metrics-render` thread, plus the
+//!   endpoint's own connections ([`limits::Stats`]).
 //! - `GET /healthz`: 200 while the supervisor loop turns, 503 once it has not turned for
-//!   [`health::STUCK_AFTER`] (a liveness probe).
+//!   [`health::STUCK_AFTER`] (a liveness probe). It reads the loop's heartbeat and nothing
+//!   else: how many clients are connected, or what they do, does not change the answer.
 //! - `GET /readyz`: 200 while at least `--min-ready` workers (default: every desired one) are
 //!   ready, else 503 with the reason; 503 from the first moment of a graceful stop (a readiness
 //!   probe, and what a balancer in front of several launchers checks).
@@ -15,13 +17,20 @@
 //! [`Snapshot`] of its tables and the serving-slot count) behind a mutex whenever its picture
 //! changed, and at least once a second for the uptimes. The endpoint only ever clones the
 //! `Arc` of the latest view under that mutex: it never waits for the loop, and the loop never
-//! waits for a client. The HTTP side ([`http`]) is hand-written: GET and HEAD only,
-//! `Connection: close`, requests of at most 8 KiB, read and write timeouts, one thread per
-//! connection with at most [`http::MAX_CLIENTS`] at once.
+//! waits for a client. The HTTP side is hand-written: [`http`] (the protocol, pure),
+//! [`conn`] (one nonblocking connection), [`server`] (one epoll thread for every connection,
+//! with per-connection deadlines and a cap, and a thread that renders `/metrics`; its module
+//! docs list the limits and what a client that exceeds them gets).
 
+pub mod conn;
 pub mod exposition;
 pub mod health;
 pub mod http;
+pub mod limits;
+mod render;
+pub mod server;
+#[cfg(test)]
+mod tests;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,28 +106,34 @@ pub fn start(addr: SocketAddr, board: Arc<Board>, settings: Settings) -> Result<
     let listener =
         TcpListener::bind(addr).map_err(|e| Error::Failed(format!("failed to bind {addr} (--metrics): {e}")))?;
     let local = listener.local_addr().unwrap_or(addr);
-    http::serve(listener, move |path| route(path, &board, settings))
+    let stats = Arc::new(limits::Stats::default());
+    let (board2, stats2) = (board.clone(), stats.clone());
+    let render = move || {
+        let view = board2.view();
+        let mut measured = exposition::measure(&view.snapshot);
+        measured.server = stats2.counts();
+        http::Response::ok(exposition::CONTENT_TYPE, exposition::render(&view, &measured))
+    };
+    server::serve(listener, limits::Limits::DEFAULT, stats, move |path| route(path, &board, settings), render)
         .map_err(|e| Error::Failed(format!("cannot start the --metrics thread: {e}")))?;
     Ok(local)
 }
 
-/// The answer to `GET path`.
-fn route(path: &str, board: &Board, settings: Settings) -> http::Response {
+/// How `GET path` is answered: at once for everything but `/metrics`, which is rendered off
+/// the event loop.
+fn route(path: &str, board: &Board, settings: Settings) -> server::Route {
+    use server::Route::{Now, Render};
     match path {
-        "/metrics" => {
-            let view = board.view();
-            let text = exposition::render(&view, &exposition::measure(&view.snapshot));
-            http::Response::ok(exposition::CONTENT_TYPE, text)
-        }
+        "/metrics" => Render,
         "/healthz" => match health::live(board.last_beat(), Instant::now()) {
-            Ok(()) => http::Response::text(200, "ok\n".into()),
-            Err(why) => http::Response::text(503, format!("{why}\n")),
+            Ok(()) => Now(http::Response::text(200, "ok\n".into())),
+            Err(why) => Now(http::Response::text(503, format!("{why}\n"))),
         },
         "/readyz" => match health::ready(&board.view().snapshot, board.stopping(), settings.min_ready) {
-            Ok(what) => http::Response::text(200, format!("{what}\n")),
-            Err(why) => http::Response::text(503, format!("{why}\n")),
+            Ok(what) => Now(http::Response::text(200, format!("{what}\n"))),
+            Err(why) => Now(http::Response::text(503, format!("{why}\n"))),
         },
-        "/" => http::Response::text(200, "reuse-launch: /metrics /healthz /readyz\n".into()),
-        _ => http::Response::text(404, "not found: try /metrics, /healthz or /readyz\n".into()),
+        "/" => Now(http::Response::text(200, "reuse-launch: /metrics /healthz /readyz\n".into())),
+        _ => Now(http::Response::text(404, "not found: try /metrics, /healthz or /readyz\n".into())),
     }
 }

@@ -25,6 +25,8 @@ pub struct State {
     pub workers: Vec<WorkerState>,
     /// Each worker's notify socket fd, by worker id.
     pub notify: Vec<(u64, RawFd)>,
+    /// Each worker's seccomp notification fd (`--intercept-bind`), by worker id.
+    pub intercept: Vec<(u64, RawFd)>,
     /// Replacements under way (`--max-memory`, `--hung-timeout`): (new worker, slot, old
     /// worker, cause). The line is `memory NEW SLOT OLD CAUSE`; an older image wrote no cause
     /// (read as `memory`) and reads only the first three fields.
@@ -207,6 +209,9 @@ impl State {
         for (id, fd) in &self.notify {
             let _ = writeln!(o, "notify {id} {fd}");
         }
+        for (id, fd) in &self.intercept {
+            let _ = writeln!(o, "intercept {id} {fd}");
+        }
         for (new, slot, old, cause) in &self.memory {
             let _ = writeln!(o, "memory {new} {slot} {old} {}", enc(cause));
         }
@@ -343,6 +348,9 @@ impl State {
                 Some("notify") => {
                     s.notify.push((num(f.next(), "notify id")? as u64, num(f.next(), "notify fd")? as RawFd))
                 }
+                Some("intercept") => {
+                    s.intercept.push((num(f.next(), "intercept id")? as u64, num(f.next(), "intercept fd")? as RawFd))
+                }
                 Some("memory") => s.memory.push((
                     num(f.next(), "memory new")? as u64,
                     num(f.next(), "memory slot")? as usize,
@@ -463,6 +471,7 @@ mod tests {
                 },
             ],
             notify: vec![(15, 9), (16, 11)],
+            intercept: vec![(15, 13), (16, 14)],
             memory: vec![(16, 1, 9, "memory".into()), (18, 0, 15, "hung".into())],
             listeners: ListenerState {
                 mode: "reuseport".into(),

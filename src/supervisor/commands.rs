@@ -111,6 +111,7 @@ impl<O: Os> Supervisor<O> {
             stopping: self.shutdown.is_some() || self.drain_until.is_some(),
             slots,
             autoscale: self.autoscale.as_ref().map(|a| a.snapshot(now)),
+            intercept: self.intercept_snapshot(),
         }
     }
 }

@@ -78,9 +78,20 @@ impl<O: Os> Supervisor<O> {
         let socket_on_stdin = self.cfg.socket_on_stdin;
         let cpu = self.cpus.as_ref().map(|cpus| cpus[slot % cpus.len()]);
         let stdio = log_pipes.as_ref().map(|p| p.child_fds());
-        let spec = Spec { argv: &argv, fds: &fds, env: &env, pid_vars: &pid_vars, socket_on_stdin, cpu, creds, stdio };
-        let pid = match self.os.spawn(&self.program, &spec) {
-            Ok(pid) => pid,
+        let intercept = self.intercept.interceptor.as_ref().map(|i| i.child_filter());
+        let spec = Spec {
+            argv: &argv,
+            fds: &fds,
+            env: &env,
+            pid_vars: &pid_vars,
+            socket_on_stdin,
+            cpu,
+            creds,
+            stdio,
+            intercept,
+        };
+        let spawned = match self.os.spawn(&self.program, &spec) {
+            Ok(spawned) => spawned,
             Err(e) => {
                 if let Some(hub) = &self.notify {
                     hub.close(id);
@@ -88,6 +99,7 @@ impl<O: Os> Supervisor<O> {
                 return Err(e);
             }
         };
+        let pid = spawned.pid;
         if let Some(pipes) = log_pipes {
             pipes.register(slot, pid.as_raw());
         }
@@ -99,6 +111,9 @@ impl<O: Os> Supervisor<O> {
         let state = State::Starting { ready_at, deadline: now + self.cfg.ready_timeout };
         let w = Worker::new(slot, gen, pid, now, state, candidate);
         log::info!("{} started", w.label());
+        if let Some(notif) = spawned.notif {
+            self.intercept_register(id, &w, notif);
+        }
         let inserted = self.workers.insert(w);
         debug_assert_eq!(inserted, id);
         Ok(id)
@@ -179,6 +194,9 @@ impl<O: Os> Supervisor<O> {
             if let Some(hub) = &self.notify {
                 hub.close(id);
             }
+            if let Some(i) = &self.intercept.interceptor {
+                i.forget(id);
+            }
         }
         self.reap_orphans();
     }
@@ -226,6 +244,9 @@ impl<O: Os> Supervisor<O> {
         let Some(w) = self.workers.remove(id) else { return };
         if let Some(hub) = &self.notify {
             hub.close(id);
+        }
+        if let Some(i) = &self.intercept.interceptor {
+            i.forget(id);
         }
         self.memory_forget(id);
         self.replacement_forget(id);
@@ -286,8 +307,17 @@ impl<O: Os> Supervisor<O> {
         let kept = self.slots.iter().filter(|s| s.retiring.is_none());
         if kept.clone().all(|s| s.start_failures >= max) {
             let last: Vec<String> = kept.map(|s| s.last_failure.clone()).collect();
+            let hint = match &self.intercept.interceptor {
+                None if self.listeners.mode() != crate::socket::Mode::SelfBind => {
+                    format!("; bind() interception is {}: {}", self.intercept.state, crate::intercept::HINT)
+                }
+                Some(i) if i.counts().0 == 0 => "; no worker's own bind() of a --bind port was taken over (a \
+                    server that binds another port needs that port in --bind)"
+                    .to_string(),
+                _ => String::new(),
+            };
             return Err(Error::Failed(format!(
-                "every worker exited before it became ready, {max} times in a row on each slot; giving up (last: {})",
+                "every worker exited before it became ready, {max} times in a row on each slot; giving up (last: {}){hint}",
                 last.join("; ")
             )));
         }

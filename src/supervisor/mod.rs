@@ -13,6 +13,7 @@
 //! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
 
 mod autoscaling;
+mod binds;
 mod commands;
 mod drain;
 mod hung;
@@ -121,6 +122,8 @@ pub struct Supervisor<O: Os> {
     published: Option<(Instant, u64)>,
     /// `--drain-delay`: TERM/INT arrived; the workers are stopped at this time.
     drain_until: Option<Instant>,
+    /// `--intercept-bind`: whether workers' own binds get their slot's socket (see `binds`).
+    intercept: crate::intercept::Interception,
 }
 
 impl<O: Os> Supervisor<O> {
@@ -130,12 +133,15 @@ impl<O: Os> Supervisor<O> {
     ///
     /// [`sender`]: Supervisor::sender
     /// [`run`]: Supervisor::run
+    /// `resumed_on`: a reexec'd image whose old image intercepted workers' binds (it goes on
+    /// intercepting without probing again).
     pub fn new(
         cfg: Config,
         mut listeners: Listeners,
         program: Program,
         identity: Option<Identity>,
         os: O,
+        resumed_on: bool,
     ) -> Result<Supervisor<O>, Error> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let notify = if cfg.ready == Ready::Notify || cfg.watchdog.is_some() {
@@ -188,6 +194,14 @@ impl<O: Os> Supervisor<O> {
             None => None,
         };
         let cpus = cfg.pin.then(allowed_cpus);
+        let intercept = crate::intercept::Interception::setup(crate::intercept::Setup {
+            setting: cfg.intercept_bind,
+            holds_sockets: listeners.mode() != Mode::SelfBind,
+            creds: contract.identity.as_ref().map(|i| &i.creds),
+            resumed_on,
+            events: tx.clone(),
+        })
+        .map_err(Error::Failed)?;
         let now = Instant::now();
         let slots = (0..slots_n)
             .map(|s| Slot { gen: 1, retiring: (s >= desired_n).then_some(now), ..Slot::default() })
@@ -228,6 +242,7 @@ impl<O: Os> Supervisor<O> {
             board: None,
             published: None,
             drain_until: None,
+            intercept,
         };
         supervisor.start_metrics(Instant::now())?;
         Ok(supervisor)
@@ -324,6 +339,7 @@ impl<O: Os> Supervisor<O> {
             }
             Event::Signal(other) => log::debug!("ignoring signal {other}"),
             Event::Notify(id, fields) => self.on_notify(id, fields, now),
+            Event::Held(id, held) => self.intercept_held(id, held),
             Event::Control(command, reply) => {
                 // The control thread waits for this answer, never the other way round.
                 let _ = reply.send(self.command(command, now));

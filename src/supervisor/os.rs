@@ -11,11 +11,12 @@ use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::command::Program;
-use crate::spawn::{self, Spec};
+use crate::spawn::{self, Spawned, Spec};
 
 pub trait Os {
-    /// Fork and exec one worker (see `spawn`); its pid once the exec happened.
-    fn spawn(&mut self, program: &Program, spec: &Spec) -> io::Result<Pid>;
+    /// Fork and exec one worker (see `spawn`); its pid (and its seccomp notification fd with
+    /// `--intercept-bind`) once the exec happened.
+    fn spawn(&mut self, program: &Program, spec: &Spec) -> io::Result<Spawned>;
     /// Signal a worker's process group, and the worker itself in case it left the group
     /// (setsid): its pid cannot be reused before the launcher reaps it.
     fn signal(&mut self, pid: Pid, sig: Signal);
@@ -44,7 +45,7 @@ impl RealOs {
 }
 
 impl Os for RealOs {
-    fn spawn(&mut self, program: &Program, spec: &Spec) -> io::Result<Pid> {
+    fn spawn(&mut self, program: &Program, spec: &Spec) -> io::Result<Spawned> {
         spawn::spawn(program, spec)
     }
 
@@ -114,7 +115,7 @@ pub mod fake {
     }
 
     impl Os for FakeOs {
-        fn spawn(&mut self, _: &Program, _: &Spec) -> io::Result<Pid> {
+        fn spawn(&mut self, _: &Program, _: &Spec) -> io::Result<Spawned> {
             if let Some(errno) = self.fail_spawns {
                 return Err(io::Error::from_raw_os_error(errno));
             }
@@ -122,7 +123,7 @@ pub mod fake {
             let pid = Pid::from_raw(1000 + self.next_pid);
             self.alive.push(pid);
             self.calls.push(Call::Spawn(pid));
-            Ok(pid)
+            Ok(Spawned { pid, notif: None })
         }
 
         fn signal(&mut self, pid: Pid, sig: Signal) {

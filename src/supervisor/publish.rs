@@ -73,6 +73,7 @@ impl<O: Os> Supervisor<O> {
         }
         (self.desired, self.roll.progress(), self.shutdown.is_some(), self.drain_until.is_some()).hash(&mut h);
         self.steered.hash(&mut h);
+        self.intercept.interceptor.as_ref().map(|i| i.counts()).hash(&mut h);
         h.finish()
     }
 }

@@ -68,10 +68,18 @@ impl<O: Os> Supervisor<O> {
             Ok(p) => p,
             Err(e) => return e,
         };
+        // The interceptor's thread answers the call it may be reading, and stops: a call read
+        // and not answered would be lost with the thread; calls not read wait for the new image.
+        if let Some(i) = &mut self.intercept.interceptor {
+            i.pause();
+        }
         let (state, keep) = self.capture(now);
         log::info!("reexec: {path} ({version}) takes over, pid {} and every worker stay", std::process::id());
         let err = reexec::exec(std::path::Path::new(&path), &state, &keep, &HANDLED);
         log::error!("{err}; the launcher runs on");
+        if let Some(Err(e)) = self.intercept.interceptor.as_mut().map(|i| i.resume()) {
+            log::error!("cannot restart the bind() interceptor after the failed reexec: {e}");
+        }
         err.to_string()
     }
 
@@ -118,9 +126,11 @@ impl<O: Os> Supervisor<O> {
             })
             .collect();
         let notify = self.notify.as_ref().map(|n| n.fds()).unwrap_or_default();
+        let intercept = self.intercept.interceptor.as_ref().map(|i| i.fds()).unwrap_or_default();
         let (mode, backlog, binds, sockets) = self.listeners.parts();
         let mut keep: Vec<RawFd> = sockets.clone();
         keep.extend(notify.iter().map(|n| n.1));
+        keep.extend(intercept.iter().map(|n| n.1));
         let sentinel = self.sentinel.as_ref().map(|s| (s.pid(), s.pipe_fd()));
         keep.extend(sentinel.map(|s| s.1));
         let logs: Vec<(RawFd, bool, String)> = crate::logs::handover()
@@ -138,6 +148,7 @@ impl<O: Os> Supervisor<O> {
             slots,
             workers,
             notify,
+            intercept,
             memory: self.replacements.export(),
             listeners: ListenerState {
                 mode: mode.to_string(),
@@ -213,6 +224,16 @@ impl<O: Os> Supervisor<O> {
                     hub.adopt(id, sock).map_err(|e| Error::Failed(format!("cannot resume notify socket: {e}")))?
                 }
                 None => drop(sock),
+            }
+        }
+        for (id, fd) in state.intercept {
+            // SAFETY: the old image kept this fd open across the exec for worker `id`'s seccomp
+            // notifications; nothing else here owns it.
+            let notif = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            reexec::set_cloexec(&[fd], true);
+            match self.workers.get(id).map(|w| (w.label(), w.slot)) {
+                Some((label, slot)) => self.intercept_adopt(id, label, slot, notif),
+                None => drop(notif),
             }
         }
         self.replacements.restore(&state.memory);

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 
 use crate::common::*;
 
-use crate::json;
+use crate::control::json;
 
 use json::Value;
 

@@ -530,6 +530,11 @@ pub struct Load {
 
 impl Load {
     pub fn start(port: u16, clients: usize) -> Load {
+        Load::start_with(port, clients, |p| get(p).map(drop))
+    }
+
+    /// Clients that each call `request` in a loop (one request on a new connection).
+    pub fn start_with(port: u16, clients: usize, request: fn(u16) -> std::io::Result<()>) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -538,7 +543,7 @@ impl Load {
                 let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        match get(port) {
+                        match request(port) {
                             Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                             Err(e) => {
                                 failures.lock().unwrap().push(e.to_string());
@@ -550,6 +555,11 @@ impl Load {
             })
             .collect();
         Load { stop, ok, failures, threads }
+    }
+
+    /// Answers so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
     }
 
     /// Stop the clients; returns the number of answers and the failures.
@@ -804,6 +814,31 @@ pub fn fd_targets(pid: i32) -> Vec<(i32, String)> {
         .collect();
     fds.sort();
     fds
+}
+
+/// The socket inodes among a process's fds: (fd, inode).
+pub fn socket_fds(pid: i32) -> Vec<(i32, u64)> {
+    fd_targets(pid)
+        .into_iter()
+        .filter_map(|(fd, t)| Some((fd, t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?)))
+        .collect()
+}
+
+/// The inode of the accepted socket of the IPv4 connection from `client` to `port` (None until
+/// a process has accepted it).
+pub fn server_side_inode(port: u16, client: u16) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let p = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+        (p(f[1]) == Some(port) && p(f[2]) == Some(client)).then(|| f[9].parse().ok()).flatten().filter(|i| *i != 0)
+    })
+}
+
+/// Whether process `pid` holds the server side of the connection `conn` (to `port`) made.
+pub fn holds_connection(pid: i32, port: u16, conn: &TcpStream) -> bool {
+    let client = conn.local_addr().map(|a| a.port()).unwrap_or(0);
+    server_side_inode(port, client).is_some_and(|ino| socket_fds(pid).iter().any(|(_, i)| *i == ino))
 }
 
 /// What fd `fd` of process `pid` points to; panics if it has no such fd.

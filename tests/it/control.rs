@@ -17,7 +17,9 @@ use nix::sys::signal::Signal;
 
 use crate::common::*;
 
-use crate::json;
+#[allow(dead_code)]
+#[path = "../../src/control/json.rs"]
+pub(crate) mod json;
 
 use json::Value;
 
@@ -59,12 +61,18 @@ fn status_as(uid: Option<u32>, pick: &[&str]) -> Option<Value> {
     (out.code == 0).then(|| json::parse(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", out.stdout)))
 }
 
-fn status(pick: &[&str]) -> Option<Value> {
+pub(crate) fn status(pick: &[&str]) -> Option<Value> {
     status_as(None, pick)
 }
 
 /// Poll `status` until `cond` holds; returns that status, or panics with the last one seen.
-fn wait_status(l: &Launcher, pick: &[&str], timeout: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn wait_status(
+    l: &Launcher,
+    pick: &[&str],
+    timeout: Duration,
+    what: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
     let mut last = None;
     let ok = wait_until(timeout, || {
         last = status(pick);
@@ -74,15 +82,15 @@ fn wait_status(l: &Launcher, pick: &[&str], timeout: Duration, what: &str, cond:
     last.unwrap()
 }
 
-fn rows(s: &Value) -> Vec<Value> {
+pub(crate) fn rows(s: &Value) -> Vec<Value> {
     s.get("workers").and_then(Value::as_array).expect("workers").to_vec()
 }
 
-fn num(v: &Value, key: &str) -> u64 {
+pub(crate) fn num(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or_else(|| panic!("no number {key} in {v}"))
 }
 
-fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+pub(crate) fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or_else(|| panic!("no string {key} in {v}"))
 }
 

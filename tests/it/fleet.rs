@@ -20,13 +20,13 @@ const HELLO_C: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/workers/hello.
 const BUILD: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/fleet");
 
 /// The address of the launcher's `--metrics` endpoint, from its log.
-fn metrics_addr(l: &Launcher) -> SocketAddr {
+pub fn metrics_addr(l: &Launcher) -> SocketAddr {
     let line = l.wait_for("serving /metrics, /healthz and /readyz on http://", secs(20));
     line.rsplit("http://").next().unwrap().trim().parse().expect("an address in the log")
 }
 
 /// `GET path` on a new connection: the status and the body.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, secs(5))?;
     s.set_read_timeout(Some(secs(10)))?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;

@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 
 use crate::common::*;
 
-use crate::json;
+use crate::control::json;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const GRACE: Duration = Duration::from_secs(1);

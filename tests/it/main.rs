@@ -12,6 +12,9 @@
 //! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
 //! - `autoscale`: `-n MIN..MAX` following the load up and down, and not moving under a steady one (issue 17).
 //! - `hung`: `--hung-timeout` replacing deadlocked and spinning workers, never stopped ones (issue 17).
+//! - `intercept`: unmodified servers that bind the port themselves (`--intercept-bind`, issue 15).
+//! - `hostile`: idle, slowloris, oversized and binary clients on `--metrics` and the control
+//!   socket (issue 19).
 //!
 //! Run one area with `cargo test --test it core::`.
 
@@ -21,11 +24,9 @@ mod control;
 mod conventions;
 mod core;
 mod fleet;
+mod hostile;
 mod hung;
-/// The launcher's own small JSON (status --json is parsed with it).
-#[allow(dead_code)]
-#[path = "../../src/control/json.rs"]
-mod json;
+mod intercept;
 mod leftovers;
 mod logs;
 mod modes;

@@ -182,11 +182,15 @@ fn node_fd_sigterm_reset_connections_between_requests() {
         assert!(n > 0, "closed before the first answer");
         first.extend_from_slice(&buf[..n]);
     }
-    // A connection the worker accepts, whose request has not come yet.
+    // A connection the worker has accepted, whose request has not come yet.
     let mut fresh = connect();
-    std::thread::sleep(Duration::from_millis(300));
+    let accepted = wait_until(secs(10), || holds_connection(pid, l.port(), &fresh));
+    assert!(accepted, "the worker never accepted the second connection");
+    let listener = socket_fds(pid).into_iter().find(|(fd, _)| *fd == 3).expect("the worker holds fd 3").1;
     signal(pid, Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(300));
+    // Its stop has begun: it closed its listening socket (fd 3), and only then come the requests.
+    let closing = wait_until(secs(10), || !socket_fds(pid).contains(&(3, listener)));
+    assert!(closing, "the worker did not stop listening after SIGTERM\n{}", l.log());
     for (name, conn) in [("keep-alive", &mut kept), ("accepted", &mut fresh)] {
         let reply = read_reply(conn).unwrap_or_else(|e| panic!("{name} connection: {e}\n{}", l.log()));
         assert_eq!(reply.pid, pid, "{name}");

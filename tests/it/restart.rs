@@ -71,8 +71,22 @@ impl FdStore {
 
 #[test]
 fn a_killed_launchers_sockets_wait_in_the_fd_store_and_the_next_launcher_answers_every_client() {
+    killed_launcher_restarts_from_the_fd_store(|l| l.py(&[]));
+}
+
+/// The same with a server that binds PORT itself (`--intercept-bind`, issue 15): its bind() gets
+/// the stored socket in the next launcher too.
+#[test]
+fn the_fd_store_keeps_the_queues_of_a_server_that_binds_the_port_itself() {
+    require(&["node", "--version"], "install Node.js 20 (apt-get install nodejs)");
+    killed_launcher_restarts_from_the_fd_store(|l| {
+        l.flag("--intercept-bind", "on").cmd(&["node", &worker("node-bind.js")])
+    });
+}
+
+fn killed_launcher_restarts_from_the_fd_store(server: impl Fn(Launch) -> Launch) {
     let mut store = FdStore::bind();
-    let mut first = Launch::new().workers(2).ready("auto").env("NOTIFY_SOCKET", store.path.str()).py(&[]).start();
+    let mut first = server(Launch::new().workers(2).ready("auto").env("NOTIFY_SOCKET", store.path.str())).start();
     first.wait_for("all 2 workers ready", secs(20));
     store.wait_for(&["rl.http.0", "rl.http.1"], secs(10));
     let port = first.port();
@@ -91,15 +105,16 @@ fn a_killed_launchers_sockets_wait_in_the_fd_store_and_the_next_launcher_answers
         .collect();
     let names = store.names();
     let fds: Vec<RawFd> = store.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
-    let second = Launch::new()
-        .workers(2)
-        .ready("auto")
-        .env("LISTEN_FDS", &fds.len().to_string())
-        .env("LISTEN_FDNAMES", &names.join(":"))
-        .pass_fds(fds)
-        .via(&["sh", "-c", "LISTEN_PID=$$ exec \"$@\"", "sh"])
-        .py(&[])
-        .start();
+    let second = server(
+        Launch::new()
+            .workers(2)
+            .ready("auto")
+            .env("LISTEN_FDS", &fds.len().to_string())
+            .env("LISTEN_FDNAMES", &names.join(":"))
+            .pass_fds(fds)
+            .via(&["sh", "-c", "LISTEN_PID=$$ exec \"$@\"", "sh"]),
+    )
+    .start();
     second.wait_for("took back 2 listening sockets from the service manager's fd store", secs(10));
     assert_eq!(second.port(), port);
     let mut answered = Vec::new();

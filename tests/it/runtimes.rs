@@ -30,11 +30,11 @@ use nix::sys::signal::Signal;
 
 use crate::common::*;
 
-const BUILD: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/runtimes");
+pub(crate) const BUILD: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/runtimes");
 
 /// Run a build command once per test run (per `cell`); every test that needs it gets the same
 /// result, and a failed build fails each of them with the compiler's output.
-fn built(
+pub(crate) fn built(
     cell: &'static OnceLock<Result<PathBuf, String>>,
     what: &str,
     build: impl FnOnce() -> (Command, PathBuf),

@@ -25,13 +25,24 @@ pub(super) const MS: Duration = Duration::from_millis(1);
 
 /// A launcher in shared mode over `sh`, with `args` added to the flags.
 pub(super) fn supervisor(args: &[&str]) -> Supervisor<FakeOs> {
-    let mut argv = vec!["reuse-launch", "-b", "127.0.0.1:0", "--mode", "shared", "--ready-delay", "100ms"];
+    // No bind() interception: its start-up probe forks, and the fake Os starts nothing to serve.
+    let mut argv = vec![
+        "reuse-launch",
+        "-b",
+        "127.0.0.1:0",
+        "--mode",
+        "shared",
+        "--ready-delay",
+        "100ms",
+        "--intercept-bind",
+        "off",
+    ];
     argv.extend(args);
     argv.extend(["--", "sh"]);
     let cfg = Config::from_args(Args::try_parse_from(argv).unwrap(), None).unwrap();
     let listeners = Listeners::bind(&cfg.binds, cfg.mode, cfg.workers, 16).unwrap();
     let program = Program::resolve(&cfg.command).unwrap();
-    Supervisor::new(cfg, listeners, program, None, FakeOs::default()).unwrap()
+    Supervisor::new(cfg, listeners, program, None, FakeOs::default(), false).unwrap()
 }
 
 impl Supervisor<FakeOs> {
