@@ -16,7 +16,9 @@ pub use crate::logs::Prefix as LogPrefix;
 use crate::socket::{BindSpec, Mode};
 
 mod args;
+mod scaling;
 pub use args::Args;
+pub use scaling::Bounds;
 
 /// How the launcher decides that a worker is ready to take traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,22 +97,6 @@ pub struct Config {
     pub command: Vec<OsString>,
 }
 
-/// `-n MIN..MAX`: the fewest and the most slots the launcher keeps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bounds {
-    pub min: usize,
-    pub max: usize,
-}
-
-impl std::fmt::Display for Bounds {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(f, "{}..{}", self.min, self.max)
-    }
-}
-
-/// `--scale-down-after`'s default: the calm a scale-down needs (see `autoscale`).
-pub const SCALE_DOWN_AFTER: Duration = Duration::from_secs(30);
-
 fn usage(flag: &'static str, value: &str, expected: impl Into<String>) -> Error {
     Error::usage(flag, value, expected)
 }
@@ -119,7 +105,7 @@ impl Config {
     /// Validate raw flags. `port_env` is the launcher's own `PORT` variable, used for the
     /// default bind address.
     pub fn from_args(args: Args, port_env: Option<String>) -> Result<Config, Error> {
-        let (workers, autoscale) = parse_worker_bounds(&args.workers)?;
+        let (workers, autoscale) = scaling::parse_worker_bounds(&args.workers)?;
         let mut binds = Vec::new();
         let bind_texts = if args.bind.is_empty() {
             let port = port_env.unwrap_or_else(|| "8080".to_string());
@@ -226,35 +212,8 @@ impl Config {
         }
         let drain_delay =
             parse_duration(&args.drain_delay).map_err(|e| usage("--drain-delay", &args.drain_delay, e))?;
-        let scale_down_after = match (&args.scale_down_after, autoscale) {
-            (None, _) => SCALE_DOWN_AFTER,
-            (Some(d), None) => {
-                return Err(usage("--scale-down-after", d, "needs -n MIN..MAX (automatic scaling)"));
-            }
-            (Some(d), Some(_)) => match parse_duration(d) {
-                Ok(t) if !t.is_zero() => t,
-                Ok(_) => return Err(usage("--scale-down-after", d, "must be more than 0")),
-                Err(e) => return Err(usage("--scale-down-after", d, e)),
-            },
-        };
-        let hung_timeout = match &args.hung_timeout {
-            None => None,
-            Some(t) if !matches!(mode, Mode::Reuseport | Mode::RoundRobin) => {
-                return Err(usage(
-                    "--hung-timeout",
-                    t,
-                    format!(
-                        "needs --mode reuseport or round-robin (not {mode}): stalled workers are seen from \
-                         the queues of the sockets the launcher holds per slot"
-                    ),
-                ));
-            }
-            Some(t) => match parse_duration(t) {
-                Ok(d) if !d.is_zero() => Some(d),
-                Ok(_) => return Err(usage("--hung-timeout", t, "must be more than 0")),
-                Err(e) => return Err(usage("--hung-timeout", t, e)),
-            },
-        };
+        let scale_down_after = scaling::scale_down_after(args.scale_down_after.as_deref(), autoscale)?;
+        let hung_timeout = scaling::hung_timeout(args.hung_timeout.as_deref(), mode)?;
         if args.group.is_some() && args.user.is_none() {
             return Err(usage("--group", args.group.as_deref().unwrap_or(""), "needs --user as well"));
         }
@@ -303,32 +262,6 @@ fn parse_workers(s: &str) -> Result<usize, Error> {
         Ok(n) => Ok(n),
         Err(_) => Err(usage("--workers", s, "expected a number or 'auto' (or MIN..MAX)")),
     }
-}
-
-/// `-n N`, `-n auto` (fixed), or `-n MIN..MAX` / `-n MIN..auto` (automatic scaling between
-/// them, starting with MIN): the slots at start and the bounds.
-fn parse_worker_bounds(s: &str) -> Result<(usize, Option<Bounds>), Error> {
-    let Some((lo, hi)) = s.split_once("..") else { return Ok((parse_workers(s)?, None)) };
-    let bad = |why: String| usage("--workers", s, why);
-    let min = match lo.parse::<usize>() {
-        Ok(n) if n >= 1 => n,
-        _ => return Err(bad("MIN of MIN..MAX must be a number, at least 1".into())),
-    };
-    let max = match hi {
-        "auto" => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        _ => match hi.parse::<usize>() {
-            Ok(n) if n >= 1 => n,
-            _ => return Err(bad("MAX of MIN..MAX must be a number or 'auto'".into())),
-        },
-    };
-    if max > 4096 {
-        return Err(bad("at most 4096 workers".into()));
-    }
-    if min > max {
-        let auto = if hi == "auto" { " ('auto': one per CPU)" } else { "" };
-        return Err(bad(format!("MIN {min} is more than MAX {max}{auto}")));
-    }
-    Ok((min, Some(Bounds { min, max })))
 }
 
 /// `net.core.somaxconn`, the ceiling the kernel applies to any backlog anyway.
@@ -469,7 +402,7 @@ mod tests {
     fn worker_bounds_and_their_errors() {
         let c = Config::from_args(args(&["-n", "1..3"]), None).unwrap();
         assert_eq!((c.workers, c.autoscale), (1, Some(Bounds { min: 1, max: 3 })));
-        assert_eq!(c.scale_down_after, SCALE_DOWN_AFTER);
+        assert_eq!(c.scale_down_after, scaling::SCALE_DOWN_AFTER);
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let c = Config::from_args(args(&["-n", "1..auto"]), None).unwrap();
         assert_eq!(c.autoscale, Some(Bounds { min: 1, max: cpus }));

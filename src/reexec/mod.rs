@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 
+mod scaling;
 mod state;
 pub use state::{at_ms, ms_from, AutoscaleState, ListenerState, SlotState, State, WorkerPhase, WorkerState};
 

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
+pub use super::scaling::AutoscaleState;
+
 const MAGIC: &str = "reuse-launch-state 1";
 
 /// A roll under way: (generation, slot, the new worker and its deadline in ms, once spawned).
@@ -39,19 +41,6 @@ pub struct State {
     /// `-n MIN..MAX`: the policy's memory (the bounds come from the command line again, the
     /// count is `desired`).
     pub autoscale: Option<AutoscaleState>,
-}
-
-/// The automatic scaling's memory: flaps (doublings, when the last was), the last automatic
-/// scale-down, the counts of automatic changes, and the recent changes (when, from, to, by,
-/// reason). Lines `autoscale FLAP FLAP_MS DOWN_MS UPS DOWNS` and `scaled MS FROM TO BY REASON`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AutoscaleState {
-    pub flap: u32,
-    pub flap_ms: Option<i64>,
-    pub last_down_ms: Option<i64>,
-    pub ups: u64,
-    pub downs: u64,
-    pub history: Vec<(i64, usize, usize, String, String)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,7 +105,7 @@ pub fn at_ms(now: Instant, ms: i64) -> Instant {
 }
 
 /// Percent-encode what would break a space-separated line.
-fn enc(s: &str) -> String {
+pub(super) fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_graphic() && b != b'%' {
@@ -132,7 +121,7 @@ fn enc(s: &str) -> String {
     }
 }
 
-fn dec(s: &str) -> String {
+pub(super) fn dec(s: &str) -> String {
     if s == "%" {
         return String::new();
     }
@@ -154,7 +143,7 @@ fn dec(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+pub(super) fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
     v.as_ref().map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
@@ -222,11 +211,7 @@ impl State {
             let _ = writeln!(o, "log {fd} {} {}", if *stderr { "err" } else { "out" }, enc(prefix));
         }
         if let Some(a) = &self.autoscale {
-            let _ =
-                writeln!(o, "autoscale {} {} {} {} {}", a.flap, opt(&a.flap_ms), opt(&a.last_down_ms), a.ups, a.downs);
-            for (ms, from, to, by, reason) in &a.history {
-                let _ = writeln!(o, "scaled {ms} {from} {to} {} {}", enc(by), enc(reason));
-            }
+            a.encode(&mut o);
         }
         let l = &self.listeners;
         let binds: Vec<String> = l.binds.iter().map(|(n, a)| format!("{}={}", enc(n), a)).collect();
@@ -362,21 +347,8 @@ impl State {
                     f.next() == Some("err"),
                     dec(f.next().unwrap_or("%")),
                 )),
-                Some("autoscale") => {
-                    let a = s.autoscale.get_or_insert_with(AutoscaleState::default);
-                    a.flap = num(f.next(), "autoscale flap")? as u32;
-                    a.flap_ms = optn(f.next(), "autoscale flap time")?;
-                    a.last_down_ms = optn(f.next(), "autoscale last down")?;
-                    a.ups = num(f.next(), "autoscale ups")? as u64;
-                    a.downs = num(f.next(), "autoscale downs")? as u64;
-                }
-                Some("scaled") => {
-                    let ms = num(f.next(), "scaled time")?;
-                    let from = num(f.next(), "scaled from")? as usize;
-                    let to = num(f.next(), "scaled to")? as usize;
-                    let by = dec(f.next().unwrap_or("%"));
-                    let reason = dec(f.next().unwrap_or("%"));
-                    s.autoscale.get_or_insert_with(AutoscaleState::default).history.push((ms, from, to, by, reason));
+                Some(word @ ("autoscale" | "scaled")) => {
+                    s.autoscale.get_or_insert_with(AutoscaleState::default).decode(word, &mut f)?;
                 }
                 Some("sentinel") => {
                     s.sentinel = Some((num(f.next(), "sentinel pid")? as u32, num(f.next(), "sentinel fd")? as RawFd))
