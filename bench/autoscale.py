@@ -99,7 +99,8 @@ def render_md(args, configs, summaries, info) -> str:
     by = {c.name: [s for s in summaries if s["config"] == c.name] for c in configs}
     out = [f"# Automatic scaling under a step of load ({info['date']}, commit {info['commit']})", "",
            f"`{info['command']}`; {os.cpu_count()} CPUs; load average {info['load_start']} at start, "
-           f"{info['load_end']} at end. `--mode {args.mode}`; workers: `pyworker.py --serial --handle-delay {args.delay}`; "
+           f"{info['load_end']} at end. `--mode {args.mode} {' '.join(steps.ready_flags(args.mode))}`; "
+           f"workers: `pyworker.py --serial --handle-delay {args.delay}`; "
            f"load: {args.light} client(s) for {args.seconds[0]:.0f} s, {args.heavy} for {args.seconds[1]:.0f} s, "
            f"{args.light} for {args.seconds[2]:.0f} s (closed loop, new connection per request); "
            f"{args.rounds} round(s), medians over rounds.", "",

@@ -55,6 +55,16 @@ class Run:
     errors: Dict[str, int] = field(default_factory=dict)
 
 
+def ready_flags(mode: str) -> List[str]:
+    """`--ready auto` where steering keeps new connections off a starting slot (reuseport,
+    round-robin); elsewhere a delay: a one-at-a-time worker that takes connections from its first
+    moment (one shared queue) is never seen waiting for one, so `auto` would not call it ready
+    before the load ends."""
+    if mode in ("reuseport", "round-robin"):
+        return ["--ready", "auto"]
+    return ["--ready", "delay", "--ready-delay", "500ms"]
+
+
 def one_request(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
         s.settimeout(TIMEOUT)
@@ -133,7 +143,7 @@ def run_config(registry: procs.Registry, binary: str, cfg: Config, phases: List[
     port = procs.free_port()
     control = raw / f"{cfg.name}-r{round_}.sock"
     control.unlink(missing_ok=True)
-    argv = [binary, "-n", cfg.workers, "-b", f"127.0.0.1:{port}", "--mode", mode, "--ready", "auto",
+    argv = [binary, "-n", cfg.workers, "-b", f"127.0.0.1:{port}", "--mode", mode, *ready_flags(mode),
             "--grace", "10s", "--control", str(control)]
     if cfg.auto and scale_down_after:
         argv += ["--scale-down-after", scale_down_after]

@@ -3,7 +3,8 @@
 //! retirement of slots (`scale`), as a `scale N` would.
 //!
 //! Every [`SAMPLE_EVERY`]: each serving slot's accept queue (the longest over its binds,
-//! `TCP_INFO` on the listeners the launcher holds) and, every [`CPU_EVERY`], the CPU its ready
+//! `TCP_INFO` on the listeners the launcher holds; `shared` mode's one queue counted once, for
+//! the first slot) and, every [`CPU_EVERY`], the CPU its ready
 //! worker's process group used since the reading before (`/proc/PID/stat` of each member; the
 //! members from a scan of /proc at most every [`MEMBERS_EVERY`], or when a worker is new). A sample counts only while no roll runs, the launcher is not
 //! stopping or draining, and every kept slot has a ready worker; any other sample starts the
@@ -96,11 +97,15 @@ impl<O: Os> Supervisor<O> {
         }
         let sample = settled.then(|| {
             let cores = &self.autoscale.as_ref().expect("checked above").cores;
+            let mut counted = Vec::new();
             let slots = self
                 .serving_slots()
                 .into_iter()
                 .filter(|s| kept.contains(s))
-                .map(|slot| SlotLoad { slot, queue: self.slot_queue(slot), cpu: cores.get(&slot).copied() })
+                .map(|slot| {
+                    let queue = self.slot_queue(slot, &mut counted);
+                    SlotLoad { slot, queue, cpu: cores.get(&slot).copied() }
+                })
                 .collect();
             Sample { at: now, slots }
         });
@@ -156,9 +161,17 @@ impl<O: Os> Supervisor<O> {
         a.ticks = seen;
     }
 
-    /// `slot`'s accept queue: the longest over its binds (None: no socket, or unreadable).
-    fn slot_queue(&self, slot: usize) -> Option<u32> {
-        self.listeners.fds_for_slot(slot).into_iter().filter_map(|fd| steer::queue_len(fd).ok()).max()
+    /// `slot`'s accept queue: the longest over its binds (None: no socket, or unreadable). A
+    /// listener already `counted` for another slot (`shared` mode: one for all) counts as empty,
+    /// so that its queue is counted once in all.
+    fn slot_queue(&self, slot: usize, counted: &mut Vec<std::os::fd::RawFd>) -> Option<u32> {
+        let fds = self.listeners.fds_for_slot(slot);
+        let fresh: Vec<_> = fds.iter().copied().filter(|fd| !counted.contains(fd)).collect();
+        counted.extend(&fresh);
+        if fresh.is_empty() && !fds.is_empty() {
+            return Some(0);
+        }
+        fresh.into_iter().filter_map(|fd| steer::queue_len(fd).ok()).max()
     }
 
     /// When the next sample is due (None: no automatic scaling, or no worker).
