@@ -185,3 +185,21 @@ fn scaling_stays_within_min_max_and_the_policy_goes_on_from_a_manual_change() {
     );
     assert_eq!((st.desired, a.min, a.max, a.downs), (1, 1, 3, 1));
 }
+
+#[test]
+fn the_one_shared_queue_counts_once_for_the_policy() {
+    let t0 = Instant::now();
+    let mut s = supervisor(&["-n", "2..3"]);
+    s.start_all(t0).unwrap();
+    s.tick(t0 + 100 * MS).unwrap();
+    // One connection waits in the one queue of shared mode: not one per slot.
+    let addr = s.listeners.local_addrs()[0];
+    let one = std::net::TcpStream::connect(addr).unwrap();
+    s.run_for(t0 + 100 * MS, Duration::from_millis(3000)).unwrap();
+    assert_eq!(s.desired, 2, "one waiting connection on two slots is no pressure");
+    // Two wait: every request waits behind another.
+    let two = std::net::TcpStream::connect(addr).unwrap();
+    s.run_for(t0 + 3200 * MS, Duration::from_millis(2500)).unwrap();
+    assert_eq!(s.desired, 3);
+    drop((one, two));
+}
