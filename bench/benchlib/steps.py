@@ -13,7 +13,6 @@ from light to heavy and back, every request timed, the worker count sampled.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from . import procs
+from . import load, procs
 
 PYWORKER = Path(__file__).resolve().parents[2] / "tests" / "workers" / "pyworker.py"
 TIMEOUT = 10.0
@@ -66,16 +65,8 @@ def ready_flags(mode: str) -> List[str]:
 
 
 def one_request(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
-        s.settimeout(TIMEOUT)
-        s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return data.startswith(b"HTTP/1.1 200")
+    """One GET on a new connection: answered 200? (OSError when it failed.)"""
+    return load.http_get(port, timeout=TIMEOUT)[0] == 200
 
 
 class StepLoad:

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 
 use crate::common::*;
 
-use crate::control::json;
+use crate::control::{json, num};
 
 use json::Value;
 
@@ -26,24 +26,13 @@ fn client(control: &str, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `status --json` of the launcher whose control socket is `control`.
 fn status(control: &str) -> Option<Value> {
-    let (code, text) = client(control, &["status", "--json"]);
-    (code == 0).then(|| json::parse(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}")))
+    crate::control::status(&["--control", control])
 }
 
-fn num(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or_else(|| panic!("no number {key} in {v}"))
-}
-
-/// Poll `status` until `cond` holds; that status (panics with the last one and the log).
 fn wait_status(l: &Launcher, control: &str, timeout: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let mut last = None;
-    let ok = wait_until(timeout, || {
-        last = status(control);
-        last.as_ref().is_some_and(&cond)
-    });
-    assert!(ok, "no status where {what} within {timeout:?}; last: {last:?}\nlog:\n{}", l.log());
-    last.unwrap()
+    crate::control::wait_status(l, &["--control", control], timeout, what, cond)
 }
 
 /// `n` slots desired and `n` ready, one worker row each.

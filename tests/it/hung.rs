@@ -61,9 +61,7 @@ fn arrived(l: &Launcher, needle: &str) -> Instant {
 }
 
 fn status(control: &str) -> json::Value {
-    let out = std::process::Command::new(BIN).args(["status", "--json", "--control", control]).output().unwrap();
-    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
-    json::parse(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+    crate::control::status(&["--control", control]).expect("status --json")
 }
 
 fn metrics(l: &Launcher) -> String {
