@@ -15,6 +15,7 @@
 //! ```
 
 mod activation;
+mod autoscale;
 mod cgroup;
 mod cli;
 mod command;
@@ -24,6 +25,7 @@ mod descendants;
 mod diag;
 mod error;
 mod event;
+mod hung;
 mod intercept;
 mod load;
 mod logs;

@@ -26,6 +26,8 @@ pub struct Snapshot {
     /// A graceful or immediate stop is under way.
     pub stopping: bool,
     pub slots: Vec<SlotSnapshot>,
+    /// With `-n MIN..MAX`: the bounds, the decisions, what the policy sees now.
+    pub autoscale: Option<AutoscaleSnapshot>,
     /// `--intercept-bind`.
     pub intercept: InterceptSnapshot,
 }
@@ -41,6 +43,64 @@ pub struct InterceptSnapshot {
     pub listens: u64,
 }
 
+/// The automatic scaling (`-n MIN..MAX`, see `autoscale`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoscaleSnapshot {
+    pub min: usize,
+    pub max: usize,
+    /// The calm a scale-down needs now (`--scale-down-after`, doubled after flaps).
+    pub calm: Duration,
+    /// The last changes of the slot count, automatic or asked for, oldest first.
+    pub decisions: Vec<ScaleRecord>,
+    /// Automatic scale-ups and scale-downs so far.
+    pub ups: u64,
+    pub downs: u64,
+    /// The window of the last 2 s: its samples, the share of them pressed (%), the connections
+    /// waiting in all (mean, hundredths), the largest share in which one slot had a queue (%),
+    /// the workers' CPU in all (thousandths of a core).
+    pub samples: usize,
+    pub pressed_pct: u32,
+    pub waiting_centi: u32,
+    pub queued_pct: u32,
+    pub cpu_milli: u32,
+}
+
+/// One change of the slot count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleRecord {
+    pub ago: Duration,
+    pub from: usize,
+    pub to: usize,
+    /// `auto`, or who asked (`TTIN`, `TTOU`, `control`).
+    pub by: String,
+    pub reason: String,
+    /// When, in ms since the Unix epoch (for `/metrics`).
+    pub unix_ms: u64,
+}
+
+impl ScaleRecord {
+    /// `up` or `down`.
+    pub fn direction(&self) -> &'static str {
+        if self.to > self.from {
+            "up"
+        } else {
+            "down"
+        }
+    }
+
+    /// `scaled up to 3: at least one connection waiting per slot for 2s`.
+    pub fn text(&self) -> String {
+        format!("scaled {} to {}: {}", self.direction(), self.to, self.reason)
+    }
+}
+
+impl AutoscaleSnapshot {
+    /// The last automatic decision.
+    pub fn last(&self) -> Option<&ScaleRecord> {
+        self.decisions.iter().rev().find(|d| d.by == "auto")
+    }
+}
+
 /// One slot: its workers (usually one; two during a roll or a memory replacement), its history,
 /// and the listeners whose queues belong to it (empty in `self` mode; in `shared` mode every
 /// slot names the one shared socket).
@@ -50,7 +110,7 @@ pub struct SlotSnapshot {
     pub generation: u64,
     pub workers: Vec<WorkerSnapshot>,
     /// Workers of this slot that were replaced other than by a roll, by cause (`crash`,
-    /// `ready-timeout`, `watchdog`, `memory`).
+    /// `ready-timeout`, `watchdog`, `memory`, `hung`).
     pub restarts: Vec<(&'static str, u64)>,
     /// How its last worker ended (`exited with status 1`, `killed by SIGKILL`), if one did.
     pub last_exit: Option<String>,

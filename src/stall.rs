@@ -174,6 +174,11 @@ impl StallWatch {
     pub fn is_stalled(&self, slot: usize) -> bool {
         self.slots.get(slot).is_some_and(|w| w.stalled.is_some())
     }
+
+    /// Why `slot` is stalled now (None: it is not).
+    pub fn why(&self, slot: usize) -> Option<Why> {
+        self.slots.get(slot).and_then(|w| w.stalled)
+    }
 }
 
 /// State and CPU use of processes `pids`: (any stopped, any running or runnable, a CPU counter); None for

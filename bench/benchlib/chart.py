@@ -111,3 +111,61 @@ def render_svg(outcome: Outcome, found: Dict[Tuple[str, str], Summary], heading:
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
             f'viewBox="0 0 {WIDTH} {height}" font-family="Helvetica, Arial, sans-serif">\n'
             f'<rect width="100%" height="100%" fill="white"/>\n' + "\n".join(body) + "\n</svg>\n")
+
+
+# ---------- bench/autoscale.py: the step-load cell, over time ----------
+
+STEP_COLOURS = {"auto": "#08519c", "fixed-1": "#969696", "fixed-n": "#e6550d"}
+STEP_W, STEP_PANEL_H, STEP_LEFT, STEP_TOP = 860, 170, 70, 64
+
+
+def _polyline(points: List[Tuple[float, float]], fill: str, step: bool) -> str:
+    if not points:
+        return ""
+    coords: List[str] = []
+    for i, (x, y) in enumerate(points):
+        if step and i > 0:
+            coords.append(f"{x:.1f},{points[i - 1][1]:.1f}")
+        coords.append(f"{x:.1f},{y:.1f}")
+    return f'<polyline points="{" ".join(coords)}" fill="none" stroke="{fill}" stroke-width="2"/>'
+
+
+def render_steps_svg(series: Dict[str, List[Tuple[float, float, float]]], titles: Dict[str, str],
+                     heavy: List[Tuple[float, float]], total: float, heading: str) -> str:
+    """Two panels over time: worker processes (top) and p99 latency per bucket (bottom), one line
+    per configuration; the heavy phases shaded. `series[name]` is [(t, p99 ms, workers)]."""
+    x_of = lambda t: STEP_LEFT + (STEP_W - STEP_LEFT - 20) * t / total  # noqa: E731
+    top_w = max([w for s in series.values() for (_, _, w) in s if w == w] + [1.0])
+    top_p = max([p for s in series.values() for (_, p, _) in s if p == p] + [1.0])
+    body = [text(10, 24, "reuse-launch: -n 1..N against fixed -n 1 and -n N, a step of load", size=16,
+                 weight="bold"), text(10, 42, heading, size=11, fill="#555")]
+    panels = [("worker processes", top_w, 2, True), ("p99 latency, ms (per bucket)", top_p, 1, False)]
+    for k, (label, top, idx, step) in enumerate(panels):
+        y0 = STEP_TOP + k * (STEP_PANEL_H + 40)
+        y_of = lambda v: y0 + STEP_PANEL_H - STEP_PANEL_H * v / top  # noqa: E731
+        for a, b in heavy:
+            body.append(f'<rect x="{x_of(a):.1f}" y="{y0}" width="{x_of(b) - x_of(a):.1f}" '
+                        f'height="{STEP_PANEL_H}" fill="#fdd0a2" opacity="0.35"/>')
+        body.append(f'<rect x="{STEP_LEFT}" y="{y0}" width="{STEP_W - STEP_LEFT - 20}" height="{STEP_PANEL_H}" '
+                    f'fill="none" stroke="#bbb"/>')
+        body.append(text(STEP_LEFT, y0 - 6, label, size=11, weight="bold"))
+        for frac in (0.0, 0.5, 1.0):
+            v = top * frac
+            body.append(text(STEP_LEFT - 6, y_of(v) + 4, f"{v:.0f}" if top >= 10 else f"{v:.1f}", size=9,
+                             anchor="end", fill="#555"))
+        for name, points in series.items():
+            pts = [(x_of(t + (0 if step else 0.5)), y_of(vals[idx - 1]))
+                   for (t, *vals) in points if vals[idx - 1] == vals[idx - 1]]
+            body.append(_polyline(pts, STEP_COLOURS.get(name, "#636363"), step))
+    bottom = STEP_TOP + 2 * STEP_PANEL_H + 40
+    for t in range(0, int(total) + 1, max(10, int(total / 10) // 10 * 10 or 10)):
+        body.append(text(x_of(t), bottom + 14, f"{t}s", size=9, anchor="middle", fill="#555"))
+    for i, name in enumerate(series):
+        x = STEP_LEFT + i * 260
+        body.append(f'<rect x="{x}" y="{bottom + 26}" width="14" height="4" fill="{STEP_COLOURS.get(name, "#636363")}"/>')
+        body.append(text(x + 20, bottom + 32, titles.get(name, name), size=11))
+    body.append(text(STEP_LEFT, bottom + 52, "shaded: the heavy phase", size=10, fill="#555"))
+    height = bottom + 64
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{STEP_W}" height="{height}" '
+            f'viewBox="0 0 {STEP_W} {height}" font-family="Helvetica, Arial, sans-serif">\n'
+            f'<rect width="100%" height="100%" fill="white"/>\n' + "\n".join(body) + "\n</svg>\n")

@@ -10,16 +10,17 @@ from typing import Dict, List
 
 from . import procs
 
-CAUSES = ["holder-killed", "in-flight-at-kill", "launcher-killed", "unexplained"]
+CAUSES = ["holder-killed", "in-flight-at-kill", "launcher-killed", "hung-killed", "unexplained"]
 KIND_COLOURS = {
     "kill": "#d62728", "stop": "#9467bd", "roll": "#1f77b4", "roll-burst": "#17becf", "bad-roll": "#8c564b",
     "scale-up": "#2ca02c", "scale-down": "#98df8a", "memory": "#ff7f0e", "reexec": "#e377c2",
-    "launcher-kill": "#000000",
+    "launcher-kill": "#000000", "hang": "#bcbd22",
 }
 LOG_TALLIES = {
     "rolls done": r"roll gen \d+ done",
     "rolls abandoned": r"roll gen \d+ abandoned",
-    "--max-memory replacements": r"took over slot",
+    "replacements (--max-memory, --hung-timeout)": r"took over slot",
+    "hung workers replaced": r"has been stalled for .*; replacing it",
     "slots retired (scale down)": r"retires \(scaling down",
     "workers killed by SIGKILL (seen by the launcher)": r"killed by SIGKILL",
     "launcher errors": r"reuse-launch: error",
@@ -96,14 +97,15 @@ def markdown(data, segs, per, totals) -> str:
         L += ["Errors: " + "; ".join(data["errors"]), ""]
     L += ["## Requests and failures by cause", "",
           "| segment | server | requests | failed | holder killed | in flight at a kill | launcher killed "
-          "| unexplained | kills | expected per kill (mean / max / kills losing 0) | leaks |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| hung worker killed | unexplained | kills | expected per kill (mean / max / kills losing 0) | leaks |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in segs:
         p = per[s.name]
         c = p["causes"]
         k = p["per_kill"]
         L.append(f"| {s.name} | {s.server} | {p['requests']} | {p['failed']} | {c.get('holder-killed', 0)} | "
-                 f"{c.get('in-flight-at-kill', 0)} | {c.get('launcher-killed', 0)} | {c.get('unexplained', 0)} | "
+                 f"{c.get('in-flight-at-kill', 0)} | {c.get('launcher-killed', 0)} | {c.get('hung-killed', 0)} | "
+                 f"{c.get('unexplained', 0)} | "
                  f"{k['kills']} | {k['mean']:.2f} / {k['max']} / {k['zero']} | {p['leaks']} |")
     L += ["", "Errors as the clients saw them: " + "; ".join(
         f"{s.name}: {per[s.name]['errors'] or 'none'}" for s in segs), ""]
@@ -132,6 +134,9 @@ def markdown(data, segs, per, totals) -> str:
     bad = [e for s in segs for e in s.log if e["kind"] == "bad-roll"]
     if bad:
         L += [f"Bad rolls: {Counter(e.get('outcome', '?') for e in bad)}", ""]
+    hangs = [e for s in segs for e in s.log if e["kind"] == "hang"]
+    if hangs:
+        L += [f"Hangs: {Counter(e.get('outcome', '?') for e in hangs)}", ""]
     L += ["## Leak watch (launcher: first / last / max after 5 s warm-up)", "",
           "| instance | samples | judged | fds | threads | RSS KiB | max zombies |", "|---|---|---|---|---|---|---|"]
     for s in segs:

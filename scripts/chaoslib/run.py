@@ -14,6 +14,7 @@ are reported next to them.
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -53,6 +54,10 @@ def answers(port: int, timeout: float = 1.0) -> bool:
 class Features:
     control: bool = False   # --control and the client subcommands (scale, status)
     reexec: bool = False    # `reuse-launch reexec`
+    hung: bool = False      # --hung-timeout
+
+
+HUNG_TIMEOUT = "3s"  # the py segment's --hung-timeout
 
 
 def features(binary: str) -> Features:
@@ -60,7 +65,7 @@ def features(binary: str) -> Features:
         out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return Features()
-    return Features(control="--control" in out, reexec="reexec" in out)
+    return Features(control="--control" in out, reexec="reexec" in out, hung="--hung-timeout" in out)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class Segment:
     duration: float
     faults: List[schedule.Fault]
     counts: bool = True         # in the last line (reuse-launch segments)
+    flags: List[str] = field(default_factory=list)  # more launcher flags
     port: int = 0
     t0: float = 0.0
     t_end: float = 0.0
@@ -94,6 +100,8 @@ class Runner:
         self.grow = self.scratch / "grow-pid"         # holds the pid of the worker that must grow
         self.stopped: set = set()
         self.servers: List[subprocess.Popen] = []
+        self.poisons: List[socket.socket] = []        # poisoned requests, kept open until the end
+        self.hangs = 0
 
     # ----- the server under test -----
 
@@ -104,7 +112,7 @@ class Runner:
                     "--grace", "10s", "--max-memory", f"{self.args.max_memory_mb}M"]
             if self.feats.control:
                 argv += ["--control", str(self.control_path(seg))]
-            argv += ["--"] + seg.command
+            argv += seg.flags + ["--"] + seg.command
         else:
             env.update(WORKERS=str(self.args.workers), PORT=str(seg.port), HOST="127.0.0.1",
                        NODE_CLUSTER_SCHED_POLICY="rr", RESPAWN="1")
@@ -175,6 +183,8 @@ class Runner:
                 tmp.write_text(str(victim))
                 tmp.rename(self.grow)
                 entry["pid"] = victim
+            elif f.kind == "hang":
+                threading.Thread(target=self.hang, args=(seg, f, entry), daemon=True).start()
             elif f.kind == "reexec":
                 entry["client"] = self.client(seg, "reexec")
             elif f.kind == "launcher-kill":
@@ -217,6 +227,52 @@ class Runner:
             os.kill(launcher, signal.SIGUSR2)
         except ProcessLookupError:
             pass
+
+    def hang(self, seg: Segment, f: schedule.Fault, entry: dict):
+        """A poisoned request (pyworker --poison): the worker that takes it deadlocks or spins and
+        never accepts again. The launcher must replace it (--hung-timeout) and SIGKILL it after
+        --grace; the connections it held then are expected losses (rule 4), recorded at its death."""
+        self.hangs += 1
+        path = f"/{'deadlock' if f.pick < 0.5 else 'spin'}?n={self.hangs}"
+        entry["path"] = path
+        log_path = self.scratch / f"{seg.name}-server.log"
+        start = log_path.stat().st_size
+        sent = time.monotonic()
+        try:
+            s = socket.create_connection(("127.0.0.1", seg.port), timeout=2)
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: chaos\r\n\r\n".encode())
+            self.poisons.append(s)
+        except OSError as e:
+            entry["outcome"] = f"not sent: {e}"
+            return
+        line = re.compile(rb"\[\d+ (\d+)\] poisoned by " + re.escape(path.encode()) + rb"\n")
+
+        def since() -> bytes:
+            with open(log_path, "rb") as fh:
+                fh.seek(start)
+                return fh.read()
+        victim = None
+        while victim is None and time.monotonic() < sent + 10:
+            m = line.search(since())
+            victim = int(m.group(1)) if m else None
+            time.sleep(0.05)
+        if victim is None:
+            entry["outcome"] = "no worker took it within 10 s"
+            return
+        entry["pid"] = victim
+        while procs.alive(victim) and time.monotonic() < sent + 120:
+            time.sleep(0.01)
+        died = time.monotonic()
+        if procs.alive(victim):
+            entry["outcome"] = "still alive after 120 s"
+            return
+        by_harness = any(k.pid == victim and k.target == "worker" for k in seg.kills)
+        if not by_harness:
+            seg.kills.append(account.Kill(died, victim, "hung"))
+        replaced = re.search(rb"\(pid %d, gen \d+\) has been stalled for " % victim, since())
+        entry["outcome"] = ("replaced as hung" if replaced else "SIGKILLed by the harness" if by_harness
+                            else "stopped otherwise (a roll, a scale-down, the launcher's end)")
+        entry["died_after"] = round(died - sent, 2)
 
     def launcher_kill(self, seg: Segment, server: subprocess.Popen, tag: str, entry: dict) -> subprocess.Popen:
         old = server.pid
@@ -275,6 +331,9 @@ class Runner:
         finally:
             load.stop()
             seg.t_end = time.monotonic()
+            for s in self.poisons:
+                s.close()
+            self.poisons.clear()
             for pid in list(self.stopped):
                 self.cont(pid)
             if seg.server == "rl":
@@ -335,7 +394,7 @@ def build(smoke: bool) -> str:
 
 def segments(args, feats: Features) -> List[Segment]:
     py = sys.executable
-    every = [k for k in schedule.WEIGHTS if k != "reexec" or feats.reexec]
+    every = [k for k in schedule.WEIGHTS if (k != "reexec" or feats.reexec) and (k != "hang" or feats.hung)]
     if args.no_launcher_kill:
         every.remove("launcher-kill")
     if args.faults:
@@ -352,11 +411,12 @@ def segments(args, feats: Features) -> List[Segment]:
     part = {"py": 0.35, "node": 0.35, "cmp": 0.15}
     segs = [
         Segment("py", "rl", [py, "tests/workers/pyworker.py", "--exit-if-file", "{bad}", "--grow-if-file", "{grow}",
-                             "--grow-mb", str(args.grow_mb)],
-                d * part["py"], schedule.plan(args.seed, "py", d * part["py"], every, n)),
+                             "--grow-mb", str(args.grow_mb), "--poison"],
+                d * part["py"], schedule.plan(args.seed, "py", d * part["py"], every, n),
+                flags=["--hung-timeout", HUNG_TIMEOUT] if feats.hung else []),
         Segment("node", "rl", ["sh", "-c", '[ -e "$CHAOS_BAD" ] && exit 1; exec node tests/workers/node-fd.js'],
                 d * part["node"], schedule.plan(args.seed, "node", d * part["node"],
-                                                [k for k in every if k != "memory"], n)),
+                                                [k for k in every if k not in ("memory", "hang")], n)),
     ]
     kills = schedule.kills_only(args.seed, "cmp", d * part["cmp"])
     segs.append(Segment("cmp-rl", "rl", ["node", "bench/workers/hello.js"], d * part["cmp"], kills))
@@ -387,7 +447,7 @@ def main(args) -> int:
     feats = features(binary)
     say(f"seed {args.seed} (repeat with --seed {args.seed}), {args.duration:.0f} s, {args.workers} workers, "
         f"{args.rate:.0f} req/s, binary {binary}; control socket: {'yes' if feats.control else 'no (TTIN/TTOU)'}, "
-        f"reexec: {'yes' if feats.reexec else 'no'}; results in {out}")
+        f"reexec: {'yes' if feats.reexec else 'no'}, --hung-timeout: {'yes' if feats.hung else 'no'}; results in {out}")
     runner = Runner(args, binary, feats, out, t_origin)
     segs = segments(args, feats)
     for seg in segs:

@@ -21,6 +21,7 @@ WEIGHTS: Dict[str, float] = {
     "scale-up": 6,       # TTIN (or `reuse-launch scale +1`)
     "scale-down": 6,     # TTOU (or `reuse-launch scale -1`)
     "memory": 4,         # a worker grows past --max-memory
+    "hang": 3,           # a poisoned request deadlocks (pick < 0.5) or spins the worker that takes it
     "reexec": 3,         # `reuse-launch reexec` (control socket), if the binary has it
     "launcher-kill": 1.5,  # SIGKILL the launcher, count leftovers, start a new one
 }

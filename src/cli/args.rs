@@ -14,7 +14,7 @@ SIGNALS (send to the launcher's pid):
   second TERM/INT, QUIT
                 immediate stop: SIGKILL every worker's process group, exit (a second TERM/INT
                 during --drain-delay ends the delay: the graceful stop starts at once)
-  TTIN, TTOU    one worker slot more, one fewer (never below 1)
+  TTIN, TTOU    one worker slot more, one fewer (never below 1, nor outside -n MIN..MAX)
 
 CONTROL (the same binary as a client of the running launcher's control socket):
   reuse-launch status [--json] | scale N|+K|-K | roll | stop | reexec   [--pid PID | --control PATH]
@@ -43,7 +43,7 @@ LAUNCHER ENVIRONMENT:
   REUSE_LAUNCH_MAX_START_FAILURES, REUSE_LAUNCH_WATCHDOG, REUSE_LAUNCH_USER, REUSE_LAUNCH_GROUP,
   REUSE_LAUNCH_SOCKET_ON_STDIN, REUSE_LAUNCH_CONTROL, REUSE_LAUNCH_LOG_PREFIX, REUSE_LAUNCH_METRICS,
   REUSE_LAUNCH_MIN_READY, REUSE_LAUNCH_DRAIN_DELAY, REUSE_LAUNCH_INTERCEPT_BIND,
-  REUSE_LAUNCH_CONTAINMENT;
+  REUSE_LAUNCH_CONTAINMENT, REUSE_LAUNCH_HUNG_TIMEOUT, REUSE_LAUNCH_SCALE_DOWN_AFTER;
   PORT sets the default bind; RUST_LOG the log level. Started with LISTEN_FDS/LISTEN_PID
   (systemd socket activation) it adopts those sockets instead of binding; with NOTIFY_SOCKET it
   reports READY=1, RELOADING=1, STATUS=, STOPPING=1 to its own supervisor.
@@ -69,9 +69,20 @@ EXAMPLE:
     after_help = AFTER_HELP
 )]
 pub struct Args {
-    /// Number of workers, or `auto` for the number of CPUs.
-    #[arg(short = 'n', long, env = "REUSE_LAUNCH_WORKERS", default_value = "auto", value_name = "N|auto")]
+    /// Number of workers, or `auto` for the number of CPUs; or `MIN..MAX` (MAX may be `auto`):
+    /// start with MIN and follow the load between the two (see the README, "Automatic scaling").
+    #[arg(short = 'n', long, env = "REUSE_LAUNCH_WORKERS", default_value = "auto", value_name = "N|auto|MIN..MAX")]
     pub workers: String,
+
+    /// With -n MIN..MAX: how long the load must stay low before one slot is removed (default 30s).
+    #[arg(long, env = "REUSE_LAUNCH_SCALE_DOWN_AFTER", value_name = "DURATION")]
+    pub scale_down_after: Option<String>,
+
+    /// Replace (make-before-break) a worker that has stayed stalled this long: frozen (no CPU,
+    /// connections waiting) or not accepting (its queue not drained while the others drain).
+    /// Never one stopped by a signal. Default: off.
+    #[arg(long, env = "REUSE_LAUNCH_HUNG_TIMEOUT", value_name = "DURATION")]
+    pub hung_timeout: Option<String>,
 
     /// Address to listen on: HOST:PORT, [V6]:PORT, :PORT, or NAME=ADDR. Repeatable; each one is
     /// one more fd per worker (3, 4, ... in order). Default 0.0.0.0:$PORT, else 0.0.0.0:8080.

@@ -16,7 +16,9 @@ pub use crate::logs::Prefix as LogPrefix;
 use crate::socket::{BindSpec, Mode};
 
 mod args;
+mod scaling;
 pub use args::Args;
+pub use scaling::Bounds;
 
 /// How the launcher decides that a worker is ready to take traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +55,14 @@ impl Steer {
 /// The validated, immutable configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Slots at start: `-n N`, or MIN of `-n MIN..MAX`.
     pub workers: usize,
+    /// `-n MIN..MAX`: the bounds the automatic scaling keeps to (see `autoscale`).
+    pub autoscale: Option<Bounds>,
+    /// `--scale-down-after`: the calm a scale-down needs (with `-n MIN..MAX`).
+    pub scale_down_after: Duration,
+    /// `--hung-timeout`: replace a worker stalled for this long (None: never).
+    pub hung_timeout: Option<Duration>,
     pub binds: Vec<BindSpec>,
     pub mode: Mode,
     pub proxy_threads: usize,
@@ -98,7 +107,7 @@ impl Config {
     /// Validate raw flags. `port_env` is the launcher's own `PORT` variable, used for the
     /// default bind address.
     pub fn from_args(args: Args, port_env: Option<String>) -> Result<Config, Error> {
-        let workers = parse_workers(&args.workers)?;
+        let (workers, autoscale) = scaling::parse_worker_bounds(&args.workers)?;
         let mut binds = Vec::new();
         let bind_texts = if args.bind.is_empty() {
             let port = port_env.unwrap_or_else(|| "8080".to_string());
@@ -205,6 +214,8 @@ impl Config {
         }
         let drain_delay =
             parse_duration(&args.drain_delay).map_err(|e| usage("--drain-delay", &args.drain_delay, e))?;
+        let scale_down_after = scaling::scale_down_after(args.scale_down_after.as_deref(), autoscale)?;
+        let hung_timeout = scaling::hung_timeout(args.hung_timeout.as_deref(), mode)?;
         if args.group.is_some() && args.user.is_none() {
             return Err(usage("--group", args.group.as_deref().unwrap_or(""), "needs --user as well"));
         }
@@ -229,6 +240,9 @@ impl Config {
             containment: crate::cgroup::Want::parse(&args.containment)
                 .map_err(|e| usage("--containment", &args.containment, e))?,
             workers,
+            autoscale,
+            scale_down_after,
+            hung_timeout,
             binds,
             mode,
             backlog,
@@ -250,7 +264,7 @@ fn parse_workers(s: &str) -> Result<usize, Error> {
         Ok(0) => Err(usage("--workers", s, "must be at least 1")),
         Ok(n) if n > 4096 => Err(usage("--workers", s, "at most 4096 workers")),
         Ok(n) => Ok(n),
-        Err(_) => Err(usage("--workers", s, "expected a number or 'auto'")),
+        Err(_) => Err(usage("--workers", s, "expected a number or 'auto' (or MIN..MAX)")),
     }
 }
 
@@ -382,10 +396,52 @@ mod tests {
     #[test]
     fn workers_error_names_flag_value_and_expectation() {
         let e = Config::from_args(args(&["-n", "abc"]), None).unwrap_err();
-        assert_eq!(e.to_string(), "invalid --workers 'abc': expected a number or 'auto'");
+        assert_eq!(e.to_string(), "invalid --workers 'abc': expected a number or 'auto' (or MIN..MAX)");
         assert!(Config::from_args(args(&["-n", "0"]), None).is_err());
         assert_eq!(Config::from_args(args(&["-n", "3"]), None).unwrap().workers, 3);
         assert!(Config::from_args(args(&["-n", "auto"]), None).unwrap().workers >= 1);
+    }
+
+    #[test]
+    fn worker_bounds_and_their_errors() {
+        let c = Config::from_args(args(&["-n", "1..3"]), None).unwrap();
+        assert_eq!((c.workers, c.autoscale), (1, Some(Bounds { min: 1, max: 3 })));
+        assert_eq!(c.scale_down_after, scaling::SCALE_DOWN_AFTER);
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let c = Config::from_args(args(&["-n", "1..auto"]), None).unwrap();
+        assert_eq!(c.autoscale, Some(Bounds { min: 1, max: cpus }));
+        assert_eq!(Config::from_args(args(&["-n", "2"]), None).unwrap().autoscale, None);
+        for (bad, why) in [
+            ("0..3", "MIN of MIN..MAX must be a number, at least 1"),
+            ("x..3", "MIN of MIN..MAX must be a number, at least 1"),
+            ("2..y", "MAX of MIN..MAX must be a number or 'auto'"),
+            ("4..2", "MIN 4 is more than MAX 2"),
+            ("1..5000", "at most 4096 workers"),
+        ] {
+            let e = Config::from_args(args(&["-n", bad]), None).unwrap_err();
+            assert_eq!(e.to_string(), format!("invalid --workers '{bad}': {why}"));
+        }
+        let e = Config::from_args(args(&["-n", "9999..auto"]), None).unwrap_err();
+        assert!(e.to_string().contains("('auto': one per CPU)"), "{e}");
+        let c = Config::from_args(args(&["-n", "1..2", "--scale-down-after", "5s"]), None).unwrap();
+        assert_eq!(c.scale_down_after, Duration::from_secs(5));
+        let e = Config::from_args(args(&["-n", "2", "--scale-down-after", "5s"]), None).unwrap_err();
+        assert_eq!(e.to_string(), "invalid --scale-down-after '5s': needs -n MIN..MAX (automatic scaling)");
+        let e = Config::from_args(args(&["-n", "1..2", "--scale-down-after", "0s"]), None).unwrap_err();
+        assert_eq!(flag_of(e), "--scale-down-after");
+    }
+
+    #[test]
+    fn hung_timeout_needs_a_socket_per_slot() {
+        assert_eq!(Config::from_args(args(&[]), None).unwrap().hung_timeout, None);
+        let c = Config::from_args(args(&["--hung-timeout", "30s"]), None).unwrap();
+        assert_eq!(c.hung_timeout, Some(Duration::from_secs(30)));
+        let c = Config::from_args(args(&["--hung-timeout", "2s", "--mode", "round-robin"]), None).unwrap();
+        assert_eq!(c.hung_timeout, Some(Duration::from_secs(2)));
+        let e = Config::from_args(args(&["--hung-timeout", "2s", "--mode", "shared"]), None).unwrap_err();
+        assert!(e.to_string().starts_with("invalid --hung-timeout '2s': needs --mode reuseport"), "{e}");
+        assert_eq!(flag_of(Config::from_args(args(&["--hung-timeout", "0"]), None).unwrap_err()), "--hung-timeout");
+        assert_eq!(flag_of(Config::from_args(args(&["--hung-timeout", "x"]), None).unwrap_err()), "--hung-timeout");
     }
 
     #[test]

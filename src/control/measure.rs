@@ -77,7 +77,7 @@ fn round1(x: f64) -> f64 {
 }
 
 /// utime + stime of every process in `groups`, by pid (processes that are gone are left out).
-fn read_ticks(groups: &[Vec<i32>]) -> HashMap<i32, u64> {
+pub(crate) fn read_ticks(groups: &[Vec<i32>]) -> HashMap<i32, u64> {
     groups.iter().flatten().filter_map(|pid| Some((*pid, cpu_ticks(*pid)?))).collect()
 }
 
@@ -95,7 +95,7 @@ fn resident_pages(pid: i32) -> Option<u64> {
     statm.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn clock_ticks_per_second() -> f64 {
+pub(crate) fn clock_ticks_per_second() -> f64 {
     sysconf(SysconfVar::CLK_TCK).ok().flatten().filter(|n| *n > 0).unwrap_or(100) as f64
 }
 

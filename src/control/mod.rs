@@ -24,7 +24,7 @@
 pub mod client;
 mod clients;
 mod json;
-mod measure;
+pub(crate) mod measure;
 mod place;
 mod server;
 mod status;

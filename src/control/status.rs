@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::json::Value;
 use super::measure::{self, CpuHistory, Usage};
-use crate::snapshot::{SlotSnapshot, Snapshot};
+use crate::snapshot::{AutoscaleSnapshot, ScaleRecord, SlotSnapshot, Snapshot};
 
 /// Build the status object (measuring CPU, memory and queues now; this may take
 /// [`measure::MIN_WINDOW`]).
@@ -58,6 +58,7 @@ fn build(snap: &Snapshot, usage: &HashMap<i32, Usage>, queues: &[Option<(u32, u3
         ("generation", snap.generation.into()),
         ("desired", snap.desired.into()),
         ("ready", snap.ready.into()),
+        ("autoscale", snap.autoscale.as_ref().map_or(Value::Null, autoscale)),
         ("roll", roll),
         ("stopping", snap.stopping.into()),
         ("control", control.into()),
@@ -67,6 +68,42 @@ fn build(snap: &Snapshot, usage: &HashMap<i32, Usage>, queues: &[Option<(u32, u3
         ("intercepted_binds", snap.intercept.binds.into()),
         ("intercepted_listens", snap.intercept.listens.into()),
         ("workers", Value::Arr(rows)),
+    ])
+}
+
+/// `-n MIN..MAX`: the bounds, the calm, the last automatic decision, every recent change, and
+/// what the policy's window shows now.
+fn autoscale(a: &AutoscaleSnapshot) -> Value {
+    let record = |r: &ScaleRecord| {
+        Value::obj([
+            ("direction", r.direction().into()),
+            ("from", r.from.into()),
+            ("to", r.to.into()),
+            ("by", r.by.as_str().into()),
+            ("reason", r.reason.as_str().into()),
+            ("text", r.text().into()),
+            ("ago_s", seconds(r.ago)),
+        ])
+    };
+    let pct = |p: u32| Value::Num(f64::from(p) / 100.0);
+    Value::obj([
+        ("min", a.min.into()),
+        ("max", a.max.into()),
+        ("scale_down_after_s", seconds(a.calm)),
+        ("last", a.last().map_or(Value::Null, record)),
+        ("decisions", Value::Arr(a.decisions.iter().map(record).collect())),
+        ("ups", a.ups.into()),
+        ("downs", a.downs.into()),
+        (
+            "load",
+            Value::obj([
+                ("samples", a.samples.into()),
+                ("pressed", pct(a.pressed_pct)),
+                ("waiting", pct(a.waiting_centi)),
+                ("queued", pct(a.queued_pct)),
+                ("cpu", Value::Num(f64::from(a.cpu_milli) / 1000.0)),
+            ]),
+        ),
     ])
 }
 
@@ -156,6 +193,7 @@ mod tests {
                     listeners: vec![],
                 },
             ],
+            autoscale: None,
             intercept: crate::snapshot::InterceptSnapshot { state: "on".into(), binds: 3, listens: 2 },
         };
         let usage = HashMap::from([(11, Usage { cpu_percent: Some(1.5), rss_bytes: Some(4096) })]);

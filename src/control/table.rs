@@ -30,6 +30,10 @@ pub fn render(status: &Value) -> String {
 
     let mut out = header.join("  ");
     out.push('\n');
+    if let Some(a) = status.get("autoscale").filter(|a| !a.is_null()) {
+        out.push_str(&autoscale(a));
+        out.push('\n');
+    }
 
     let titles = ["slot", "pid", "gen", "state", "uptime", "restarts", "last exit", "cpu", "mem", "queue"];
     let mut table: Vec<Vec<String>> = vec![titles.iter().map(|t| t.to_string()).collect()];
@@ -68,6 +72,20 @@ pub fn render(status: &Value) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `autoscale 1..3 (2 desired): scaled up to 3: at least one connection waiting per slot for 2s (4.1s ago)`.
+fn autoscale(a: &Value) -> String {
+    let n = |k: &str| a.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let bounds = format!("autoscale {}..{}", n("min"), n("max"));
+    match a.get("last").filter(|l| !l.is_null()) {
+        Some(last) => {
+            let text = last.get("text").and_then(Value::as_str).unwrap_or("?");
+            let ago = last.get("ago_s").and_then(Value::as_f64).map_or("?".into(), duration);
+            format!("{bounds}: {text} ({ago} ago)")
+        }
+        None => format!("{bounds}: no automatic decision yet"),
+    }
 }
 
 /// `42s`, `3m05s`, `2h07m`, `4d03h`; under 10 s with a tenth.
@@ -143,6 +161,27 @@ mod tests {
         assert_eq!(
             render(&v).lines().next().unwrap(),
             "launcher 10  reuseport mode  127.0.0.1:8080  containment cgroup  gen 1  1/1 workers ready"
+        );
+    }
+
+    #[test]
+    fn the_autoscale_line_shows_the_bounds_and_the_last_decision() {
+        let v = parse(
+            r#"{"pid":10,"mode":"reuseport","binds":[],"generation":1,"desired":3,"ready":3,"workers":[],
+            "autoscale":{"min":1,"max":3,"last":{"text":"scaled up to 3: at least one connection waiting per slot for 2s","ago_s":4.12}}}"#,
+        )
+        .unwrap();
+        let t = render(&v);
+        assert_eq!(
+            t.lines().nth(1).unwrap(),
+            "autoscale 1..3: scaled up to 3: at least one connection waiting per slot for 2s (4.1s ago)"
+        );
+        let v = parse(r#"{"pid":10,"workers":[],"autoscale":{"min":2,"max":4,"last":null}}"#).unwrap();
+        assert_eq!(render(&v).lines().nth(1).unwrap(), "autoscale 2..4: no automatic decision yet");
+        let v = parse(r#"{"pid":10,"workers":[],"autoscale":null}"#).unwrap();
+        assert_eq!(
+            render(&v).lines().nth(1).unwrap(),
+            "slot  pid  gen  state  uptime  restarts  last exit  cpu  mem  queue"
         );
     }
 

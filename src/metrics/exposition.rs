@@ -7,10 +7,13 @@
 //! | `reuse_launch_build_info` | gauge (1) | `version` |
 //! | `reuse_launch_workers` | gauge | `state`: starting, ready, stalled, draining, backoff (a slot waiting to respawn) |
 //! | `reuse_launch_workers_desired` | gauge | |
+//! | `reuse_launch_workers_min`, `reuse_launch_workers_max` | gauge | (with `-n MIN..MAX`) |
+//! | `reuse_launch_autoscale_decisions_total` | counter | `direction`: up, down (with `-n MIN..MAX`) |
+//! | `reuse_launch_autoscale_last_decision_timestamp_seconds` | gauge | `direction`, `workers`, `reason` (once one was made) |
 //! | `reuse_launch_generation` | gauge | |
 //! | `reuse_launch_roll_in_progress` | gauge (0/1) | |
 //! | `reuse_launch_serving_slots` | gauge | |
-//! | `reuse_launch_restarts_total` | counter | `slot`, `cause`: crash, ready-timeout, watchdog, memory |
+//! | `reuse_launch_restarts_total` | counter | `slot`, `cause`: crash, ready-timeout, watchdog, memory, hung |
 //! | `reuse_launch_worker_rss_bytes` | gauge | `slot` |
 //! | `reuse_launch_worker_cpu_seconds_total` | counter | `slot` |
 //! | `reuse_launch_accept_queue` | gauge | `slot`, `bind` |
@@ -38,14 +41,14 @@ use std::os::fd::RawFd;
 use super::limits::{Counts, CLOSE_REASONS};
 use super::View;
 use crate::readiness;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{AutoscaleSnapshot, Snapshot};
 
 /// Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The restart causes always listed (at 0 until one happens), so that `increase()` works from
 /// the first one.
-pub const CAUSES: [&str; 4] = ["crash", "ready-timeout", "watchdog", "memory"];
+pub const CAUSES: [&str; 5] = ["crash", "ready-timeout", "watchdog", "memory", "hung"];
 
 /// The worker states always listed.
 pub const STATES: [&str; 5] = ["starting", "ready", "stalled", "draining", "backoff"];
@@ -180,6 +183,25 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// `-n MIN..MAX`: the bounds, the automatic decisions, and the last one with its reason.
+fn autoscale(o: &mut Out, a: &AutoscaleSnapshot) {
+    o.family("reuse_launch_workers_min", "gauge", "With -n MIN..MAX: the fewest worker slots kept.");
+    o.sample("reuse_launch_workers_min", &[], a.min);
+    o.family("reuse_launch_workers_max", "gauge", "With -n MIN..MAX: the most worker slots kept.");
+    o.sample("reuse_launch_workers_max", &[], a.max);
+    let name = "reuse_launch_autoscale_decisions_total";
+    o.family(name, "counter", "Automatic changes of the number of worker slots, by direction.");
+    o.sample(name, &[("direction", "up")], a.ups);
+    o.sample(name, &[("direction", "down")], a.downs);
+    if let Some(last) = a.last() {
+        let name = "reuse_launch_autoscale_last_decision_timestamp_seconds";
+        let help = "When the last automatic decision was made (Unix time), with the slot count it chose and why.";
+        o.family(name, "gauge", help);
+        let (to, secs) = (last.to.to_string(), last.unix_ms as f64 / 1000.0);
+        o.sample(name, &[("direction", last.direction()), ("workers", &to), ("reason", &last.reason)], secs);
+    }
+}
+
 /// The whole `/metrics` answer.
 pub fn render(view: &View, m: &Measured) -> String {
     let s = &view.snapshot;
@@ -204,6 +226,9 @@ pub fn render(view: &View, m: &Measured) -> String {
     }
     o.family("reuse_launch_workers_desired", "gauge", "Worker slots the launcher keeps (-n, then scaling).");
     o.sample("reuse_launch_workers_desired", &[], s.desired);
+    if let Some(a) = &s.autoscale {
+        autoscale(&mut o, a);
+    }
     o.family("reuse_launch_generation", "gauge", "The highest generation any slot runs (1, then one more per roll).");
     o.sample("reuse_launch_generation", &[], s.generation);
     o.family("reuse_launch_roll_in_progress", "gauge", "1 while a rolling restart runs.");
@@ -316,6 +341,26 @@ mod tests {
                     slot(1, vec![worker(12, "stalled")], vec![], None),
                     slot(2, vec![], vec![("crash", 5), ("odd", 1)], Some(Duration::from_secs(2))),
                 ],
+                autoscale: Some(crate::snapshot::AutoscaleSnapshot {
+                    min: 1,
+                    max: 3,
+                    calm: Duration::from_secs(30),
+                    decisions: vec![crate::snapshot::ScaleRecord {
+                        ago: Duration::from_secs(4),
+                        from: 2,
+                        to: 3,
+                        by: "auto".into(),
+                        reason: "at least one connection waiting per slot for 2s".into(),
+                        unix_ms: 1_700_000_000_500,
+                    }],
+                    ups: 2,
+                    downs: 0,
+                    samples: 20,
+                    pressed_pct: 95,
+                    waiting_centi: 450,
+                    queued_pct: 95,
+                    cpu_milli: 50,
+                }),
                 intercept: crate::snapshot::InterceptSnapshot { state: "on".into(), binds: 4, listens: 3 },
             },
             serving: 1,
@@ -339,6 +384,11 @@ mod tests {
             "reuse_launch_workers{state=\"draining\"} 0",
             "reuse_launch_workers{state=\"backoff\"} 1",
             "reuse_launch_workers_desired 3",
+            "reuse_launch_workers_min 1",
+            "reuse_launch_workers_max 3",
+            "reuse_launch_autoscale_decisions_total{direction=\"up\"} 2",
+            "reuse_launch_autoscale_decisions_total{direction=\"down\"} 0",
+            "reuse_launch_autoscale_last_decision_timestamp_seconds{direction=\"up\",workers=\"3\",reason=\"at least one connection waiting per slot for 2s\"} 1700000000.5",
             "reuse_launch_generation 2",
             "reuse_launch_roll_in_progress 1",
             "reuse_launch_serving_slots 1",

@@ -57,6 +57,7 @@ mod tests {
             roll: None,
             stopping: false,
             slots: vec![],
+            autoscale: None,
             intercept: Default::default(),
         }
     }

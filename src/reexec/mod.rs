@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 
+mod scaling;
 mod state;
-pub use state::{at_ms, ms_from, ListenerState, SlotState, State, WorkerPhase, WorkerState};
+pub use state::{at_ms, ms_from, AutoscaleState, ListenerState, SlotState, State, WorkerPhase, WorkerState};
 
 /// The environment variable naming the state's fd in the new image.
 pub const STATE_VAR: &str = "REUSE_LAUNCH_STATE";

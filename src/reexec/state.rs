@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
+pub use super::scaling::AutoscaleState;
+
 const MAGIC: &str = "reuse-launch-state 1";
 
 /// A roll under way: (generation, slot, the new worker and its deadline in ms, once spawned).
@@ -27,13 +29,18 @@ pub struct State {
     pub notify: Vec<(u64, RawFd)>,
     /// Each worker's seccomp notification fd (`--intercept-bind`), by worker id.
     pub intercept: Vec<(u64, RawFd)>,
-    /// Memory replacements under way: (new worker, slot, old worker).
-    pub memory: Vec<(u64, usize, u64)>,
+    /// Replacements under way (`--max-memory`, `--hung-timeout`): (new worker, slot, old
+    /// worker, cause). The line is `memory NEW SLOT OLD CAUSE`; an older image wrote no cause
+    /// (read as `memory`) and reads only the first three fields.
+    pub memory: Vec<(u64, usize, u64, String)>,
     pub listeners: ListenerState,
     /// The sentinel's pid and the launcher's end of its pipe.
     pub sentinel: Option<(u32, RawFd)>,
     /// The workers' log pipes being pumped: (read end, stderr?, prefix).
     pub logs: Vec<(RawFd, bool, String)>,
+    /// `-n MIN..MAX`: the policy's memory (the bounds come from the command line again, the
+    /// count is `desired`).
+    pub autoscale: Option<AutoscaleState>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,7 +105,7 @@ pub fn at_ms(now: Instant, ms: i64) -> Instant {
 }
 
 /// Percent-encode what would break a space-separated line.
-fn enc(s: &str) -> String {
+pub(super) fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_graphic() && b != b'%' {
@@ -114,7 +121,7 @@ fn enc(s: &str) -> String {
     }
 }
 
-fn dec(s: &str) -> String {
+pub(super) fn dec(s: &str) -> String {
     if s == "%" {
         return String::new();
     }
@@ -136,7 +143,7 @@ fn dec(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+pub(super) fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
     v.as_ref().map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
@@ -194,14 +201,17 @@ impl State {
         for (id, fd) in &self.intercept {
             let _ = writeln!(o, "intercept {id} {fd}");
         }
-        for (new, slot, old) in &self.memory {
-            let _ = writeln!(o, "memory {new} {slot} {old}");
+        for (new, slot, old, cause) in &self.memory {
+            let _ = writeln!(o, "memory {new} {slot} {old} {}", enc(cause));
         }
         if let Some((pid, fd)) = self.sentinel {
             let _ = writeln!(o, "sentinel {pid} {fd}");
         }
         for (fd, stderr, prefix) in &self.logs {
             let _ = writeln!(o, "log {fd} {} {}", if *stderr { "err" } else { "out" }, enc(prefix));
+        }
+        if let Some(a) = &self.autoscale {
+            a.encode(&mut o);
         }
         let l = &self.listeners;
         let binds: Vec<String> = l.binds.iter().map(|(n, a)| format!("{}={}", enc(n), a)).collect();
@@ -330,12 +340,16 @@ impl State {
                     num(f.next(), "memory new")? as u64,
                     num(f.next(), "memory slot")? as usize,
                     num(f.next(), "memory old")? as u64,
+                    f.next().map_or_else(|| "memory".to_string(), dec),
                 )),
                 Some("log") => s.logs.push((
                     num(f.next(), "log fd")? as RawFd,
                     f.next() == Some("err"),
                     dec(f.next().unwrap_or("%")),
                 )),
+                Some(word @ ("autoscale" | "scaled")) => {
+                    s.autoscale.get_or_insert_with(AutoscaleState::default).decode(word, &mut f)?;
+                }
                 Some("sentinel") => {
                     s.sentinel = Some((num(f.next(), "sentinel pid")? as u32, num(f.next(), "sentinel fd")? as RawFd))
                 }
@@ -430,7 +444,7 @@ mod tests {
             ],
             notify: vec![(15, 9), (16, 11)],
             intercept: vec![(15, 13), (16, 14)],
-            memory: vec![(16, 1, 9)],
+            memory: vec![(16, 1, 9, "memory".into()), (18, 0, 15, "hung".into())],
             listeners: ListenerState {
                 mode: "reuseport".into(),
                 backlog: 4096,
@@ -439,6 +453,17 @@ mod tests {
             },
             sentinel: Some((777, 12)),
             logs: vec![(20, false, "[0 1234] ".into()), (21, true, "[0 1234] ".into())],
+            autoscale: Some(AutoscaleState {
+                flap: 1,
+                flap_ms: Some(-4000),
+                last_down_ms: None,
+                ups: 3,
+                downs: 1,
+                history: vec![
+                    (-9000, 1, 2, "auto".into(), "at least one connection waiting per slot for 2s".into()),
+                    (-5000, 2, 1, "TTOU".into(), "asked by TTOU".into()),
+                ],
+            }),
         }
     }
 
@@ -457,6 +482,12 @@ mod tests {
         assert_eq!(State::decode(&text).unwrap(), sample());
         assert!(State::decode("hello\n").is_err());
         assert!(State::decode(&format!("{MAGIC}\nworker x\n")).is_err());
+    }
+
+    #[test]
+    fn a_replacement_line_without_a_cause_is_a_memory_one() {
+        let text = format!("{MAGIC}\nmemory 16 1 9\n");
+        assert_eq!(State::decode(&text).unwrap().memory, vec![(16, 1, 9, "memory".to_string())]);
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl<O: Os> Supervisor<O> {
     }
 
     /// Change the desired number of slots; `rescale` gets there in the next turns.
-    pub(super) fn scale(&mut self, to: Scale, by: &str, _now: Instant) -> Result<usize, String> {
+    pub(super) fn scale(&mut self, to: Scale, by: &str, now: Instant) -> Result<usize, String> {
         if self.shutdown.is_some() {
             return Err(format!("{by}: cannot scale, the launcher is stopping"));
         }
@@ -57,9 +57,11 @@ impl<O: Os> Supervisor<O> {
             return Err(format!("{by}: cannot scale to {wanted} workers: at most {MAX_SLOTS}"));
         }
         let wanted = wanted as usize;
+        self.within_bounds(wanted, by)?;
         if wanted != self.desired {
             let later = if self.roll.rolling_gen().is_some() { " once the roll under way is done" } else { "" };
             log::info!("{by}: scaling from {} to {wanted} workers{later}", self.desired);
+            self.autoscale_asked(self.desired, wanted, by, now);
             self.desired = wanted;
             self.all_ready_logged = false;
         }
@@ -108,6 +110,7 @@ impl<O: Os> Supervisor<O> {
             roll: self.roll.progress(),
             stopping: self.shutdown.is_some() || self.drain_until.is_some(),
             slots,
+            autoscale: self.autoscale.as_ref().map(|a| a.snapshot(now)),
             intercept: self.intercept_snapshot(),
         }
     }

@@ -279,6 +279,7 @@ impl<O: Os> Supervisor<O> {
             i.forget(id);
         }
         self.memory_forget(id);
+        self.replacement_forget(id);
         let how = describe(status);
         let expected = w.is_stopping();
         if expected {
@@ -299,7 +300,7 @@ impl<O: Os> Supervisor<O> {
                 *slot.restarts.entry(cause).or_default() += 1;
             }
         }
-        let replaced = w.fault == Some("memory");
+        let replaced = w.fault.is_some_and(|f| super::replace::CAUSES.contains(&f));
         if (expected && (w.fault.is_none() || replaced)) || w.candidate || self.shutdown.is_some() {
             return;
         }

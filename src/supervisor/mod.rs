@@ -12,14 +12,17 @@
 //! `lifecycle` (spawn, stop, reap, backoff, reconcile), `ready` (readiness, rolls), `routing`
 //! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
 
+mod autoscaling;
 mod binds;
 mod commands;
 mod drain;
+mod hung;
 mod lifecycle;
 mod memory;
 mod os;
 mod publish;
 mod ready;
+mod replace;
 mod resume;
 mod routing;
 mod scale;
@@ -76,14 +79,21 @@ pub struct Supervisor<O: Os> {
     tx: Sender<Event>,
     rx: Receiver<Event>,
     shutdown: Option<Shutdown>,
-    /// `--max-memory`: samples and replacements under way.
+    /// `--max-memory`: samples over the limit.
     memory: memory::MemoryWatch,
+    /// Make-before-break replacements under way (memory, hung; see `replace`).
+    replacements: replace::Replacements,
+    /// `--hung-timeout`: how long each slot's worker has been stalled (see `hung`).
+    hung: hung::HungWatch,
     /// Ends what the workers left if the launcher dies abruptly (see `sentinel`).
     sentinel: Option<crate::sentinel::Sentinel>,
     /// Each worker's cgroup, where one can be made (see `cgroup`).
     containment: crate::cgroup::Containment,
-    /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU.
+    /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU, and with `-n MIN..MAX` the
+    /// automatic scaling.
     desired: usize,
+    /// `-n MIN..MAX`: the policy and its samples (see `autoscaling`).
+    autoscale: Option<autoscaling::Autoscaling>,
     all_ready_logged: bool,
     /// The slots new connections currently go to (None: all), by BPF steering in reuseport
     /// mode or by the forwarder in round-robin mode.
@@ -165,7 +175,9 @@ impl<O: Os> Supervisor<O> {
         // Sockets taken back from the fd store may be for more slots than -n: those retire.
         // As many slots as sockets (after a reexec or a scale, not -n); beyond -n they retire.
         let slots_n = listeners.slot_count().unwrap_or(cfg.workers);
-        let desired_n = cfg.workers;
+        // With -n MIN..MAX, the sockets' slots (the fd store's) are kept within the bounds.
+        let desired_n = cfg.autoscale.map_or(cfg.workers, |b| slots_n.clamp(b.min, b.max));
+        let autoscale = cfg.autoscale.map(|b| autoscaling::Autoscaling::new(b, cfg.scale_down_after));
         let slot_inodes = match cfg.ready {
             Ready::Auto(delay) => {
                 let inodes: std::io::Result<Vec<Vec<u64>>> =
@@ -202,7 +214,7 @@ impl<O: Os> Supervisor<O> {
         .map_err(Error::Failed)?;
         let now = Instant::now();
         let slots = (0..slots_n)
-            .map(|s| Slot { gen: 1, retiring: (s >= cfg.workers).then_some(now), ..Slot::default() })
+            .map(|s| Slot { gen: 1, retiring: (s >= desired_n).then_some(now), ..Slot::default() })
             .collect();
         let mut supervisor = Supervisor {
             roll: Roll::new(cfg.workers, cfg.ready_timeout),
@@ -219,7 +231,10 @@ impl<O: Os> Supervisor<O> {
             rx,
             shutdown: None,
             desired: desired_n,
+            autoscale,
             memory: Default::default(),
+            replacements: Default::default(),
+            hung: Default::default(),
             sentinel: None,
             containment: Default::default(),
             all_ready_logged: false,
@@ -311,7 +326,7 @@ impl<O: Os> Supervisor<O> {
 
     /// The first worker of every slot; any failure to start one is fatal (nothing is left).
     fn start_all(&mut self, now: Instant) -> Result<(), Error> {
-        for slot in 0..self.cfg.workers {
+        for slot in 0..self.desired {
             if self.slots[slot].retiring.is_some() {
                 continue;
             }
@@ -376,8 +391,9 @@ impl<O: Os> Supervisor<O> {
         self.reporter.tick(now);
         let actions = self.roll.step(crate::roll::Input::Tick, now);
         self.apply(actions, now);
+        self.autoscale(now);
         self.rescale(now);
-        self.memory_replacements_due(now);
+        self.replacements_due(now);
         self.watch_memory(now);
         self.reconcile(now)?;
         self.watch_queues(now);
@@ -407,6 +423,7 @@ impl<O: Os> Supervisor<O> {
             .chain(self.next_probe())
             .chain(self.next_sample())
             .chain(self.next_memory_sample())
+            .chain(self.next_autoscale())
             .chain(self.drain_until.filter(|_| self.shutdown.is_none()))
             .chain(self.next_beat())
             .min()

@@ -122,7 +122,7 @@ impl<O: Os> Supervisor<O> {
         }
         let actions = self.roll.step(Input::Ready(id), now);
         self.apply(actions, now);
-        self.memory_replacement_ready(id, now);
+        self.replacement_ready(id, now);
     }
 
     /// Once, when every slot first has a ready worker and new connections are routed to them

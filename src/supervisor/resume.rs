@@ -4,7 +4,7 @@
 //! Refused while the launcher stops, in round-robin mode (the forwarder's connections live in
 //! threads an exec ends) and while connections are being relayed from a stalled slot (the same);
 //! say so, and the operator tries again. A roll under way, backoffs, deadlines, restart counts
-//! and memory replacements are carried over.
+//! and memory and hung replacements are carried over.
 
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
@@ -25,7 +25,7 @@ use crate::socket::{Listeners, Mode};
 /// Causes and faults are the supervisor's static words; an unknown one (a newer image's) reads
 /// as `crash`.
 fn cause(word: &str) -> &'static str {
-    ["crash", "ready-timeout", "watchdog", "memory"].into_iter().find(|c| *c == word).unwrap_or("crash")
+    ["crash", "ready-timeout", "watchdog", "memory", "hung"].into_iter().find(|c| *c == word).unwrap_or("crash")
 }
 
 impl<O: Os> Supervisor<O> {
@@ -149,7 +149,7 @@ impl<O: Os> Supervisor<O> {
             workers,
             notify,
             intercept,
-            memory: self.memory.replacements(),
+            memory: self.replacements.export(),
             listeners: ListenerState {
                 mode: mode.to_string(),
                 backlog,
@@ -158,6 +158,7 @@ impl<O: Os> Supervisor<O> {
             },
             sentinel,
             logs,
+            autoscale: self.autoscale_state(now),
         };
         (state, keep)
     }
@@ -235,7 +236,8 @@ impl<O: Os> Supervisor<O> {
                 None => drop(notif),
             }
         }
-        self.memory.restore(&state.memory);
+        self.replacements.restore(&state.memory);
+        self.autoscale_resume(state.autoscale, now);
         for (fd, stderr, prefix) in state.logs {
             crate::logs::adopt(fd, stderr, prefix.into_bytes());
         }

@@ -39,7 +39,7 @@ impl<O: Os> Supervisor<O> {
         // new connections away until the old worker has exited means it cannot accept one
         // after its stop signal (servers that close accepted-but-unread connections on
         // shutdown, such as uvicorn, would drop it).
-        let stalled = |s: usize| self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s));
+        let stalled = |s: usize| self.held_out(s);
         let all: Vec<usize> =
             (0..self.slots.len()).filter(|s| self.workers.ready_on(*s) && self.slots[*s].retiring.is_none()).collect();
         let tiers: [&dyn Fn(usize) -> bool; 2] =
@@ -51,6 +51,12 @@ impl<O: Os> Supervisor<O> {
             }
         }
         all
+    }
+
+    /// `slot`'s worker is stalled, or is hung and being replaced (see `hung`): no new
+    /// connections, and its queue is relayed, even while a probation lets a hung one back in.
+    fn held_out(&self, slot: usize) -> bool {
+        self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(slot)) || self.replacements.on(slot, "hung")
     }
 
     /// Sample every slot's accept queue (at the `queues::Cadence`: every 20 ms while anything
@@ -101,8 +107,12 @@ impl<O: Os> Supervisor<O> {
                     }
                     _ => (false, false, None),
                 };
-                // A retiring slot is neither judged nor a sign that others keep up.
-                let queue = if self.slots[s].retiring.is_some() { None } else { queues[s] };
+                // A retiring slot is neither judged nor a sign that others keep up; nor is one
+                // without a ready worker (just added, in backoff): steering sends it nothing,
+                // so its empty queue says nothing of the others (a saturated one-at-a-time
+                // worker, whose queue refills as fast as it accepts, was taken for stalled).
+                let unserved = self.slots[s].retiring.is_some() || !self.workers.ready_on(s);
+                let queue = if unserved { None } else { queues[s] };
                 Sample { worker: workers[s], queue, cpu, stopped, running }
             })
             .collect();
@@ -153,6 +163,7 @@ impl<O: Os> Supervisor<O> {
                 None => log::info!("{who} gets new connections again"),
             }
         }
+        self.watch_hung(now, &samples);
     }
 
     /// A connection waits somewhere while the queue watch sampled rarely: sample now, and fast.
@@ -280,8 +291,9 @@ impl<O: Os> Supervisor<O> {
     /// Rescue the queues of the slots that are out of the serving set because they are stalled
     /// or have no ready worker, while another slot serves; release the others.
     fn rescue_stranded(&mut self, serving: &[usize]) {
+        let held: Vec<bool> = (0..self.slots.len()).map(|s| self.held_out(s)).collect();
         let Some(rescue) = &self.rescue else { return };
-        let stalled = |s: usize| self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s));
+        let stalled = |s: usize| held[s];
         for slot in 0..self.slots.len() {
             let stranded = self.shutdown.is_none()
                 && !serving.is_empty()

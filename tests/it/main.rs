@@ -10,6 +10,8 @@
 //! - `control`: the control socket and the client subcommands (issue 9).
 //! - `logs`: worker output through the launcher, prefixed and line-safe (issue 9).
 //! - `fleet`: `--metrics` (/metrics, /healthz, /readyz), `--drain-delay`, the Kubernetes example.
+//! - `autoscale`: `-n MIN..MAX` following the load up and down, and not moving under a steady one (issue 17).
+//! - `hung`: `--hung-timeout` replacing deadlocked and spinning workers, never stopped ones (issue 17).
 //! - `intercept`: unmodified servers that bind the port themselves (`--intercept-bind`, issue 15).
 //! - `hostile`: idle, slowloris, oversized and binary clients on `--metrics` and the control
 //!   socket (issue 19).
@@ -19,6 +21,7 @@
 //!
 //! Run one area with `cargo test --test it core::`.
 
+mod autoscale;
 mod common;
 mod containment;
 mod control;
@@ -26,6 +29,7 @@ mod conventions;
 mod core;
 mod fleet;
 mod hostile;
+mod hung;
 mod intercept;
 mod leftovers;
 mod logs;

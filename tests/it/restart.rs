@@ -132,3 +132,35 @@ fn killed_launcher_restarts_from_the_fd_store(server: impl Fn(Launch) -> Launch)
     let r = get(port).unwrap();
     assert!(new_workers.contains(&r.pid));
 }
+
+/// With `-n MIN..MAX` the next launcher keeps the slot count the last one had (within its
+/// bounds), not MIN: the stored sockets of slots 0 and 1 both serve again.
+#[test]
+fn the_fd_store_keeps_the_automatic_slot_count() {
+    let mut store = FdStore::bind();
+    let dir = TempPath::dir("fdstore-autoscale");
+    let control = dir.join("c.sock").to_str().unwrap().to_string();
+    let launch = || Launch::new().flag("-n", "1..3").ready("auto").flag("--control", &control);
+    let mut first = launch().env("NOTIFY_SOCKET", store.path.str()).py(&[]).start();
+    first.wait_for("all 1 workers ready", secs(20));
+    let out = std::process::Command::new(BIN).args(["scale", "2", "--control", &control]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    first.wait_for("all 2 workers ready", secs(20));
+    store.wait_for(&["rl.http.0", "rl.http.1"], secs(10));
+    first.signal(Signal::SIGKILL);
+    assert!(first.wait_exit(secs(10)).is_some(), "the launcher did not die");
+    let names = store.names();
+    let fds: Vec<RawFd> = store.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let second = launch()
+        .env("LISTEN_FDS", &fds.len().to_string())
+        .env("LISTEN_FDNAMES", &names.join(":"))
+        .pass_fds(fds)
+        .via(&["sh", "-c", "LISTEN_PID=$$ exec \"$@\"", "sh"])
+        .py(&[])
+        .start();
+    second.wait_for("took back 2 listening sockets from the service manager's fd store", secs(10));
+    second.wait_for("all 2 workers ready", secs(20));
+    assert_eq!(second.count("retires"), 0, "{}", second.log());
+    let answers = second.poll_answers(secs(20), |r| r.iter().any(|r| r.slot == "1"));
+    assert!(answers.iter().any(|r| r.slot == "1"));
+}

@@ -27,6 +27,12 @@ the tests:
     --grow-mb N          how much (default 100)
     --hang-if-file PATH  once PATH exists, block forever instead of accepting the next connection
                          (a deadlocked worker: alive, using no CPU, its queue never drained)
+    --serial             serve one request at a time, in the thread that accepts (no thread per
+                         request): connections beyond the one in service wait in the accept queue
+    --poison             two requests poison the worker, which then never accepts again:
+                         GET /deadlock blocks forever (no CPU), GET /spin loops forever (100% of a
+                         core), with or without a query; each prints `poisoned by PATH` on
+                         stderr first
 """
 import argparse
 import os
@@ -54,6 +60,8 @@ def parse_args():
     p.add_argument("--hang-if-file")
     p.add_argument("--grow-if-file")
     p.add_argument("--grow-mb", type=int, default=100)
+    p.add_argument("--serial", action="store_true")
+    p.add_argument("--poison", action="store_true")
     return p.parse_args()
 
 
@@ -85,12 +93,30 @@ def listening_socket(fd, bind_self):
     return sock
 
 
+# Held forever by a poisoned request; the accepting thread takes it before each accept.
+ACCEPT_LOCK = threading.Lock()
+
+
+def poisoned(path):
+    """A poisoned request never returns, and the worker never accepts again."""
+    sys.stderr.write("poisoned by %s\n" % path)
+    sys.stderr.flush()
+    ACCEPT_LOCK.acquire()  # the accepting thread now blocks before its next accept
+    if path.startswith("/spin"):
+        while True:
+            pass
+    threading.Event().wait()
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     delay = 0.0
     slow_if_file = None
+    poison = False
 
     def do_GET(self):
+        if self.poison and self.path.split("?")[0] in ("/deadlock", "/spin"):
+            poisoned(self.path)
         if self.delay and (not self.slow_if_file or os.path.exists(self.slow_if_file)):
             time.sleep(self.delay)
         body = "pid={} slot={} gen={}\n".format(
@@ -112,11 +138,21 @@ class Server(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins the requests in flight
     block_on_close = True
     hang_if_file = None
+    serial = False
 
     def get_request(self):
         if self.hang_if_file and os.path.exists(self.hang_if_file):
             threading.Event().wait()  # a deadlock: never accepts again, uses no CPU
-        return super().get_request()
+        with ACCEPT_LOCK:
+            return super().get_request()
+
+    def process_request(self, request, client_address):
+        if self.serial:
+            # The plain server's way: handle it here, then close it.
+            self.finish_request(request, client_address)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
 
     def __init__(self, sock):
         super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
@@ -138,6 +174,8 @@ def main():
     Handler.delay = args.handle_delay
     Handler.slow_if_file = args.slow_if_file
     Server.hang_if_file = args.hang_if_file
+    Server.serial = args.serial
+    Handler.poison = args.poison
     server = Server(listening_socket(args.fd, args.bind_self))
     if not args.ignore_term:
         # shutdown() waits for serve_forever(), so it must run on another thread.

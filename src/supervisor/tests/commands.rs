@@ -161,3 +161,45 @@ fn control_stop_drains_first_and_refuses_changes_meanwhile() {
     s.tick(t0 + 2200 * MS).unwrap();
     assert_eq!(s.os.signals_to(pid), vec![Signal::SIGTERM]);
 }
+
+#[test]
+fn scaling_stays_within_min_max_and_the_policy_goes_on_from_a_manual_change() {
+    let t0 = Instant::now();
+    let mut s = supervisor(&["-n", "1..3", "--scale-down-after", "1s"]);
+    s.start_all(t0).unwrap();
+    s.tick(t0 + 100 * MS).unwrap();
+    let refused = s.command(Command::Scale(Scale::To(4)), t0 + 150 * MS).unwrap_err();
+    assert_eq!(refused, "control: cannot scale to 4 workers: -n 1..3 keeps between 1 and 3");
+    assert_eq!(s.command(Command::Scale(Scale::By(1)), t0 + 200 * MS), Ok(Answer::Scaled { desired: 2 }));
+    // Nothing waits anywhere (the sockets are unused): after the calm, back to MIN.
+    s.run_for(t0 + 200 * MS, Duration::from_millis(1800)).unwrap();
+    let Ok(Answer::Status(st)) = s.command(Command::Status, t0 + 2000 * MS) else { panic!("no status") };
+    let a = st.autoscale.expect("autoscale in the status");
+    let texts: Vec<(String, String)> = a.decisions.iter().map(|d| (d.by.clone(), d.text())).collect();
+    assert_eq!(
+        texts,
+        [
+            ("control".into(), "scaled up to 2: asked by control".into()),
+            ("auto".into(), "scaled down to 1: calm for 1s".into())
+        ]
+    );
+    assert_eq!((st.desired, a.min, a.max, a.downs), (1, 1, 3, 1));
+}
+
+#[test]
+fn the_one_shared_queue_counts_once_for_the_policy() {
+    let t0 = Instant::now();
+    let mut s = supervisor(&["-n", "2..3"]);
+    s.start_all(t0).unwrap();
+    s.tick(t0 + 100 * MS).unwrap();
+    // One connection waits in the one queue of shared mode: not one per slot.
+    let addr = s.listeners.local_addrs()[0];
+    let one = std::net::TcpStream::connect(addr).unwrap();
+    s.run_for(t0 + 100 * MS, Duration::from_millis(3000)).unwrap();
+    assert_eq!(s.desired, 2, "one waiting connection on two slots is no pressure");
+    // Two wait: every request waits behind another.
+    let two = std::net::TcpStream::connect(addr).unwrap();
+    s.run_for(t0 + 3200 * MS, Duration::from_millis(2500)).unwrap();
+    assert_eq!(s.desired, 3);
+    drop((one, two));
+}
