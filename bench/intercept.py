@@ -4,7 +4,9 @@
 1. Every other system call: a worker (bench/workers/syscalls.c) times 1,000,000 raw getppid()
    calls under reuse-launch with --intercept-bind on (the bind/listen seccomp filter installed)
    and off (no filter), alternating, R rounds; the figure is the median over rounds of each
-   run's best-of-5 ns per call, and the ratio on/off (target: at most 1.02).
+   run's best-of-5 ns per call, and the ratio on/off (target: at most 1.02). A third run has
+   --intercept-bind off and the worker installs a one-instruction allow-everything filter
+   itself: what any seccomp filter costs on this kernel, whatever it checks.
 2. Serving: node hello.js under `reuse-launch -n 2 --mode reuseport --steer hash`, once on the
    inherited fd 3 with --intercept-bind off (no filter at all) and once binding PORT itself
    (HELLO_BIND=1, --intercept-bind on: its bind() is taken over), with
@@ -114,8 +116,11 @@ class Launcher:
 
 
 def syscall_cost(launcher, worker, mode, calls):
-    argv = [launcher, "-n", "1", "-b", "127.0.0.1:0", "--ready-delay", "100ms", "--intercept-bind", mode,
-            "--", worker, str(calls), "5"]
+    """`off`, `on`, or `allow-all` (off, and the worker installs an allow-everything filter itself)."""
+    extra = ["allow-all"] if mode == "allow-all" else []
+    setting = "on" if mode == "on" else "off"
+    argv = [launcher, "-n", "1", "-b", "127.0.0.1:0", "--ready-delay", "100ms", "--intercept-bind", setting,
+            "--", worker, str(calls), "5", *extra]
     l = Launcher(argv)
     try:
         return float(l.wait_for(SYSCALLS, timeout=120).group(2))
@@ -164,14 +169,15 @@ def main():
     ensure_wrk()
     with open("/proc/loadavg") as f:
         load_start = f.read().split()[0]
-    cost = {"on": [], "off": []}
+    cost = {"on": [], "off": [], "allow-all": []}
     rps = {"fd3": [], "bind": []}
     for r in range(args.rounds):
-        for mode in (["off", "on"] if r % 2 == 0 else ["on", "off"]):
+        for mode in (["off", "on", "allow-all"] if r % 2 == 0 else ["allow-all", "on", "off"]):
             cost[mode].append(syscall_cost(launcher, worker, mode, args.calls))
         for bind in ([False, True] if r % 2 == 0 else [True, False]):
             rps["bind" if bind else "fd3"].append(serve_rps(launcher, bind, args.duration))
-        print(f"round {r + 1}: getppid off {cost['off'][-1]:.1f} ns, on {cost['on'][-1]:.1f} ns; "
+        print(f"round {r + 1}: getppid off {cost['off'][-1]:.1f} ns, on {cost['on'][-1]:.1f} ns, "
+              f"any filter {cost['allow-all'][-1]:.1f} ns; "
               f"node fd 3 {rps['fd3'][-1]:.0f} req/s, bind {rps['bind'][-1]:.0f} req/s", flush=True)
     with open("/proc/loadavg") as f:
         load_end = f.read().split()[0]
@@ -182,6 +188,8 @@ def main():
     print("|---|---|---|---|---|")
     print(f"| raw getppid(), ns per call (median of rounds; filter off / on) | {med['off']:.1f} | {med['on']:.1f} "
           f"| {med['on'] / med['off']:.3f} | <= 1.02 |")
+    print(f"| the same with an allow-everything filter instead (the kernel's seccomp path alone) | {med['off']:.1f} "
+          f"| {med['allow-all']:.1f} | {med['allow-all'] / med['off']:.3f} | - |")
     print(f"| node hello.js, new connections, req/s (fd 3 / own bind) | {med['fd3']:.0f} | {med['bind']:.0f} "
           f"| {med['bind'] / med['fd3']:.3f} | >= 0.98 |")
     return 0
