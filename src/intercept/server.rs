@@ -56,6 +56,9 @@ struct Shared {
     busy_since: AtomicU64,
     busy_worker: AtomicU64,
     events: Sender<Event>,
+    /// The O_NONBLOCK setting a bind last gave each slot socket, by inode: a later bind that
+    /// wants the other one is logged (the flag is the socket's, shared by the slot's workers).
+    nonblock_by_bind: Mutex<HashMap<u64, bool>>,
 }
 
 #[derive(Default)]
@@ -90,6 +93,7 @@ impl Interceptor {
             busy_since: AtomicU64::new(0),
             busy_worker: AtomicU64::new(0),
             events,
+            nonblock_by_bind: Mutex::default(),
         });
         let mut i = Interceptor { shared, thread: None, watchdog: None, child };
         i.resume()?;
@@ -274,7 +278,7 @@ fn answer(shared: &Shared, id: u64, notif: &OwnedFd, targets: &[Target], label: 
     }
     match handler::carry_out(notif.as_fd(), call.id, decision, targets) {
         Ok(Some(done)) => match decision {
-            Decision::Install { target, newfd, want, .. } => {
+            Decision::Install { target, newfd, want, nonblock, .. } => {
                 shared.binds.fetch_add(1, Ordering::Relaxed);
                 let taken = shared.lock().entries.get_mut(&id).map_or(0, |e| {
                     e.taken += 1;
@@ -289,15 +293,17 @@ fn answer(shared: &Shared, id: u64, notif: &OwnedFd, targets: &[Target], label: 
                 } else {
                     log::debug!("{line}");
                 }
-                if let Some(flag) = done.flipped_nonblock {
-                    shared.warn_once(
-                        id,
-                        &format!(
-                            "{label}: its bind() made the slot's socket {} (O_NONBLOCK lives on the socket, which \
-                             every process of the slot shares)",
-                            if flag { "non-blocking" } else { "blocking" }
-                        ),
+                let before = {
+                    let mut set = shared.nonblock_by_bind.lock().unwrap_or_else(|e| e.into_inner());
+                    set.insert(targets[target].ino, nonblock)
+                };
+                if done.flipped_nonblock.is_some() && before.is_some_and(|b| b != nonblock) {
+                    let how = if nonblock { "non-blocking" } else { "blocking" };
+                    let line = format!(
+                        "{label}: its bind() made the slot's socket {how}, which an earlier worker's bind had made \
+                         the other way (O_NONBLOCK lives on the socket, which every process of the slot shares)"
                     );
+                    shared.warn_once(id, &line);
                 }
             }
             Decision::Return(0) if call.nr == libc::SYS_listen => drop(shared.listens.fetch_add(1, Ordering::Relaxed)),
