@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 use crate::control::{json, num};
 
@@ -59,7 +60,7 @@ fn launch(dir: &TempPath, bounds: &str, extra: &[&str], py: &[&str]) -> (Launche
         .args(extra)
         .py(&[&["--serial"], py].concat())
         .start();
-    l.wait_for("all 1 workers ready", secs(20));
+    wait_all_ready(&l, 1, secs(20));
     (l, control)
 }
 
@@ -105,7 +106,7 @@ fn eight_busy_clients_bring_three_workers_and_the_count_returns_to_one() {
     // Each decision was logged with its reason and figures.
     assert_eq!(l.count("autoscale: scaled up to "), 2, "{}", l.log());
     assert_eq!(l.count("autoscale: scaled down to "), 2, "{}", l.log());
-    l.wait_for("worker 1 removed", secs(20));
+    wait_fields(&l, secs(20), "slot 1 removed: only slot 0 has a row", |s| slots(s) == [0]);
     // The table shows the bounds and the last decision.
     let (code, table) = client(&control, &["status"]);
     assert_eq!(code, 0, "{table}");
@@ -133,6 +134,7 @@ impl Paced {
                             Ok(_) => ok += 1,
                             Err(e) => failures.lock().unwrap().push(e.to_string()),
                         }
+                        // The load's pace (the scenario), not a wait for a condition.
                         std::thread::sleep(pause);
                     }
                     ok
@@ -163,6 +165,7 @@ fn a_steady_load_one_worker_serves_comfortably_changes_nothing_for_60s() {
         assert_eq!(num(&s, "desired"), 1, "scaled under a steady light load: {s}\nlog:\n{}", l.log());
         let load = s.get("autoscale").unwrap().get("load").unwrap();
         most_pressed = most_pressed.max(load.get("pressed").and_then(Value::as_f64).unwrap_or(0.0));
+        // How often the 60 s of steady load are looked at (the scenario's length is the clock).
         std::thread::sleep(Duration::from_millis(500));
     }
     let (ok, failures) = load.finish();
