@@ -520,7 +520,9 @@ fn without_cap_sys_ptrace_a_user_workers_bind_cannot_be_served_and_the_probe_say
         .flag("--user", "nobody")
         .cmd(&["/usr/bin/python3", PYWORKER])
         .start();
-    l.wait_for("bind() interception is unavailable", secs(30));
+    wait_fields(&l, secs(30), "intercept_bind unavailable", |s| {
+        s.get("intercept_bind").and_then(|v| v.as_str()).is_some_and(|v| v.starts_with("unavailable: "))
+    });
     l.poll_answers(secs(30), |r| !r.is_empty());
 }
 

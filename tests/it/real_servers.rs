@@ -169,7 +169,7 @@ fn node_fd_sigterm_reset_connections_between_requests() {
     use std::io::{Read, Write};
     require(&["node", "--version"], "install Node.js 20 (apt-get install nodejs)");
     let l = Launch::new().workers(1).grace("10s").ready_delay("300ms").cmd(&["node", &worker("node-fd.js")]).start();
-    l.wait_for(") ready after", secs(20));
+    wait_all_ready(&l, 1, secs(20));
     let pid = l.latest_pid(0);
     let connect = || std::net::TcpStream::connect(("127.0.0.1", l.port())).unwrap();
     // A keep-alive connection that has had one answer: now between two requests.
