@@ -80,7 +80,7 @@ impl<O: Os> Supervisor<O> {
 
     /// utime + stime of worker `pid`'s process group (its members as last scanned).
     fn group_ticks(&self, pid: i32) -> u64 {
-        let members = self.router.sampling.as_ref().map_or_else(|| vec![pid], |s| s.members_of(pid));
+        let members = self.router.members_of(pid);
         measure::read_ticks(&[members]).values().sum()
     }
 

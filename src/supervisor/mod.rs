@@ -279,11 +279,7 @@ impl<O: Os> Supervisor<O> {
             Event::Signal(other) => log::debug!("ignoring signal {other}"),
             Event::Notify(id, fields) => self.on_notify(id, fields, now),
             Event::Held(id, held) => self.intercept_held(id, held),
-            Event::Queued => {
-                if let Some(sampling) = &mut self.router.sampling {
-                    sampling.wake(now);
-                }
-            }
+            Event::Queued => self.router.wake(now),
             Event::Control(command, reply) => {
                 // The control thread waits for this answer, never the other way round.
                 let _ = reply.send(self.command(command, now));

@@ -4,7 +4,7 @@
 //! steering (BPF programs of the reuseport groups, or the forwarder's backend list in
 //! round-robin mode), and the rescue of queued connections (`rescue`: the launcher accepts them
 //! on the slot's listener it holds and relays each through the public address, where steering
-//! sends it to a serving slot). What it keeps per slot is in the slot's record ([`SlotRoute`]).
+//! sends it to a serving slot). What it keeps per slot is in the slot's record (`SlotRoute`).
 //!
 //! A slot's queue is rescued while the slot is out of the serving set because it is stalled or
 //! has no ready worker (crashed, in backoff), and some other slot serves; never while new
@@ -25,25 +25,7 @@ use crate::event::Event;
 use crate::proxy::Proxy;
 use crate::rescue::{loopback, Rescue};
 use crate::socket::{Listeners, Mode};
-use crate::stall::SlotWatch;
 use crate::steer::{self, Program};
-
-/// What routing keeps in each slot's record.
-#[derive(Debug, Clone)]
-pub struct SlotRoute {
-    /// The slot's load at the last sample (`--steer least-loaded`: see `load`).
-    pub load: Option<u32>,
-    /// The stall watch's record of the slot (see `stall`).
-    pub stall: SlotWatch,
-    /// Its queue is being taken back and relayed (`rescue`).
-    pub rescued: bool,
-}
-
-impl Default for SlotRoute {
-    fn default() -> SlotRoute {
-        SlotRoute { load: None, stall: SlotWatch::new(), rescued: false }
-    }
-}
 
 /// What routing reads of the rest of the supervisor.
 pub(super) struct Fleet<'a> {
@@ -117,7 +99,7 @@ pub(super) struct Router {
     /// each slot's `rescued`.
     rescue: Option<Rescue>,
     /// The stall watch and its queue samples (None: shared and self modes, nothing to steer).
-    pub(super) sampling: Option<super::sampling::Sampling>,
+    sampling: Option<super::sampling::Sampling>,
 }
 
 impl Router {
@@ -139,6 +121,34 @@ impl Router {
         };
         let cpus = cfg.pin.then(allowed_cpus);
         Ok(Router { steer: cfg.steer, steered: None, bpf: None, cpus, proxy, rescue, sampling })
+    }
+
+    /// Sample the accept queues when due (see `sampling`); the samples, for the hung clock.
+    pub(super) fn sample(
+        &mut self,
+        now: Instant,
+        slots: &mut Slots,
+        (workers, listeners): (&Workers, &Listeners),
+        os: &impl Os,
+    ) -> Option<Vec<crate::stall::Sample>> {
+        self.sampling.as_mut()?.sample(now, slots, (workers, listeners), os, self.steer)
+    }
+
+    /// When the next queue sample is due (None: nothing to watch).
+    pub(super) fn next_sample(&self, workers: &Workers) -> Option<Instant> {
+        self.sampling.as_ref().and_then(|s| s.next(workers))
+    }
+
+    /// A connection waits on a listener: sample now.
+    pub(super) fn wake(&mut self, now: Instant) {
+        if let Some(sampling) = &mut self.sampling {
+            sampling.wake(now);
+        }
+    }
+
+    /// The processes of worker `pid`'s group, as the queue watch last scanned them.
+    pub(super) fn members_of(&self, pid: i32) -> Vec<i32> {
+        self.sampling.as_ref().map_or_else(|| vec![pid], |s| s.members_of(pid))
     }
 
     /// With --pin: the CPU `slot`'s worker runs on.
@@ -357,14 +367,13 @@ impl<O: Os> Supervisor<O> {
 
     /// When the next queue sample is due (None: nothing to watch).
     pub(super) fn next_sample(&self) -> Option<Instant> {
-        self.router.sampling.as_ref().and_then(|s| s.next(&self.workers))
+        self.router.next_sample(&self.workers)
     }
 
     /// Sample the accept queues when due (see `sampling`), then give the hung clock the sample.
     pub(super) fn watch_queues(&mut self, now: Instant) {
-        let Some(sampling) = &mut self.router.sampling else { return };
-        let fleet = Fleet::of(&self.workers, &self.listeners, &self.watches, &self.halt, &self.publishing);
-        if let Some(samples) = sampling.sample(now, &mut self.slots, &fleet, &self.os, self.router.steer) {
+        let tables = (&self.workers, &self.listeners);
+        if let Some(samples) = self.router.sample(now, &mut self.slots, tables, &self.os) {
             self.watch_hung(now, &samples);
         }
     }

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 
 use super::os::Os;
-use super::routing::Fleet;
 use super::workers::{Slots, State, Workers};
 use crate::cli::Steer;
 use crate::event::Event;
 use crate::queues::Queues;
+use crate::socket::Listeners;
 use crate::stall::{Sample, StallWatch, Why};
 
 /// How long a worker's list of processes (one scan of /proc) is trusted.
@@ -73,19 +73,19 @@ impl Sampling {
         &mut self,
         now: Instant,
         slots: &mut Slots,
-        fleet: &Fleet,
+        (workers, listeners): (&Workers, &Listeners),
         os: &impl Os,
         steer: Steer,
     ) -> Option<Vec<Sample>> {
-        if now < self.next || fleet.workers.is_empty() {
+        if now < self.next || workers.is_empty() {
             return None;
         }
-        let layout: Vec<Vec<RawFd>> = (0..slots.len()).map(|s| fleet.listeners.fds_for_slot(s)).collect();
+        let layout: Vec<Vec<RawFd>> = (0..slots.len()).map(|s| listeners.fds_for_slot(s)).collect();
         let queues = os.queues(self.queues.as_mut(), layout);
-        let workers = (0..slots.len()).map(|s| followed(fleet.workers, s)).collect();
-        let r = Readings { queues, workers };
-        self.scan_members(now, &r, fleet.workers, os);
-        let samples = self.samples(&r, slots, fleet.workers, os);
+        let followed = (0..slots.len()).map(|s| followed(workers, s)).collect();
+        let r = Readings { queues, workers: followed };
+        self.scan_members(now, &r, workers, os);
+        let samples = self.samples(&r, slots, workers, os);
         let queued = r.queues.iter().any(|q| matches!(q, Some(n) if *n > 0));
         if queued {
             if let Some(q) = &mut self.queues {
@@ -96,11 +96,11 @@ impl Sampling {
         // once): reading every worker's fds once a second while idle would cost per slot.
         let traffic = self.queues.as_ref().is_none_or(|q| q.cadence.traffic(now));
         if steer == Steer::LeastLoaded && traffic {
-            note_loads(slots, &r, fleet.workers);
+            note_loads(slots, &r, workers);
         }
         let changed = StallWatch::observe_slots(now, slots.iter_mut().map(|s| &mut s.route.stall), &samples);
         // Fast while a queue holds connections, or a worker starts, stops or is stalled.
-        let changing = fleet.workers.iter().any(|(_, w)| w.state != State::Ready);
+        let changing = workers.iter().any(|(_, w)| w.state != State::Ready);
         let active = queued || changing || slots.iter().any(|s| s.route.stall.why().is_some());
         self.next = now
             + match &mut self.queues {
@@ -113,7 +113,7 @@ impl Sampling {
                 }
                 None => StallWatch::EVERY,
             };
-        log_changes(&changed, &r, fleet.workers);
+        log_changes(&changed, &r, workers);
         Some(samples)
     }
 

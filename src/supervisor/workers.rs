@@ -13,6 +13,7 @@ use std::time::Instant;
 use nix::unistd::Pid;
 
 use crate::event::WorkerId;
+use crate::stall::SlotWatch;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum State {
@@ -80,9 +81,26 @@ pub struct Slot {
     pub respawn_at: Option<Instant>,
     pub last_failure: String,
     /// What routing keeps for the slot: its load, stall record, rescue (see `routing`).
-    pub route: super::routing::SlotRoute,
+    pub route: SlotRoute,
     /// `--ready auto`: the slot's socket inodes (None: /proc cannot tell; then for every slot).
     pub inodes: Option<Vec<u64>>,
+}
+
+/// What routing keeps in each slot's record (see `routing`, `sampling`).
+#[derive(Debug, Clone)]
+pub struct SlotRoute {
+    /// The slot's load at the last sample (`--steer least-loaded`: see `load`).
+    pub load: Option<u32>,
+    /// The stall watch's record of the slot (see `stall`).
+    pub stall: SlotWatch,
+    /// Its queue is being taken back and relayed (`rescue`).
+    pub rescued: bool,
+}
+
+impl Default for SlotRoute {
+    fn default() -> SlotRoute {
+        SlotRoute { load: None, stall: SlotWatch::new(), rescued: false }
+    }
 }
 
 /// Every slot's record, by slot number.
