@@ -93,6 +93,14 @@ struct Launch {
     contract: Contract,
 }
 
+impl Launch {
+    /// The launcher's error when a first worker cannot start.
+    fn cannot_start(&self, e: std::io::Error) -> Error {
+        let user = self.contract.identity.as_ref().map(|i| format!(" as user {}", i.name)).unwrap_or_default();
+        Error::Failed(format!("cannot start '{}'{user}: {e}", self.program.display))
+    }
+}
+
 /// The watches over running workers.
 #[derive(Debug, Default)]
 struct Watches {
@@ -249,9 +257,7 @@ impl<O: Os> Supervisor<O> {
             }
             if let Err(e) = self.spawn(slot, 1, false, now) {
                 self.kill_all_and_reap();
-                let user =
-                    self.launch.contract.identity.as_ref().map(|i| format!(" as user {}", i.name)).unwrap_or_default();
-                return Err(Error::Failed(format!("cannot start '{}'{user}: {e}", self.launch.program.display)));
+                return Err(self.launch.cannot_start(e));
             }
         }
         Ok(())
