@@ -44,6 +44,8 @@ pub trait Os {
     fn members(&self, pids: &[i32]) -> Vec<Vec<i32>>;
     /// /proc: processes `pids`' state and CPU (see `stall::proc_state`).
     fn proc_state(&self, pids: &[i32]) -> (bool, bool, Option<u64>);
+    /// /proc: the connections worker `pid` holds (`--steer least-loaded`, see `load`).
+    fn open_sockets(&self, pid: i32) -> Option<u32>;
 }
 
 /// The real thing.
@@ -109,6 +111,10 @@ impl Os for RealOs {
     fn proc_state(&self, pids: &[i32]) -> (bool, bool, Option<u64>) {
         crate::stall::proc_state(pids)
     }
+
+    fn open_sockets(&self, pid: i32) -> Option<u32> {
+        crate::load::open_sockets(pid)
+    }
 }
 
 /// The queues as read for real: by the watch's reader, or `TCP_INFO` on every listener.
@@ -149,6 +155,8 @@ pub mod fake {
         /// The state of a worker's processes by worker pid (stopped, running, CPU); a pid not
         /// here runs and uses no CPU.
         pub procs: std::collections::HashMap<i32, (bool, bool, Option<u64>)>,
+        /// The connections each worker holds, by pid (`--steer least-loaded`; none: 0).
+        pub held: std::collections::HashMap<i32, u32>,
         /// The programs attached now, by listener (what `steer` last did).
         pub programs: std::collections::HashMap<RawFd, Vec<libc::sock_filter>>,
     }
@@ -236,6 +244,10 @@ pub mod fake {
 
         fn proc_state(&self, pids: &[i32]) -> (bool, bool, Option<u64>) {
             pids.iter().find_map(|p| self.procs.get(p).copied()).unwrap_or((false, true, Some(0)))
+        }
+
+        fn open_sockets(&self, pid: i32) -> Option<u32> {
+            Some(self.held.get(&pid).copied().unwrap_or(0))
         }
     }
 }

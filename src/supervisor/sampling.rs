@@ -96,7 +96,7 @@ impl Sampling {
         // once): reading every worker's fds once a second while idle would cost per slot.
         let traffic = self.queues.as_ref().is_none_or(|q| q.cadence.traffic(now));
         if steer == Steer::LeastLoaded && traffic {
-            note_loads(slots, &r, workers);
+            note_loads(slots, &r, workers, os);
         }
         let changed = StallWatch::observe_slots(now, slots.iter_mut().map(|s| &mut s.route.stall), &samples);
         // Fast while a queue holds connections, or a worker starts, stops or is stalled.
@@ -166,9 +166,9 @@ fn followed(workers: &Workers, slot: usize) -> Option<i32> {
 
 /// `--steer least-loaded`: each slot's load, its queue plus its ready worker's held
 /// connections (a starting one is still opening its own).
-fn note_loads(slots: &mut Slots, r: &Readings, workers: &Workers) {
+fn note_loads(slots: &mut Slots, r: &Readings, workers: &Workers, os: &impl Os) {
     let counts: Vec<Option<u32>> = (0..slots.len())
-        .map(|s| r.workers[s].filter(|_| workers.ready_on(s)).and_then(crate::load::open_sockets))
+        .map(|s| r.workers[s].filter(|_| workers.ready_on(s)).and_then(|pid| os.open_sockets(pid)))
         .collect();
     let held = crate::load::relative(&counts);
     for ((slot, q), h) in slots.iter_mut().zip(&r.queues).zip(&held) {

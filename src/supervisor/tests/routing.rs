@@ -18,8 +18,8 @@ use crate::stall::StallWatch;
 
 use super::super::os::fake::Call;
 
-fn launcher(mode: &str, workers: &str) -> Supervisor<FakeOs> {
-    let argv = [
+fn launcher(mode: &str, workers: &str, extra: &[&str]) -> Supervisor<FakeOs> {
+    let mut argv = vec![
         "reuse-launch",
         "-b",
         "127.0.0.1:0",
@@ -31,9 +31,9 @@ fn launcher(mode: &str, workers: &str) -> Supervisor<FakeOs> {
         "100ms",
         "--intercept-bind",
         "off",
-        "--",
-        "sh",
     ];
+    argv.extend(extra);
+    argv.extend(["--", "sh"]);
     let cfg = Config::from_args(Args::try_parse_from(argv).unwrap(), None).unwrap();
     let listeners = Listeners::bind(&cfg.binds, cfg.mode, cfg.workers, 16).unwrap();
     let program = Program::resolve(&cfg.command).unwrap();
@@ -42,7 +42,11 @@ fn launcher(mode: &str, workers: &str) -> Supervisor<FakeOs> {
 
 /// A launcher whose `n` workers are all ready at `t0 + 150 ms`.
 fn ready(mode: &str, n: usize, t0: Instant) -> Supervisor<FakeOs> {
-    let mut s = launcher(mode, &n.to_string());
+    ready_with(mode, n, &[], t0)
+}
+
+fn ready_with(mode: &str, n: usize, extra: &[&str], t0: Instant) -> Supervisor<FakeOs> {
+    let mut s = launcher(mode, &n.to_string(), extra);
     s.start_all(t0).unwrap();
     s.run_for(t0, 150 * MS).unwrap();
     assert_eq!(s.workers.ready_count(), n);
@@ -182,4 +186,23 @@ fn round_robin_leaves_out_a_slot_whose_queue_does_not_drain() {
     s.run_for(t0 + 200 * MS, StallWatch::BUSY_AFTER + 100 * MS).unwrap();
     assert_eq!(s.steered(), Some(vec![1]));
     assert_eq!(s.rescued(), vec![true, false]);
+}
+
+#[test]
+fn reuseport_least_loaded_weights_the_slots_by_their_queues_and_held_connections() {
+    let t0 = Instant::now();
+    let mut s = ready_with("reuseport", 2, &["--steer", "least-loaded"], t0);
+    // One connection waits on each slot (connections arrive); slot 0's worker holds 9 more.
+    s.os.queues = Some(vec![Some(1), Some(1)]);
+    let busy = s.pid_on(0).as_raw();
+    s.os.held.insert(busy, 9);
+    s.run_for(t0 + 200 * MS, 50 * MS).unwrap();
+    let loads: Vec<Option<u32>> = s.slots.iter().map(|s| s.route.load).collect();
+    assert_eq!(loads, vec![Some(10), Some(1)]);
+    assert_eq!(s.steered(), None, "both slots serve");
+    assert!(matches!(s.steering()[..], [Some(n)] if n > 0), "a weighted program: {:?}", s.steering());
+    // As loaded as each other again: the kernel's hash.
+    s.os.held.clear();
+    s.run_for(t0 + 251 * MS, 50 * MS).unwrap();
+    assert_eq!(s.steering().last(), Some(&None));
 }
