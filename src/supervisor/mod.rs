@@ -2,15 +2,19 @@
 //! every slot and (through [`Listeners`]) every socket.
 //!
 //! Signals (the signal thread) and notify messages (the notify thread) arrive as [`Event`]s on
-//! one crossbeam channel; timers are the loop's receive timeout. One turn of the loop is
-//! `tick(now)` (named phases: timers, roll deadline, reconcile, queue watch, steering,
+//! one crossbeam channel (`inbox`); timers are the loop's receive timeout. One turn of the loop
+//! is `tick(now)` (named phases: timers, roll deadline, reconcile, queue watch, steering,
 //! announcements), then a wait until [`next_deadline`](Supervisor::next_deadline) or the next
 //! event, then `handle(event, now)`. Rolling restarts are decided by the pure
-//! [`Roll`](crate::roll::Roll) machine; this module and its children only carry out its actions.
+//! [`Roll`](crate::roll::Roll) machine, respawns, give-up and scaling steps by the pure
+//! functions of `plan`; this module and its children only carry out their actions.
 //!
-//! The concerns live in the child modules: `workers` (the tables and their queries),
-//! `lifecycle` (spawn, stop, reap, backoff, reconcile), `ready` (readiness, rolls), `routing`
-//! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
+//! Each field of [`Supervisor`] has one owner. The concerns live in the child modules:
+//! `workers` (the workers' table and its queries; [`Slots`], one record per slot), `lifecycle`
+//! (spawn, stop, reap, backoff, reconcile), `ready` (readiness, rolls), `routing` (the
+//! [`Router`]: serving set, steering, rescue) with `sampling` (the queue and stall watch),
+//! `scale` (`scale`, and adding and retiring slots), `drain` (the drain delay and the stop),
+//! and `os` (the seam every process effect and every read routing makes goes through).
 
 mod autoscaling;
 mod binds;
