@@ -101,7 +101,8 @@ impl StallWatch {
         Self::observe_slots(now, self.slots.iter_mut(), samples)
     }
 
-    /// [`observe`](Self::observe) over records kept elsewhere (one per slot, in slot order).
+    /// Take one sample per slot, over records kept elsewhere (one per slot, in slot order).
+    /// Returns the slots that changed, with their new state.
     pub fn observe_slots<'a>(now: Instant, watches: impl Iterator<Item = &'a mut W>, samples: &[Sample]) -> Changes {
         let someone_keeps_up = samples.iter().any(|s| s.queue == Some(0));
         let mut changed = Vec::new();

@@ -6,7 +6,7 @@
 //! is `tick(now)` (named phases: timers, roll deadline, reconcile, queue watch, steering,
 //! announcements), then a wait until [`next_deadline`](Supervisor::next_deadline) or the next
 //! event, then `handle(event, now)`. Rolling restarts are decided by the pure
-//! [`Roll`](crate::roll::Roll) machine, respawns, give-up and scaling steps by the pure
+//! [`Roll`] machine, respawns, give-up and scaling steps by the pure
 //! functions of `plan`; this module and its children only carry out their actions.
 //!
 //! Each field of [`Supervisor`] has one owner. The concerns live in the child modules:
