@@ -206,3 +206,40 @@ fn reuseport_least_loaded_weights_the_slots_by_their_queues_and_held_connections
     s.run_for(t0 + 251 * MS, 50 * MS).unwrap();
     assert_eq!(s.steering().last(), Some(&None));
 }
+
+#[test]
+fn reuseport_scale_down_steers_away_from_the_retiring_slot_and_closes_it_once_settled() {
+    let t0 = Instant::now();
+    let mut s = ready("reuseport", 3, t0);
+    let t = t0 + 200 * MS;
+    let scaled = s.command(crate::event::Command::Scale(crate::event::Scale::To(2)), t);
+    assert_eq!(scaled, Ok(crate::event::Answer::Scaled { desired: 2 }));
+    s.tick(t).unwrap();
+    assert!(s.slots[2].retiring.is_some());
+    assert_eq!(s.steered(), Some(vec![0, 1]));
+    assert!(matches!(s.steering()[..], [Some(_)]), "a program that leaves slot 2 out");
+    assert_eq!(s.slots[2].excluded_at, Some(t));
+    let pid = s.workers.on(2).next().unwrap().1.pid;
+    s.exit(pid, 0, t + 10 * MS);
+    s.tick(t + 999 * MS).unwrap();
+    assert_eq!(s.slots.len(), 3, "not settled yet");
+    // Once settled, and once the rescue's thread has let go of its fds (a real thread: a
+    // turn or a few).
+    let settled = t + plan_settle();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut at = settled;
+    while s.slots.len() == 3 && Instant::now() < deadline {
+        s.tick(at).unwrap();
+        at += MS;
+        std::thread::yield_now();
+    }
+    assert_eq!(s.slots.len(), 2, "closed: one pop");
+    assert_eq!(s.listeners.slot_count(), Some(2));
+    // The programs are rebuilt for two slots: both serve, so the kernel's hash.
+    assert_eq!(s.steered(), None);
+    assert_eq!(s.steering().last(), Some(&None));
+}
+
+fn plan_settle() -> Duration {
+    super::super::plan::SETTLE
+}
