@@ -41,14 +41,20 @@ pub struct Sample {
     pub running: bool,
 }
 
+/// The slots whose state changed at a sample, with their new state.
+pub type Changes = Vec<(usize, Option<Why>)>;
+type W = SlotWatch;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Why {
     Frozen,
     NotAccepting,
 }
 
+/// One slot's record in the watch: the supervisor keeps it in the slot's own record (see
+/// [`StallWatch::observe_slots`]); a [`StallWatch`] keeps one per slot itself.
 #[derive(Debug, Default, Clone)]
-struct SlotWatch {
+pub struct SlotWatch {
     worker: Option<i32>,
     /// Since when the queue has been non-empty, and never shorter than at the sample before.
     queued_since: Option<Instant>,
@@ -68,8 +74,11 @@ struct SlotWatch {
     stalled_at: Option<Instant>,
 }
 
+/// The watch's rules and constants; the per-slot records are kept by the caller, one in each
+/// slot's own record (a table of its own only for the tests here).
 #[derive(Debug, Default)]
 pub struct StallWatch {
+    #[cfg(test)]
     slots: Vec<SlotWatch>,
 }
 
@@ -81,20 +90,23 @@ impl StallWatch {
     const PROBATION_MAX: Duration = Duration::from_secs(30);
     const GOOD_SPELL: Duration = Duration::from_secs(60);
 
+    #[cfg(test)]
     pub fn new(slots: usize) -> StallWatch {
-        StallWatch { slots: vec![SlotWatch { probation: Self::PROBATION, ..Default::default() }; slots] }
-    }
-
-    /// Follow a change in the number of slots (`scale`): new ones start clean.
-    pub fn resize(&mut self, slots: usize) {
-        self.slots.resize(slots, SlotWatch { probation: Self::PROBATION, ..Default::default() });
+        StallWatch { slots: vec![SlotWatch::new(); slots] }
     }
 
     /// Take one sample per slot. Returns the slots that changed, with their new state.
+    #[cfg(test)]
     pub fn observe(&mut self, now: Instant, samples: &[Sample]) -> Vec<(usize, Option<Why>)> {
+        Self::observe_slots(now, self.slots.iter_mut(), samples)
+    }
+
+    /// Take one sample per slot, over records kept elsewhere (one per slot, in slot order).
+    /// Returns the slots that changed, with their new state.
+    pub fn observe_slots<'a>(now: Instant, watches: impl Iterator<Item = &'a mut W>, samples: &[Sample]) -> Changes {
         let someone_keeps_up = samples.iter().any(|s| s.queue == Some(0));
         let mut changed = Vec::new();
-        for (slot, (w, s)) in self.slots.iter_mut().zip(samples).enumerate() {
+        for (slot, (w, s)) in watches.zip(samples).enumerate() {
             if w.worker != s.worker {
                 let was = w.stalled;
                 *w = SlotWatch {
@@ -171,13 +183,21 @@ impl StallWatch {
         changed
     }
 
+    #[cfg(test)]
     pub fn is_stalled(&self, slot: usize) -> bool {
         self.slots.get(slot).is_some_and(|w| w.stalled.is_some())
     }
+}
 
-    /// Why `slot` is stalled now (None: it is not).
-    pub fn why(&self, slot: usize) -> Option<Why> {
-        self.slots.get(slot).and_then(|w| w.stalled)
+impl SlotWatch {
+    /// A clean record (a new slot).
+    pub fn new() -> SlotWatch {
+        SlotWatch { probation: StallWatch::PROBATION, ..Default::default() }
+    }
+
+    /// Why the slot is stalled now (None: it is not).
+    pub fn why(&self) -> Option<Why> {
+        self.stalled
     }
 }
 

@@ -19,7 +19,6 @@ use crate::autoscale::{Autoscaler, Bounds, Decision, Record, Sample, Saved, Slot
 use crate::control::measure;
 use crate::reexec::{at_ms, ms_from, AutoscaleState};
 use crate::snapshot::{AutoscaleSnapshot, ScaleRecord};
-use crate::steer;
 
 #[derive(Debug)]
 pub(super) struct Autoscaling {
@@ -81,22 +80,21 @@ impl Autoscaling {
 impl<O: Os> Supervisor<O> {
     /// With `-n MIN..MAX`, when a sample is due: take it, and carry out the policy's decision.
     pub(super) fn autoscale(&mut self, now: Instant) {
-        match &self.autoscale {
+        match &self.scaling.autoscale {
             Some(a) if a.next.is_none_or(|t| now >= t) => {}
             _ => return,
         }
         let kept: Vec<usize> = (0..self.slots.len()).filter(|s| self.slots[*s].retiring.is_none()).collect();
-        let settled = self.shutdown.is_none()
-            && self.drain_until.is_none()
+        let settled = !self.halt.stopping()
             && self.roll.rolling_gen().is_none()
-            && kept.len() == self.desired
+            && kept.len() == self.scaling.desired
             && kept.iter().all(|s| self.workers.ready_on(*s));
-        let cpu_due = self.autoscale.as_ref().is_some_and(|a| a.next_cpu.is_none_or(|t| now >= t));
+        let cpu_due = self.scaling.autoscale.as_ref().is_some_and(|a| a.next_cpu.is_none_or(|t| now >= t));
         if settled && cpu_due {
             self.read_worker_cpu(now, &kept);
         }
         let sample = settled.then(|| {
-            let cores = &self.autoscale.as_ref().expect("checked above").cores;
+            let cores = &self.scaling.autoscale.as_ref().expect("checked above").cores;
             let mut counted = Vec::new();
             let slots = self
                 .serving_slots()
@@ -109,19 +107,19 @@ impl<O: Os> Supervisor<O> {
                 .collect();
             Sample { at: now, slots }
         });
-        let Some(a) = &mut self.autoscale else { return };
+        let Some(a) = &mut self.scaling.autoscale else { return };
         a.next = Some(now + SAMPLE_EVERY);
         a.policy.observe(sample);
         if !settled {
             return;
         }
         if let Decision::Change { to, reason, figures } = a.policy.decide(kept.len(), now) {
-            let from = self.desired;
+            let from = self.scaling.desired;
             a.policy.changed(from, to, "auto", &reason, now);
             let text = a.policy.history().last().map(|r| r.text()).unwrap_or_default();
             log::info!("autoscale: {text} ({figures})");
-            self.desired = to;
-            self.all_ready_logged = false;
+            self.scaling.desired = to;
+            self.publishing.count_changed();
         }
     }
 
@@ -135,7 +133,7 @@ impl<O: Os> Supervisor<O> {
             })
             .collect();
         let pids: Vec<i32> = workers.iter().map(|w| w.1).collect();
-        let Some(a) = &mut self.autoscale else { return };
+        let Some(a) = &mut self.scaling.autoscale else { return };
         let stale = a.members_at.is_none_or(|t| now.saturating_duration_since(t) >= MEMBERS_EVERY);
         if stale || pids.iter().any(|p| !a.members.contains_key(p)) {
             a.members = pids.iter().copied().zip(crate::readiness::groups_members(&pids)).collect();
@@ -171,25 +169,18 @@ impl<O: Os> Supervisor<O> {
         if fresh.is_empty() && !fds.is_empty() {
             return Some(0);
         }
-        fresh.into_iter().filter_map(|fd| steer::queue_len(fd).ok()).max()
+        fresh.into_iter().filter_map(|fd| self.os.queue_len(fd).ok()).max()
     }
 
     /// When the next sample is due (None: no automatic scaling, or no worker).
     pub(super) fn next_autoscale(&self) -> Option<Instant> {
-        let a = self.autoscale.as_ref().filter(|_| !self.workers.is_empty())?;
+        let a = self.scaling.autoscale.as_ref().filter(|_| !self.workers.is_empty())?;
         Some(a.next.unwrap_or_else(Instant::now))
-    }
-
-    /// A change of the slot count asked for (`scale`, TTIN, TTOU): the policy goes on from it.
-    pub(super) fn autoscale_asked(&mut self, from: usize, to: usize, by: &str, now: Instant) {
-        if let Some(a) = &mut self.autoscale {
-            a.policy.changed(from, to, by, &format!("asked by {by}"), now);
-        }
     }
 
     /// The policy's memory for `reexec` (the bounds come from the command line again).
     pub(super) fn autoscale_state(&self, now: Instant) -> Option<AutoscaleState> {
-        let saved = self.autoscale.as_ref()?.policy.export();
+        let saved = self.scaling.autoscale.as_ref()?.policy.export();
         let history = saved.history.into_iter().map(|r| (ms_from(now, r.at), r.from, r.to, r.by, r.reason)).collect();
         Some(AutoscaleState {
             flap: saved.flap,
@@ -203,7 +194,7 @@ impl<O: Os> Supervisor<O> {
 
     /// In the new image: go on with the old one's memory.
     pub(super) fn autoscale_resume(&mut self, state: Option<AutoscaleState>, now: Instant) {
-        let (Some(a), Some(s)) = (&mut self.autoscale, state) else { return };
+        let (Some(a), Some(s)) = (&mut self.scaling.autoscale, state) else { return };
         let history = s
             .history
             .into_iter()
@@ -217,15 +208,5 @@ impl<O: Os> Supervisor<O> {
             ups: s.ups,
             downs: s.downs,
         });
-    }
-
-    /// `-n MIN..MAX` refuses a count outside its bounds.
-    pub(super) fn within_bounds(&self, wanted: usize, by: &str) -> Result<(), String> {
-        match self.autoscale.as_ref().map(|a| a.policy.bounds) {
-            Some(b) if wanted < b.min || wanted > b.max => {
-                Err(format!("{by}: cannot scale to {wanted} workers: -n {b} keeps between {} and {}", b.min, b.max))
-            }
-            _ => Ok(()),
-        }
     }
 }

@@ -11,16 +11,47 @@
 use std::time::Instant;
 
 use super::os::Os;
-use super::{Shutdown, Supervisor};
+use super::Supervisor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shutdown {
+    Graceful,
+    Immediate,
+}
+
+/// Where the launcher is on its way out.
+#[derive(Debug, Default)]
+pub(super) struct Stop {
+    /// The workers were told to stop (or killed).
+    pub(super) shutdown: Option<Shutdown>,
+    /// `--drain-delay`: TERM/INT arrived; the workers are stopped at this time.
+    pub(super) drain_until: Option<Instant>,
+}
+
+impl Stop {
+    /// Rolls, scaling and reexec are refused during the drain delay (the one rule, for the
+    /// signals and the control commands alike).
+    pub(super) fn refuse_while_draining(&self) -> Result<(), String> {
+        match self.drain_until.is_some() && self.shutdown.is_none() {
+            true => Err("the launcher is draining before its stop".into()),
+            false => Ok(()),
+        }
+    }
+
+    /// Stopping, or draining before the stop (`status`'s `stopping`).
+    pub(super) fn stopping(&self) -> bool {
+        self.shutdown.is_some() || self.drain_until.is_some()
+    }
+}
 
 impl<O: Os> Supervisor<O> {
     /// TERM or INT (`name`) arrived.
     pub(super) fn stop_signal(&mut self, name: &str, now: Instant) {
-        if self.shutdown.is_some() {
+        if self.halt.shutdown.is_some() {
             self.stop_all(Shutdown::Immediate, now);
             return;
         }
-        if self.drain_until.is_some() {
+        if self.halt.drain_until.is_some() {
             log::info!("{name} again during the drain delay: stopping the workers now");
             self.stop_all(Shutdown::Graceful, now);
             return;
@@ -30,11 +61,8 @@ impl<O: Os> Supervisor<O> {
             self.stop_all(Shutdown::Graceful, now);
             return;
         }
-        if let Some(board) = &self.board {
-            board.set_stopping();
-        }
-        self.drain_until = Some(now + delay);
-        self.reporter.stopping();
+        self.publishing.stopping(true);
+        self.halt.drain_until = Some(now + delay);
         log::info!(
             "{name}: draining for {delay:?} before stopping the workers: /readyz says 503, workers keep serving \
              (send {name} again to stop them now)"
@@ -43,18 +71,9 @@ impl<O: Os> Supervisor<O> {
 
     /// The drain delay is over: the graceful stop begins.
     pub(super) fn drain_due(&mut self, now: Instant) {
-        if self.shutdown.is_none() && self.drain_until.is_some_and(|at| now >= at) {
+        if self.halt.shutdown.is_none() && self.halt.drain_until.is_some_and(|at| now >= at) {
             log::info!("drain delay over");
             self.stop_all(Shutdown::Graceful, now);
         }
-    }
-
-    /// A roll or a scaling request (`what`) while draining is refused; true if so.
-    pub(super) fn refused_while_draining(&self, what: &str) -> bool {
-        if self.drain_until.is_some() && self.shutdown.is_none() {
-            log::warn!("{what}: ignored, the launcher is draining before its stop");
-            return true;
-        }
-        false
     }
 }

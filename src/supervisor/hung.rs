@@ -45,13 +45,18 @@ impl<O: Os> Supervisor<O> {
     /// One sample of the stall watch (`samples`, one per slot, as `watch_queues` took them):
     /// start the replacement of every worker that has been stalled for `--hung-timeout`.
     pub(super) fn watch_hung(&mut self, now: Instant, samples: &[Sample]) {
-        let (Some(timeout), Some((watch, _))) = (self.cfg.hung_timeout, &self.stalls) else { return };
+        let Some(timeout) = self.cfg.hung_timeout else { return };
         let seen: Vec<Seen> = samples
             .iter()
             .enumerate()
-            .map(|(s, x)| Seen { worker: x.worker, stalled: watch.why(s), stopped: x.stopped, queue: x.queue })
+            .map(|(s, x)| Seen {
+                worker: x.worker,
+                stalled: self.slots[s].route.stall.why(),
+                stopped: x.stopped,
+                queue: x.queue,
+            })
             .collect();
-        let due = self.hung.clock.observe(now, &seen, timeout);
+        let due = self.watches.hung.clock.observe(now, &seen, timeout);
         self.note_stall_cpu(now, &seen);
         for d in due {
             self.replace_hung(d, now);
@@ -61,20 +66,21 @@ impl<O: Os> Supervisor<O> {
     /// Remember the CPU ticks of each worker whose clock just started; forget the others.
     fn note_stall_cpu(&mut self, now: Instant, seen: &[Seen]) {
         for (slot, s) in seen.iter().enumerate() {
-            let Some(pid) = s.worker.filter(|_| self.hung.clock.since(slot).is_some()) else {
-                self.hung.cpu_at.remove(&slot);
+            let hung = &mut self.watches.hung;
+            let Some(pid) = s.worker.filter(|_| hung.clock.since(slot).is_some()) else {
+                hung.cpu_at.remove(&slot);
                 continue;
             };
-            if self.hung.cpu_at.get(&slot).is_none_or(|c| c.0 != pid) {
+            if hung.cpu_at.get(&slot).is_none_or(|c| c.0 != pid) {
                 let ticks = self.group_ticks(pid);
-                self.hung.cpu_at.insert(slot, (pid, now, ticks));
+                self.watches.hung.cpu_at.insert(slot, (pid, now, ticks));
             }
         }
     }
 
     /// utime + stime of worker `pid`'s process group (its members as last scanned).
     fn group_ticks(&self, pid: i32) -> u64 {
-        let members = self.members.get(&pid).map_or_else(|| vec![pid], |m| m.0.clone());
+        let members = self.router.members_of(pid);
         measure::read_ticks(&[members]).values().sum()
     }
 
@@ -88,7 +94,7 @@ impl<O: Os> Supervisor<O> {
         let why = match d.why {
             Why::Frozen => format!("no CPU, {}", waiting(d.most_waiting)),
             Why::NotAccepting => {
-                let cpu = match self.hung.cpu_at.get(&d.slot) {
+                let cpu = match self.watches.hung.cpu_at.get(&d.slot) {
                     Some(&(pid, at, ticks)) if pid == d.worker => {
                         let used = self.group_ticks(pid).saturating_sub(ticks) as f64;
                         let window = now.saturating_duration_since(at).as_secs_f64().max(0.001);

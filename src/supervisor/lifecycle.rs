@@ -21,9 +21,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 
+use super::drain::Shutdown;
 use super::os::Os;
+use super::plan::{self, Life, SlotFacts};
 use super::workers::{State, Worker};
-use super::{Shutdown, Supervisor};
+use super::Supervisor;
 use crate::cli::Ready;
 use crate::command::Placeholders;
 use crate::contract::{self, WorkerVars};
@@ -65,32 +67,30 @@ impl<O: Os> Supervisor<O> {
         let id = self.workers.next_id();
         // With --log-prefix slot-pid: the worker's stdout and stderr pipes (closed on failure).
         let log_pipes = crate::logs::pipes()?;
-        let notify_socket = match &self.notify {
+        let notify_socket = match &self.channels.notify {
             Some(hub) => Some(hub.open(id)?),
             None => None,
         };
         let vars = WorkerVars { slot, gen, notify_socket: notify_socket.as_deref() };
-        let env = contract::environment(&self.inherited_env, &self.contract, &vars);
+        let env = contract::environment(&self.launch.inherited_env, &self.launch.contract, &vars);
         let fds = self.listeners.fds_for_slot(slot);
         let port = self.listeners.local_addrs()[0].port();
-        let argv = self.program.argv(&Placeholders { fds: &fds, port, slot });
-        let pid_vars = contract::pid_vars(&self.contract);
-        let creds = self.contract.identity.as_ref().map(|i| &i.creds);
+        let argv = self.launch.program.argv(&Placeholders { fds: &fds, port, slot });
+        let pid_vars = contract::pid_vars(&self.launch.contract);
+        let creds = self.launch.contract.identity.as_ref().map(|i| &i.creds);
         let socket_on_stdin = self.cfg.socket_on_stdin;
-        let cpu = self.cpus.as_ref().map(|cpus| cpus[slot % cpus.len()]);
+        let cpu = self.router.cpu_for(slot);
         let stdio = log_pipes.as_ref().map(|p| p.child_fds());
         let intercept = self.intercept.interceptor.as_ref().map(|i| i.child_filter());
         // The child puts itself in its cgroup and tells the sentinel its pid before exec.
-        let cgroup_procs = match self.containment.prepare(id) {
+        let cgroup_procs = match self.guards.containment.prepare(id) {
             Ok(procs) => procs,
             Err(e) => {
-                if let Some(hub) = &self.notify {
-                    hub.close(id);
-                }
+                self.channels.forget(id);
                 return Err(e);
             }
         };
-        let sentinel = self.sentinel.as_ref().map(|s| s.pipe_fd());
+        let sentinel = self.guards.sentinel.as_ref().map(|s| s.pipe_fd());
         let contain = Contain { cgroup_procs: cgroup_procs.as_ref().map(|f| f.as_raw_fd()), sentinel };
         let spec = Spec {
             argv: &argv,
@@ -104,26 +104,24 @@ impl<O: Os> Supervisor<O> {
             intercept,
             contain,
         };
-        let spawned = self.os.spawn(&self.program, &spec);
+        let spawned = self.os.spawn(&self.launch.program, &spec);
         drop(cgroup_procs);
         let spawned = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {
-                if let Some(hub) = &self.notify {
-                    hub.close(id);
-                }
-                self.containment.exited(id, 0);
+                self.channels.forget(id);
+                self.guards.containment.exited(id, 0);
                 return Err(e);
             }
         };
         let pid = spawned.pid;
-        self.containment.started(id, pid.as_raw());
+        self.guards.containment.started(id, pid.as_raw());
         if let Some(pipes) = log_pipes {
             pipes.register(slot, pid.as_raw());
         }
         let ready_at = match self.cfg.ready {
             Ready::Delay(d) => Some(now + d),
-            Ready::Auto(d) if self.slot_inodes.is_none() => Some(now + d),
+            Ready::Auto(d) if !self.slots.inodes_known() => Some(now + d),
             Ready::Auto(_) | Ready::Notify => None,
         };
         let state = State::Starting { ready_at, deadline: now + self.cfg.ready_timeout };
@@ -173,7 +171,7 @@ impl<O: Os> Supervisor<O> {
 
     pub(super) fn stop_all(&mut self, how: Shutdown, now: Instant) {
         self.roll.step(Input::Cancel, now);
-        for slot in &mut self.slots {
+        for slot in self.slots.iter_mut() {
             slot.respawn_at = None;
         }
         match how {
@@ -195,29 +193,22 @@ impl<O: Os> Supervisor<O> {
                 }
             }
         }
-        if self.shutdown.is_none() && self.drain_until.is_none() {
-            self.reporter.stopping();
-        }
-        if let Some(board) = &self.board {
-            board.set_stopping();
-        }
-        self.shutdown = Some(how);
+        self.publishing.stopping(!self.halt.stopping());
+        self.halt.shutdown = Some(how);
     }
 
     /// For fatal exits: SIGKILL every worker and wait for each, so nothing is left behind.
     pub(super) fn kill_all_and_reap(&mut self) {
         for (id, w) in self.workers.take_all() {
             self.os.signal(w.pid, Signal::SIGKILL);
-            self.containment.exited(id, w.pid.as_raw());
+            self.guards.containment.exited(id, w.pid.as_raw());
             let _ = self.os.reap(w.pid, true);
-            if let Some(hub) = &self.notify {
-                hub.close(id);
-            }
+            self.channels.forget(id);
             if let Some(i) = &self.intercept.interceptor {
                 i.forget(id);
             }
         }
-        self.containment.finish();
+        self.guards.containment.finish();
         self.reap_orphans();
     }
 
@@ -229,27 +220,28 @@ impl<O: Os> Supervisor<O> {
             if let Some(id) = id {
                 // What the worker left in its group (its cgroup goes once empty).
                 self.os.signal(pid, Signal::SIGKILL);
-                self.containment.exited(id, pid.as_raw());
-                if let Some(s) = &self.sentinel {
+                self.guards.containment.exited(id, pid.as_raw());
+                if let Some(s) = &self.guards.sentinel {
                     s.gone(pid.as_raw());
                 }
             }
             let Some(status) = self.os.reap(pid, false) else { continue };
             match id {
                 Some(id) => self.on_exit(id, status, now),
-                None if self.sentinel.as_ref().is_some_and(|s| s.pid() as i32 == pid.as_raw()) => {
-                    self.sentinel = crate::sentinel::Sentinel::start(self.containment.root());
-                    let next = self.sentinel.as_ref().map_or("none".to_string(), |s| format!("pid {}", s.pid()));
+                None if self.guards.sentinel.as_ref().is_some_and(|s| s.pid() as i32 == pid.as_raw()) => {
+                    let guards = &mut self.guards;
+                    guards.sentinel = crate::sentinel::Sentinel::start(guards.containment.root());
+                    let next = guards.sentinel.as_ref().map_or("none".to_string(), |s| format!("pid {}", s.pid()));
                     log::warn!("the sentinel (pid {pid}) {}; a new one runs ({next})", describe(status));
                     // It knows no worker yet: their groups, as each spawn would have told it.
-                    if let Some(s) = &self.sentinel {
+                    if let Some(s) = &self.guards.sentinel {
                         self.workers.iter().for_each(|(_, w)| s.started(w.pid.as_raw()));
                     }
                 }
                 None => log::debug!("reaped orphan pid {pid}: {status:?}"),
             }
         }
-        self.containment.tidy();
+        self.guards.containment.tidy();
     }
 
     /// Before exiting: reap whatever descendants were re-parented to the launcher (they were
@@ -272,14 +264,11 @@ impl<O: Os> Supervisor<O> {
 
     fn on_exit(&mut self, id: WorkerId, status: WaitStatus, now: Instant) {
         let Some(w) = self.workers.remove(id) else { return };
-        if let Some(hub) = &self.notify {
-            hub.close(id);
-        }
+        self.channels.forget(id);
         if let Some(i) = &self.intercept.interceptor {
             i.forget(id);
         }
-        self.memory_forget(id);
-        self.replacement_forget(id);
+        self.watches.forget(id);
         let how = describe(status);
         let expected = w.is_stopping();
         if expected {
@@ -293,15 +282,15 @@ impl<O: Os> Supervisor<O> {
             slot.last_exit = Some(how.clone());
             let cause = match w.fault {
                 Some(cause) => Some(cause),
-                None if !expected && self.shutdown.is_none() => Some("crash"),
+                None if !expected && self.halt.shutdown.is_none() => Some("crash"),
                 None => None,
             };
-            if let Some(cause) = cause.filter(|_| self.shutdown.is_none()) {
+            if let Some(cause) = cause.filter(|_| self.halt.shutdown.is_none()) {
                 *slot.restarts.entry(cause).or_default() += 1;
             }
         }
         let replaced = w.fault.is_some_and(|f| super::replace::CAUSES.contains(&f));
-        if (expected && (w.fault.is_none() || replaced)) || w.candidate || self.shutdown.is_some() {
+        if (expected && (w.fault.is_none() || replaced)) || w.candidate || self.halt.shutdown.is_some() {
             return;
         }
         let lived = now.duration_since(w.started);
@@ -328,49 +317,54 @@ impl<O: Os> Supervisor<O> {
     }
 
     /// Give every slot without a live worker its respawn, when due; give up when every slot
-    /// keeps failing to start.
+    /// keeps failing to start (the rules: `plan::reconcile`).
     pub(super) fn reconcile(&mut self, now: Instant) -> Result<(), Error> {
-        if self.shutdown.is_some() {
-            return Ok(());
-        }
-        let max = self.cfg.max_start_failures;
-        let kept = self.slots.iter().filter(|s| s.retiring.is_none());
-        if kept.clone().all(|s| s.start_failures >= max) {
-            let last: Vec<String> = kept.map(|s| s.last_failure.clone()).collect();
-            let hint = match &self.intercept.interceptor {
-                None if self.listeners.mode() != crate::socket::Mode::SelfBind => {
-                    format!("; bind() interception is {}: {}", self.intercept.state, crate::intercept::HINT)
+        let facts: Vec<SlotFacts> = (0..self.slots.len())
+            .map(|slot| {
+                let s = &self.slots[slot];
+                SlotFacts {
+                    retiring: s.retiring.is_some(),
+                    live: self.workers.live_on(slot),
+                    respawn_at: s.respawn_at,
+                    start_failures: s.start_failures,
+                    gen: s.gen,
                 }
-                Some(i) if i.counts().0 == 0 => "; no worker's own bind() of a --bind port was taken over (a \
-                    server that binds another port needs that port in --bind)"
-                    .to_string(),
-                _ => String::new(),
-            };
-            return Err(Error::Failed(format!(
-                "every worker exited before it became ready, {max} times in a row on each slot; giving up (last: {}){hint}",
-                last.join("; ")
-            )));
-        }
-        for slot in 0..self.slots.len() {
-            if self.slots[slot].retiring.is_some() {
-                continue;
-            }
-            if self.workers.live_on(slot) {
-                self.slots[slot].respawn_at = None;
-                continue;
-            }
-            let s = &mut self.slots[slot];
-            let at = *s.respawn_at.get_or_insert(now);
-            if now < at {
-                continue;
-            }
-            s.respawn_at = None;
-            let gen = s.gen;
-            if let Err(e) = self.spawn(slot, gen, false, now) {
-                log::error!("cannot start '{}' for worker {slot}: {e}", self.program.display);
-                self.record_failure(slot, now, Duration::ZERO, false, format!("worker {slot} could not start: {e}"));
+            })
+            .collect();
+        let max = self.cfg.max_start_failures;
+        for action in plan::reconcile(&facts, max, self.halt.shutdown.is_some(), now) {
+            match action {
+                Life::GiveUp => return Err(self.give_up(max)),
+                Life::Settled(slot) => self.slots[slot].respawn_at = None,
+                Life::Respawn { slot, gen } => {
+                    self.slots[slot].respawn_at = None;
+                    if let Err(e) = self.spawn(slot, gen, false, now) {
+                        log::error!("cannot start '{}' for worker {slot}: {e}", self.launch.program.display);
+                        let what = format!("worker {slot} could not start: {e}");
+                        self.record_failure(slot, now, Duration::ZERO, false, what);
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Every slot failed to start `max` times in a row: the launcher's error.
+    fn give_up(&self, max: u32) -> Error {
+        let last: Vec<String> =
+            self.slots.iter().filter(|s| s.retiring.is_none()).map(|s| s.last_failure.clone()).collect();
+        let hint = match &self.intercept.interceptor {
+            None if self.listeners.mode() != crate::socket::Mode::SelfBind => {
+                format!("; bind() interception is {}: {}", self.intercept.state, crate::intercept::HINT)
+            }
+            Some(i) if i.counts().0 == 0 => "; no worker's own bind() of a --bind port was taken over (a \
+                server that binds another port needs that port in --bind)"
+                .to_string(),
+            _ => String::new(),
+        };
+        Error::Failed(format!(
+            "every worker exited before it became ready, {max} times in a row on each slot; giving up (last: {}){hint}",
+            last.join("; ")
+        ))
     }
 }

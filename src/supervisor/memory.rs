@@ -26,14 +26,21 @@ pub(super) struct MemoryWatch {
     over: HashMap<WorkerId, u32>,
 }
 
+impl MemoryWatch {
+    /// A worker exited: forget its samples.
+    pub(super) fn forget(&mut self, id: WorkerId) {
+        self.over.remove(&id);
+    }
+}
+
 impl<O: Os> Supervisor<O> {
     /// Sample the ready workers' memory when due; start a replacement where it is over.
     pub(super) fn watch_memory(&mut self, now: Instant) {
         let Some(limit) = self.cfg.max_memory else { return };
-        if self.memory.next.is_some_and(|at| now < at) || self.shutdown.is_some() {
+        if self.watches.memory.next.is_some_and(|at| now < at) || self.halt.shutdown.is_some() {
             return;
         }
-        self.memory.next = Some(now + EVERY);
+        self.watches.memory.next = Some(now + EVERY);
         let ready: Vec<(WorkerId, i32)> = self
             .workers
             .iter()
@@ -41,14 +48,14 @@ impl<O: Os> Supervisor<O> {
             .map(|(id, w)| (id, w.pid.as_raw()))
             .collect();
         let groups = readiness::groups_members(&ready.iter().map(|r| r.1).collect::<Vec<_>>());
-        self.memory.over.retain(|id, _| ready.iter().any(|r| r.0 == *id));
+        self.watches.memory.over.retain(|id, _| ready.iter().any(|r| r.0 == *id));
         for ((id, _), members) in ready.into_iter().zip(groups) {
             let rss = group_rss(&members);
             if rss <= limit {
-                self.memory.over.remove(&id);
+                self.watches.memory.over.remove(&id);
                 continue;
             }
-            let trips = self.memory.over.entry(id).or_default();
+            let trips = self.watches.memory.over.entry(id).or_default();
             *trips += 1;
             if *trips >= TRIPS {
                 self.replace_for_memory(id, rss, limit, now);
@@ -67,17 +74,12 @@ impl<O: Os> Supervisor<O> {
             rss >> 20,
             limit >> 20
         );
-        self.memory.over.remove(&id);
+        self.watches.memory.over.remove(&id);
         self.replace(id, "memory", now);
     }
 
-    /// A worker exited: forget its samples.
-    pub(super) fn memory_forget(&mut self, id: WorkerId) {
-        self.memory.over.remove(&id);
-    }
-
     pub(super) fn next_memory_sample(&self) -> Option<Instant> {
-        self.cfg.max_memory.and(self.memory.next).filter(|_| !self.workers.is_empty())
+        self.cfg.max_memory.and(self.watches.memory.next).filter(|_| !self.workers.is_empty())
     }
 }
 

@@ -2,29 +2,36 @@
 //! every slot and (through [`Listeners`]) every socket.
 //!
 //! Signals (the signal thread) and notify messages (the notify thread) arrive as [`Event`]s on
-//! one crossbeam channel; timers are the loop's receive timeout. One turn of the loop is
-//! `tick(now)` (named phases: timers, roll deadline, reconcile, queue watch, steering,
+//! one crossbeam channel (`inbox`); timers are the loop's receive timeout. One turn of the loop
+//! is `tick(now)` (named phases: timers, roll deadline, reconcile, queue watch, steering,
 //! announcements), then a wait until [`next_deadline`](Supervisor::next_deadline) or the next
 //! event, then `handle(event, now)`. Rolling restarts are decided by the pure
-//! [`Roll`](crate::roll::Roll) machine; this module and its children only carry out its actions.
+//! [`Roll`] machine, respawns, give-up and scaling steps by the pure
+//! functions of `plan`; this module and its children only carry out their actions.
 //!
-//! The concerns live in the child modules: `workers` (the tables and their queries),
-//! `lifecycle` (spawn, stop, reap, backoff, reconcile), `ready` (readiness, rolls), `routing`
-//! (serving set, stalls, steering), and `os` (the seam every process effect goes through).
+//! Each field of [`Supervisor`] has one owner. The concerns live in the child modules:
+//! `workers` (the workers' table and its queries; [`Slots`], one record per slot), `lifecycle`
+//! (spawn, stop, reap, backoff, reconcile), `ready` (readiness, rolls), `routing` (the
+//! [`Router`]: serving set, steering, rescue) with `sampling` (the queue and stall watch),
+//! `scale` (`scale`, and adding and retiring slots), `drain` (the drain delay and the stop),
+//! and `os` (the seam every process effect and every read routing makes goes through).
 
 mod autoscaling;
 mod binds;
 mod commands;
 mod drain;
 mod hung;
+mod inbox;
 mod lifecycle;
 mod memory;
 mod os;
+mod plan;
 mod publish;
 mod ready;
 mod replace;
 mod resume;
 mod routing;
+mod sampling;
 mod scale;
 #[cfg(test)]
 mod tests;
@@ -33,102 +40,108 @@ mod workers;
 use std::ffi::OsString;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use signal_hook::consts::signal::*;
 
 pub use memory::group_rss;
 pub use os::{Os, RealOs};
 pub use resume::listeners_from;
 
-use crate::cli::{Config, Ready};
+use crate::cli::Config;
 use crate::command::{Identity, Program};
 use crate::contract::Contract;
 use crate::error::Error;
 use crate::event::{Event, Scale, WorkerId};
-use crate::notify::NotifyHub;
-use crate::proxy::Proxy;
-use crate::readiness;
-use crate::rescue::Rescue;
 use crate::roll::Roll;
 use crate::socket::{Listeners, Mode};
-use crate::stall::StallWatch;
-use crate::upstream::Reporter;
-use workers::{Slot, Workers};
-
-/// The processes of each worker's group, from the last scan of /proc, by worker pid.
-type Members = std::collections::HashMap<i32, (Vec<i32>, Instant)>;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Shutdown {
-    Graceful,
-    Immediate,
-}
+use drain::{Shutdown, Stop};
+use inbox::Channels;
+use publish::Publishing;
+use routing::Router;
+use scale::Scaling;
+use workers::{Slots, Workers};
 
 pub struct Supervisor<O: Os> {
     cfg: Config,
     listeners: Listeners,
+    /// What every worker is started from: the program, the environment, the contract.
+    launch: Launch,
+    os: O,
+    workers: Workers,
+    slots: Slots,
+    roll: Roll,
+    /// Where new connections go (see `routing`).
+    router: Router,
+    /// Events in (signals, notify messages, control commands, queue wakes).
+    channels: Channels,
+    /// The watches over running workers: memory, hangs, replacements, readiness probes.
+    watches: Watches,
+    /// How many slots to keep (`scale`), and `-n MIN..MAX`'s policy.
+    scaling: Scaling,
+    /// What the outside is told: the service manager, `--metrics`.
+    publishing: Publishing,
+    /// TERM/INT/QUIT: the drain delay and the stop.
+    halt: Stop,
+    /// Ends what the workers left if the launcher dies abruptly (see `sentinel`), and each
+    /// worker's cgroup, where one can be made (see `cgroup`).
+    guards: Guards,
+    /// `--intercept-bind`: whether workers' own binds get their slot's socket (see `binds`).
+    intercept: crate::intercept::Interception,
+}
+
+/// What every worker is started from.
+struct Launch {
     program: Program,
     /// The launcher's environment at start, and what every worker's environment adds to it.
     inherited_env: Vec<(OsString, OsString)>,
     contract: Contract,
-    os: O,
-    workers: Workers,
-    slots: Vec<Slot>,
-    roll: Roll,
-    notify: Option<NotifyHub>,
-    tx: Sender<Event>,
-    rx: Receiver<Event>,
-    shutdown: Option<Shutdown>,
+}
+
+impl Launch {
+    /// The launcher's error when a first worker cannot start.
+    fn cannot_start(&self, e: std::io::Error) -> Error {
+        let user = self.contract.identity.as_ref().map(|i| format!(" as user {}", i.name)).unwrap_or_default();
+        Error::Failed(format!("cannot start '{}'{user}: {e}", self.program.display))
+    }
+}
+
+/// The watches over running workers.
+#[derive(Debug, Default)]
+struct Watches {
     /// `--max-memory`: samples over the limit.
     memory: memory::MemoryWatch,
     /// Make-before-break replacements under way (memory, hung; see `replace`).
     replacements: replace::Replacements,
     /// `--hung-timeout`: how long each slot's worker has been stalled (see `hung`).
     hung: hung::HungWatch,
-    /// Ends what the workers left if the launcher dies abruptly (see `sentinel`).
-    sentinel: Option<crate::sentinel::Sentinel>,
-    /// Each worker's cgroup, where one can be made (see `cgroup`).
-    containment: crate::cgroup::Containment,
-    /// How many slots to keep: `-n`, then `scale`, TTIN and TTOU, and with `-n MIN..MAX` the
-    /// automatic scaling.
-    desired: usize,
-    /// `-n MIN..MAX`: the policy and its samples (see `autoscaling`).
-    autoscale: Option<autoscaling::Autoscaling>,
-    all_ready_logged: bool,
-    /// The slots new connections currently go to (None: all), by BPF steering in reuseport
-    /// mode or by the forwarder in round-robin mode.
-    steered: Option<Vec<usize>>,
-    /// The program attached to the reuseport groups (None: the kernel's hash).
-    bpf: Option<Vec<libc::sock_filter>>,
-    /// Each slot's load at the last sample (`--steer least-loaded`: see `load`).
-    loads: Vec<Option<u32>>,
-    /// With --pin: the CPUs the launcher may run on; slot s is pinned to `cpus[s % len]`.
-    cpus: Option<Vec<usize>>,
-    proxy: Option<Proxy>,
-    /// Reuseport and round-robin with several slots: accept queues sampled for stalled workers.
-    stalls: Option<(StallWatch, Instant)>,
-    /// The processes of the workers that had connections waiting (see `routing`).
-    members: Members,
-    /// The queue watch's reader of the slots' queues and its cadence (see `queues`); None:
-    /// `TCP_INFO` on every listener every 20 ms.
-    queues: Option<crate::queues::Queues>,
-    /// Takes back connections queued on slots that cannot serve; which slots it takes from.
-    rescue: Option<Rescue>,
-    rescued: Vec<bool>,
-    /// The launcher's own service manager (systemd), if it gave us NOTIFY_SOCKET.
-    reporter: Reporter,
-    /// --ready auto: each slot's socket inodes (None: /proc cannot tell, use the delay), and
-    /// when to look at starting workers next.
-    slot_inodes: Option<Vec<Vec<u64>>>,
+    /// `--ready auto`: when to look at starting workers next.
     next_probe: Option<Instant>,
-    /// `--metrics`: what the endpoint's thread reads, and when and from what the loop last
-    /// published (see `publish`).
-    board: Option<std::sync::Arc<crate::metrics::Board>>,
-    published: Option<(Instant, u64)>,
-    /// `--drain-delay`: TERM/INT arrived; the workers are stopped at this time.
-    drain_until: Option<Instant>,
-    /// `--intercept-bind`: whether workers' own binds get their slot's socket (see `binds`).
-    intercept: crate::intercept::Interception,
+}
+
+impl Watches {
+    /// Worker `id` exited: forget its samples and any replacement it was.
+    fn forget(&mut self, id: WorkerId) {
+        self.memory.forget(id);
+        if self.replacements.forget(id) {
+            log::warn!("the replacement worker exited before it was ready; the old one keeps serving");
+        }
+    }
+}
+
+/// What outlives or contains the workers.
+#[derive(Default)]
+struct Guards {
+    sentinel: Option<crate::sentinel::Sentinel>,
+    containment: crate::cgroup::Containment,
+}
+
+impl Guards {
+    /// Release the sentinel: the launcher exits in order (or fails with its workers killed).
+    fn release(&mut self) {
+        if let Some(s) = self.sentinel.take() {
+            s.release();
+        }
+    }
 }
 
 impl<O: Os> Supervisor<O> {
@@ -148,22 +161,8 @@ impl<O: Os> Supervisor<O> {
         os: O,
         resumed_on: bool,
     ) -> Result<Supervisor<O>, Error> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let notify = if cfg.ready == Ready::Notify || cfg.watchdog.is_some() {
-            let uid = identity.as_ref().map(|i| i.creds.uid);
-            let hub = NotifyHub::start(tx.clone(), uid)
-                .map_err(|e| Error::Failed(format!("cannot start the notify reader: {e}")))?;
-            Some(hub)
-        } else {
-            None
-        };
-        let proxy = match listeners.mode() {
-            Mode::RoundRobin => Some(
-                Proxy::start(listeners.take_public(), cfg.proxy_threads)
-                    .map_err(|e| Error::Failed(format!("cannot start the round-robin forwarder: {e}")))?,
-            ),
-            _ => None,
-        };
+        let channels = Channels::open(&cfg, identity.as_ref())?;
+        let router = Router::new(&cfg, &mut listeners, &channels.tx)?;
         let contract = Contract {
             addrs: listeners.local_addrs().to_vec(),
             names: listeners.names().map(String::from).collect(),
@@ -175,86 +174,32 @@ impl<O: Os> Supervisor<O> {
         // Sockets taken back from the fd store may be for more slots than -n: those retire.
         // As many slots as sockets (after a reexec or a scale, not -n); beyond -n they retire.
         let slots_n = listeners.slot_count().unwrap_or(cfg.workers);
-        // With -n MIN..MAX, the sockets' slots (the fd store's) are kept within the bounds.
-        let desired_n = cfg.autoscale.map_or(cfg.workers, |b| slots_n.clamp(b.min, b.max));
-        let autoscale = cfg.autoscale.map(|b| autoscaling::Autoscaling::new(b, cfg.scale_down_after));
-        let slot_inodes = match cfg.ready {
-            Ready::Auto(delay) => {
-                let inodes: std::io::Result<Vec<Vec<u64>>> =
-                    (0..slots_n).map(|s| readiness::socket_inodes(&listeners.fds_for_slot(s))).collect();
-                inodes
-                    .map_err(|e| {
-                        log::warn!("--ready auto cannot name the sockets ({e}); using --ready-delay {delay:?}")
-                    })
-                    .ok()
-            }
-            _ => None,
-        };
-        let stalls = matches!(listeners.mode(), Mode::Reuseport | Mode::RoundRobin)
-            .then(|| (StallWatch::new(slots_n), Instant::now()));
-        let queues = stalls.as_ref().and_then(|_| {
-            crate::queues::Queues::start(tx.clone())
-                .map_err(|e| log::warn!("cannot watch the queues with epoll ({e}); sampling every 20 ms"))
-                .ok()
-        });
-        let rescue = match &stalls {
-            Some(_) => {
-                Some(Rescue::start().map_err(|e| Error::Failed(format!("cannot start the rescue threads: {e}")))?)
-            }
-            None => None,
-        };
-        let cpus = cfg.pin.then(allowed_cpus);
+        let scaling = Scaling::new(&cfg, slots_n);
         let intercept = crate::intercept::Interception::setup(crate::intercept::Setup {
             setting: cfg.intercept_bind,
             holds_sockets: listeners.mode() != Mode::SelfBind,
             creds: contract.identity.as_ref().map(|i| &i.creds),
             resumed_on,
-            events: tx.clone(),
+            events: channels.tx.clone(),
         })
         .map_err(Error::Failed)?;
-        let now = Instant::now();
-        let slots = (0..slots_n)
-            .map(|s| Slot { gen: 1, retiring: (s >= desired_n).then_some(now), ..Slot::default() })
-            .collect();
+        let slots = Slots::at_start(&cfg, &listeners, slots_n, scaling.desired);
         let mut supervisor = Supervisor {
             roll: Roll::new(cfg.workers, cfg.ready_timeout),
-            cfg,
-            listeners,
-            program,
-            inherited_env: std::env::vars_os().collect(),
-            contract,
+            launch: Launch { program, inherited_env: std::env::vars_os().collect(), contract },
             os,
             workers: Workers::default(),
             slots,
-            notify,
-            tx,
-            rx,
-            shutdown: None,
-            desired: desired_n,
-            autoscale,
-            memory: Default::default(),
-            replacements: Default::default(),
-            hung: Default::default(),
-            sentinel: None,
-            containment: Default::default(),
-            all_ready_logged: false,
-            steered: None,
-            bpf: None,
-            loads: vec![None; slots_n],
-            cpus,
-            stalls,
-            members: Default::default(),
-            queues,
-            rescue,
-            rescued: vec![false; slots_n],
-            proxy,
-            reporter: Reporter::from_env(Instant::now()),
-            slot_inodes,
-            next_probe: None,
-            board: None,
-            published: None,
-            drain_until: None,
+            router,
+            channels,
+            watches: Watches::default(),
+            scaling,
+            publishing: Publishing::new(Instant::now()),
+            halt: Stop::default(),
+            guards: Guards::default(),
             intercept,
+            cfg,
+            listeners,
         };
         supervisor.start_metrics(Instant::now())?;
         Ok(supervisor)
@@ -262,24 +207,24 @@ impl<O: Os> Supervisor<O> {
 
     /// Give the supervisor the sentinel (see `sentinel`), released when it exits in order.
     pub fn set_sentinel(&mut self, sentinel: Option<crate::sentinel::Sentinel>) {
-        self.sentinel = sentinel;
+        self.guards.sentinel = sentinel;
     }
 
     /// Give the supervisor the workers' containment (see `cgroup`).
     pub fn set_containment(&mut self, containment: crate::cgroup::Containment) {
-        self.containment = containment;
+        self.guards.containment = containment;
     }
 
     /// Where the signal thread sends its events.
     pub fn sender(&self) -> Sender<Event> {
-        self.tx.clone()
+        self.channels.tx.clone()
     }
 
     /// Start every slot (`fresh`; after a reexec the workers run already), then run until
     /// stopped. Ok(()) is a clean stop (exit 0).
     pub fn run(mut self, fresh: bool) -> Result<(), Error> {
         if fresh {
-            self.reporter.store_fds(&self.listeners.store_names());
+            self.publishing.reporter.store_fds(&self.listeners.store_names());
             self.start_all(Instant::now())?;
         } else {
             // A worker that exited around the exec: its SIGCHLD may have gone with the old image.
@@ -289,36 +234,20 @@ impl<O: Os> Supervisor<O> {
             let now = Instant::now();
             if let Err(e) = self.tick(now) {
                 self.kill_all_and_reap();
-                drop(self.rescue.take());
-                if let Some(s) = self.sentinel.take() {
-                    s.release();
-                }
+                self.router.end_rescue(false);
+                self.guards.release();
                 return Err(e);
             }
-            if self.shutdown.is_some() && self.workers.is_empty() {
-                self.containment.finish();
-                if let Some(s) = self.sentinel.take() {
-                    s.release();
-                }
+            if self.halt.shutdown.is_some() && self.workers.is_empty() {
+                self.guards.containment.finish();
+                self.guards.release();
                 self.reap_orphans();
-                if let Some(n) = self.rescue.as_ref().map(|r| r.relayed()).filter(|n| *n > 0) {
-                    log::info!("{n} connections were taken back from stalled or stopped workers and relayed");
-                }
                 // Its threads poll the listeners' fds: they end before the fds close.
-                drop(self.rescue.take());
+                self.router.end_rescue(true);
                 log::info!("all workers stopped; exiting");
                 return Ok(());
             }
-            let closed = || Error::Failed("event channel closed".into());
-            let event = match self.next_deadline() {
-                Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                    Ok(ev) => Some(ev),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return Err(closed()),
-                },
-                None => Some(self.rx.recv().map_err(|_| closed())?),
-            };
-            if let Some(ev) = event {
+            if let Some(ev) = self.channels.next(self.next_deadline())? {
                 self.handle(ev, Instant::now());
             }
         }
@@ -326,14 +255,13 @@ impl<O: Os> Supervisor<O> {
 
     /// The first worker of every slot; any failure to start one is fatal (nothing is left).
     fn start_all(&mut self, now: Instant) -> Result<(), Error> {
-        for slot in 0..self.desired {
+        for slot in 0..self.scaling.desired {
             if self.slots[slot].retiring.is_some() {
                 continue;
             }
             if let Err(e) = self.spawn(slot, 1, false, now) {
                 self.kill_all_and_reap();
-                let user = self.contract.identity.as_ref().map(|i| format!(" as user {}", i.name)).unwrap_or_default();
-                return Err(Error::Failed(format!("cannot start '{}'{user}: {e}", self.program.display)));
+                return Err(self.launch.cannot_start(e));
             }
         }
         Ok(())
@@ -345,20 +273,23 @@ impl<O: Os> Supervisor<O> {
             Event::Signal(SIGTERM) => self.stop_signal("TERM", now),
             Event::Signal(SIGINT) => self.stop_signal("INT", now),
             Event::Signal(SIGQUIT) => self.stop_all(Shutdown::Immediate, now),
-            Event::Signal(sig @ (SIGUSR2 | SIGHUP | SIGTTIN | SIGTTOU))
-                if self.refused_while_draining(if sig == SIGTTIN || sig == SIGTTOU { "scaling" } else { "roll" }) => {}
-            Event::Signal(SIGUSR2) => self.request_roll("USR2", now),
-            Event::Signal(SIGHUP) => self.request_roll("HUP", now),
-            Event::Signal(SIGTTIN) => {
-                self.scale(Scale::By(1), "TTIN", now).map(drop).unwrap_or_else(|e| log::warn!("{e}"))
-            }
-            Event::Signal(SIGTTOU) => {
-                self.scale(Scale::By(-1), "TTOU", now).map(drop).unwrap_or_else(|e| log::warn!("{e}"))
+            Event::Signal(sig @ (SIGUSR2 | SIGHUP | SIGTTIN | SIGTTOU)) => {
+                let what = if sig == SIGTTIN || sig == SIGTTOU { "scaling" } else { "roll" };
+                if let Err(e) = self.halt.refuse_while_draining() {
+                    log::warn!("{what}: ignored, {e}");
+                    return;
+                }
+                match sig {
+                    SIGUSR2 => self.request_roll("USR2", now),
+                    SIGHUP => self.request_roll("HUP", now),
+                    SIGTTIN => self.scale(Scale::By(1), "TTIN", now).map(drop).unwrap_or_else(|e| log::warn!("{e}")),
+                    _ => self.scale(Scale::By(-1), "TTOU", now).map(drop).unwrap_or_else(|e| log::warn!("{e}")),
+                }
             }
             Event::Signal(other) => log::debug!("ignoring signal {other}"),
             Event::Notify(id, fields) => self.on_notify(id, fields, now),
             Event::Held(id, held) => self.intercept_held(id, held),
-            Event::Queued => self.on_queued(now),
+            Event::Queued => self.router.wake(now),
             Event::Control(command, reply) => {
                 // The control thread waits for this answer, never the other way round.
                 let _ = reply.send(self.command(command, now));
@@ -388,7 +319,7 @@ impl<O: Os> Supervisor<O> {
         self.kill_overdue(now);
         self.drain_due(now);
         self.fire_timers(now);
-        self.reporter.tick(now);
+        self.publishing.reporter.tick(now);
         let actions = self.roll.step(crate::roll::Input::Tick, now);
         self.apply(actions, now);
         self.autoscale(now);
@@ -419,47 +350,31 @@ impl<O: Os> Supervisor<O> {
             .chain(slots)
             .chain(watchdogs)
             .chain(self.roll.deadline())
-            .chain(self.reporter.next_deadline())
+            .chain(self.publishing.reporter.next_deadline())
             .chain(self.next_probe())
             .chain(self.next_sample())
             .chain(self.next_memory_sample())
             .chain(self.next_autoscale())
-            .chain(self.drain_until.filter(|_| self.shutdown.is_none()))
+            .chain(self.halt.drain_until.filter(|_| self.halt.shutdown.is_none()))
             .chain(self.next_beat())
             .min()
     }
 
     /// STATUS= to the service manager whenever the picture changes.
     fn report_status(&mut self) {
-        if !self.reporter.active() {
+        if !self.publishing.reporter.active() {
             return;
         }
-        let gen = self.slots.iter().map(|s| s.gen).max().unwrap_or(1);
-        let mut status = format!("{}/{} workers ready, gen {gen}", self.workers.ready_count(), self.desired);
+        let (ready, desired) = (self.workers.ready_count(), self.scaling.desired);
+        let mut status = format!("{ready}/{desired} workers ready, gen {}", self.slots.gen());
         if let Some(g) = self.roll.rolling_gen() {
             status.push_str(&format!(", rolling to gen {g}"));
         }
-        if self.shutdown.is_some() {
+        if self.halt.shutdown.is_some() {
             status = format!("stopping, {} workers left", self.workers.len());
-        } else if self.drain_until.is_some() {
-            status = format!("draining before the stop, {}/{} workers ready", self.workers.ready_count(), self.desired);
+        } else if self.halt.drain_until.is_some() {
+            status = format!("draining before the stop, {ready}/{desired} workers ready");
         }
-        self.reporter.status(status);
+        self.publishing.reporter.status(status);
     }
-}
-
-/// The CPUs this process may run on (its affinity, which follows a container's cpuset).
-fn allowed_cpus() -> Vec<usize> {
-    let cpus: Vec<usize> = match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
-        Ok(set) => (0..nix::sched::CpuSet::count()).filter(|c| set.is_set(*c).unwrap_or(false)).collect(),
-        Err(e) => {
-            log::warn!("cannot read the launcher's CPU affinity ({e}); pinning to CPU 0 and up");
-            Vec::new()
-        }
-    };
-    if cpus.is_empty() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        return (0..n).collect();
-    }
-    cpus
 }

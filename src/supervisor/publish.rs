@@ -21,6 +21,44 @@ use crate::metrics::{self, Board, Settings, View};
 /// A published view is rebuilt at least this often even when nothing changed.
 pub(super) const REFRESH: Duration = Duration::from_secs(1);
 
+/// What the outside is told of the loop.
+pub(super) struct Publishing {
+    /// The launcher's own service manager (systemd), if it gave us NOTIFY_SOCKET.
+    pub(super) reporter: crate::upstream::Reporter,
+    /// "all N workers ready" was said (and READY=1 sent) since the last change of N.
+    pub(super) all_ready_logged: bool,
+    /// `--metrics`: what the endpoint's thread reads, and when and from what the loop last
+    /// published.
+    pub(super) board: Option<Arc<Board>>,
+    published: Option<(Instant, u64)>,
+}
+
+impl Publishing {
+    pub(super) fn new(now: Instant) -> Publishing {
+        Publishing {
+            reporter: crate::upstream::Reporter::from_env(now),
+            all_ready_logged: false,
+            board: None,
+            published: None,
+        }
+    }
+
+    /// The numbers changed (a scale): "all N workers ready" is to be said again.
+    pub(super) fn count_changed(&mut self) {
+        self.all_ready_logged = false;
+    }
+
+    /// The launcher stops (or drains first): told once to the service manager, and `/readyz`.
+    pub(super) fn stopping(&mut self, first: bool) {
+        if first {
+            self.reporter.stopping();
+        }
+        if let Some(board) = &self.board {
+            board.set_stopping();
+        }
+    }
+}
+
 impl<O: Os> Supervisor<O> {
     /// With `--metrics`: bind the endpoint and start its thread, before any worker starts.
     pub(super) fn start_metrics(&mut self, now: Instant) -> Result<(), Error> {
@@ -28,8 +66,8 @@ impl<O: Os> Supervisor<O> {
         let board = Arc::new(Board::new(now, self.view(now)));
         let local = metrics::start(addr, board.clone(), Settings { min_ready: self.cfg.min_ready })?;
         log::info!("serving /metrics, /healthz and /readyz on http://{local}");
-        self.published = Some((now, self.fingerprint()));
-        self.board = Some(board);
+        self.publishing.published = Some((now, self.fingerprint()));
+        self.publishing.board = Some(board);
         Ok(())
     }
 
@@ -39,19 +77,19 @@ impl<O: Os> Supervisor<O> {
 
     /// The heartbeat, and a new view when the tables changed or the last one is old.
     pub(super) fn publish(&mut self, now: Instant) {
-        let Some(board) = &self.board else { return };
+        let Some(board) = &self.publishing.board else { return };
         board.beat(now);
         let fingerprint = self.fingerprint();
-        if self.published.is_some_and(|(at, f)| f == fingerprint && now < at + REFRESH) {
+        if self.publishing.published.is_some_and(|(at, f)| f == fingerprint && now < at + REFRESH) {
             return;
         }
         board.publish(self.view(now));
-        self.published = Some((now, fingerprint));
+        self.publishing.published = Some((now, fingerprint));
     }
 
     /// The next turn the heartbeat needs (None without --metrics).
     pub(super) fn next_beat(&self) -> Option<Instant> {
-        self.board.as_ref().map(|b| b.last_beat() + BEAT_EVERY)
+        self.publishing.board.as_ref().map(|b| b.last_beat() + BEAT_EVERY)
     }
 
     /// A hash of what the published view is made of (everything but the uptimes and the
@@ -66,13 +104,14 @@ impl<O: Os> Supervisor<O> {
             };
             (id, w.slot, w.gen, state, w.candidate).hash(&mut h);
         }
-        let stalled = |s: usize| self.stalls.as_ref().is_some_and(|(w, _)| w.is_stalled(s));
-        for (i, s) in self.slots.iter().enumerate() {
+        for s in self.slots.iter() {
             let restarts: u64 = s.restarts.values().sum();
-            (s.gen, restarts, s.respawn_at.is_some(), s.retiring.is_some(), stalled(i)).hash(&mut h);
+            let stalled = s.route.stall.why().is_some();
+            (s.gen, restarts, s.respawn_at.is_some(), s.retiring.is_some(), stalled).hash(&mut h);
         }
-        (self.desired, self.roll.progress(), self.shutdown.is_some(), self.drain_until.is_some()).hash(&mut h);
-        self.steered.hash(&mut h);
+        let stop = &self.halt;
+        (self.scaling.desired, self.roll.progress(), stop.shutdown.is_some(), stop.drain_until.is_some()).hash(&mut h);
+        self.router.steered().hash(&mut h);
         self.intercept.interceptor.as_ref().map(|i| i.counts()).hash(&mut h);
         h.finish()
     }

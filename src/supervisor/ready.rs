@@ -65,18 +65,18 @@ impl<O: Os> Supervisor<O> {
     /// slot's socket. Where /proc cannot tell, fall back to --ready-delay (said once).
     fn probe_starting(&mut self, now: Instant) -> Vec<WorkerId> {
         const EVERY: Duration = Duration::from_millis(50);
-        let (Ready::Auto(delay), Some(inodes)) = (self.cfg.ready, &self.slot_inodes) else { return Vec::new() };
-        if self.next_probe.is_some_and(|at| now < at) {
+        let Ready::Auto(delay) = self.cfg.ready else { return Vec::new() };
+        if !self.slots.inodes_known() || self.watches.next_probe.is_some_and(|at| now < at) {
             return Vec::new();
         }
         let starting: Vec<(WorkerId, i32, usize)> =
             self.workers.awaiting_probe().map(|(id, w)| (id, w.pid.as_raw(), w.slot)).collect();
-        self.next_probe = if starting.is_empty() { None } else { Some(now + EVERY) };
+        self.watches.next_probe = if starting.is_empty() { None } else { Some(now + EVERY) };
         let groups = readiness::groups_members(&starting.iter().map(|s| s.1).collect::<Vec<_>>());
         let mut ready = Vec::new();
         let mut unknown = None;
         for ((id, _, slot), pids) in starting.iter().zip(groups) {
-            match readiness::probe(&pids, &inodes[*slot]) {
+            match readiness::probe(&pids, self.slots[*slot].inodes.as_deref().unwrap_or_default()) {
                 readiness::Probe::Waiting(evidence) => {
                     log::debug!("worker {slot} is waiting for connections: {evidence}");
                     ready.push(*id);
@@ -87,8 +87,8 @@ impl<O: Os> Supervisor<O> {
         }
         if let Some(why) = unknown {
             log::warn!("--ready auto: /proc cannot tell ({why}); using --ready-delay {delay:?} instead");
-            self.slot_inodes = None;
-            self.next_probe = None;
+            self.slots.forget_inodes();
+            self.watches.next_probe = None;
             for (_, w) in self.workers.iter_mut() {
                 if let State::Starting { ready_at: ready_at @ None, .. } = &mut w.state {
                     *ready_at = Some(w.started + delay);
@@ -101,8 +101,8 @@ impl<O: Os> Supervisor<O> {
     /// When the next `--ready auto` probe is due (None: nobody to probe).
     pub(super) fn next_probe(&self) -> Option<Instant> {
         match self.cfg.ready {
-            Ready::Auto(_) if self.slot_inodes.is_some() => {
-                self.workers.awaiting_probe().next().map(|_| self.next_probe.unwrap_or_else(Instant::now))
+            Ready::Auto(_) if self.slots.inodes_known() => {
+                self.workers.awaiting_probe().next().map(|_| self.watches.next_probe.unwrap_or_else(Instant::now))
             }
             _ => None,
         }
@@ -128,16 +128,16 @@ impl<O: Os> Supervisor<O> {
     /// Once, when every slot first has a ready worker and new connections are routed to them
     /// all: the log line, and READY=1 to the service manager.
     pub(super) fn announce_ready(&mut self) {
-        if !self.all_ready_logged && self.workers.ready_count() == self.desired {
-            self.all_ready_logged = true;
-            log::info!("all {} workers ready", self.desired);
-            self.reporter.ready();
+        if !self.publishing.all_ready_logged && self.workers.ready_count() == self.scaling.desired {
+            self.publishing.all_ready_logged = true;
+            log::info!("all {} workers ready", self.scaling.desired);
+            self.publishing.reporter.ready();
         }
     }
 
     /// A roll was asked for (USR2, HUP).
     pub(super) fn request_roll(&mut self, name: &str, now: Instant) {
-        if self.shutdown.is_some() {
+        if self.halt.shutdown.is_some() {
             return;
         }
         match self.roll.rolling_gen() {
@@ -146,7 +146,7 @@ impl<O: Os> Supervisor<O> {
         }
         let actions = self.roll.step(Input::Request, now);
         if actions.iter().any(|a| matches!(a, Action::Spawn { .. })) {
-            self.reporter.reloading();
+            self.publishing.reporter.reloading();
         }
         self.apply(actions, now);
     }
@@ -180,11 +180,11 @@ impl<O: Os> Supervisor<O> {
                 Action::Stop(id) => self.stop(id, now),
                 Action::Finished { gen } => {
                     log::info!("roll gen {gen} done: all {} slots run gen {gen}", self.slots.len());
-                    self.reporter.reloaded();
+                    self.publishing.reporter.reloaded();
                 }
                 Action::Abandoned { gen, slot, reason } => {
                     log::warn!("roll gen {gen} abandoned at slot {slot}: {reason}; the older workers keep serving");
-                    self.reporter.reloaded();
+                    self.publishing.reporter.reloaded();
                 }
             }
         }

@@ -37,6 +37,12 @@ impl Replacements {
         self.map = replacements.iter().map(|(new, slot, old, c)| (*new, (*slot, *old, cause(c)))).collect();
     }
 
+    /// A worker exited: forget it as a replacement (true if it was one; the old one keeps its
+    /// slot).
+    pub(super) fn forget(&mut self, id: WorkerId) -> bool {
+        self.map.remove(&id).is_some()
+    }
+
     /// A replacement for `cause` is under way on `slot`.
     pub(super) fn on(&self, slot: usize, cause: &str) -> bool {
         self.map.values().any(|r| r.0 == slot && r.2 == cause)
@@ -54,7 +60,7 @@ impl<O: Os> Supervisor<O> {
         }
         match self.spawn(slot, gen, true, now) {
             Ok(new) => {
-                self.replacements.map.insert(new, (slot, id, cause));
+                self.watches.replacements.map.insert(new, (slot, id, cause));
                 true
             }
             Err(e) => {
@@ -67,15 +73,15 @@ impl<O: Os> Supervisor<O> {
     /// Nothing else changes `slot` now: no roll, no stop, no replacement or retirement.
     pub(super) fn may_replace(&self, slot: usize) -> bool {
         self.roll.rolling_gen().is_none()
-            && self.shutdown.is_none()
+            && self.halt.shutdown.is_none()
             && !self.workers.replacing(slot)
             && self.slots[slot].retiring.is_none()
-            && !self.replacements.map.values().any(|r| r.0 == slot)
+            && !self.watches.replacements.map.values().any(|r| r.0 == slot)
     }
 
     /// `id` became ready: if it replaces a worker, it takes over its slot now.
     pub(super) fn replacement_ready(&mut self, id: WorkerId, now: Instant) {
-        let Some((slot, old, cause)) = self.replacements.map.remove(&id) else { return };
+        let Some((slot, old, cause)) = self.watches.replacements.map.remove(&id) else { return };
         if let Some(w) = self.workers.get_mut(id) {
             w.candidate = false;
             log::info!("{} took over slot {slot}", w.label());
@@ -89,6 +95,7 @@ impl<O: Os> Supervisor<O> {
     /// A replacement that is not ready by its deadline is stopped; the old worker stays.
     pub(super) fn replacements_due(&mut self, now: Instant) {
         let late: Vec<WorkerId> = self
+            .watches
             .replacements
             .map
             .keys()
@@ -107,15 +114,8 @@ impl<O: Os> Supervisor<O> {
                     self.cfg.ready_timeout
                 );
             }
-            self.replacements.map.remove(&id);
+            self.watches.replacements.map.remove(&id);
             self.stop(id, now);
-        }
-    }
-
-    /// A worker exited: forget it as a replacement (the old one keeps its slot).
-    pub(super) fn replacement_forget(&mut self, id: WorkerId) {
-        if self.replacements.map.remove(&id).is_some() {
-            log::warn!("the replacement worker exited before it was ready; the old one keeps serving");
         }
     }
 }

@@ -29,30 +29,16 @@ fn cause(word: &str) -> &'static str {
 }
 
 impl<O: Os> Supervisor<O> {
-    /// The per-slot tables for `n` slots (a resumed state's count in shared or self mode).
-    fn resize_slots(&mut self, n: usize) {
-        self.slots.resize_with(n, Slot::default);
-        self.loads.resize(n, None);
-        self.rescued.resize(n, false);
-        if let Some((watch, _)) = &mut self.stalls {
-            watch.resize(n);
-        }
-        if let Some(inodes) = &mut self.slot_inodes {
-            let first = inodes.first().cloned().unwrap_or_default();
-            inodes.resize(n, first);
-        }
-    }
-
     /// First step: may it be done, and with which binary?
     pub(super) fn reexec_check(&self) -> Result<(String, String), String> {
-        if self.shutdown.is_some() || self.drain_until.is_some() {
+        if self.halt.stopping() {
             return Err("the launcher is stopping".into());
         }
         if self.listeners.mode() == Mode::RoundRobin {
             return Err("not in round-robin mode: the forwarder's connections would be cut".into());
         }
-        let carrying = self.rescue.as_ref().map_or(0, |r| r.carrying());
-        if self.rescued.iter().any(|r| *r) || carrying > 0 {
+        let carrying = self.router.carrying();
+        if self.slots.iter().any(|s| s.route.rescued) || carrying > 0 {
             return Err(format!(
                 "connections taken back from a stalled slot are being relayed ({carrying} open); try again"
             ));
@@ -125,13 +111,13 @@ impl<O: Os> Supervisor<O> {
                 fault: w.fault.map(String::from),
             })
             .collect();
-        let notify = self.notify.as_ref().map(|n| n.fds()).unwrap_or_default();
+        let notify = self.channels.notify.as_ref().map(|n| n.fds()).unwrap_or_default();
         let intercept = self.intercept.interceptor.as_ref().map(|i| i.fds()).unwrap_or_default();
         let (mode, backlog, binds, sockets) = self.listeners.parts();
         let mut keep: Vec<RawFd> = sockets.clone();
         keep.extend(notify.iter().map(|n| n.1));
         keep.extend(intercept.iter().map(|n| n.1));
-        let sentinel = self.sentinel.as_ref().map(|s| (s.pid(), s.pipe_fd()));
+        let sentinel = self.guards.sentinel.as_ref().map(|s| (s.pid(), s.pipe_fd()));
         keep.extend(sentinel.map(|s| s.1));
         let logs: Vec<(RawFd, bool, String)> = crate::logs::handover()
             .into_iter()
@@ -139,9 +125,9 @@ impl<O: Os> Supervisor<O> {
             .collect();
         keep.extend(logs.iter().map(|l| l.0));
         let state = State {
-            desired: self.desired,
+            desired: self.scaling.desired,
             next_id: self.workers.next_id(),
-            all_ready_logged: self.all_ready_logged,
+            all_ready_logged: self.publishing.all_ready_logged,
             roll_gen: saved.gen,
             roll_active: saved.active.map(|a| (a.gen, a.slot, a.waiting.map(|(id, d)| (id, ms_from(now, d))))),
             roll_pending: saved.pending,
@@ -149,7 +135,7 @@ impl<O: Os> Supervisor<O> {
             workers,
             notify,
             intercept,
-            memory: self.replacements.export(),
+            memory: self.watches.replacements.export(),
             listeners: ListenerState {
                 mode: mode.to_string(),
                 backlog,
@@ -165,8 +151,8 @@ impl<O: Os> Supervisor<O> {
 
     /// In the new image: everything but the workers from `Supervisor::new`, then the state.
     pub fn resume(&mut self, state: State, now: Instant) -> Result<(), Error> {
-        self.desired = state.desired;
-        self.all_ready_logged = state.all_ready_logged;
+        self.scaling.desired = state.desired;
+        self.publishing.all_ready_logged = state.all_ready_logged;
         let active = state.roll_active.map(|(gen, slot, w)| SavedRoll {
             gen,
             slot,
@@ -181,7 +167,7 @@ impl<O: Os> Supervisor<O> {
                 )));
             }
             // Shared and self modes: the slots share the sockets; -n was scaled since.
-            self.resize_slots(n);
+            self.slots.resize(n);
         }
         let kept = state.slots.iter().filter(|s| s.retiring_ms.is_none()).count();
         self.roll.set_slots(kept);
@@ -197,6 +183,7 @@ impl<O: Os> Supervisor<O> {
                 last_failure: s.last_failure,
                 last_exit: s.last_exit,
                 restarts: s.restarts.iter().map(|(k, v)| (cause(k), *v)).collect(),
+                ..std::mem::take(slot)
             };
         }
         for w in state.workers {
@@ -219,7 +206,7 @@ impl<O: Os> Supervisor<O> {
             // socket; nothing else here owns it.
             let sock = unsafe { UnixDatagram::from_raw_fd(fd) };
             reexec::set_cloexec(&[fd], true);
-            match &self.notify {
+            match &self.channels.notify {
                 Some(hub) => {
                     hub.adopt(id, sock).map_err(|e| Error::Failed(format!("cannot resume notify socket: {e}")))?
                 }
@@ -236,20 +223,19 @@ impl<O: Os> Supervisor<O> {
                 None => drop(notif),
             }
         }
-        self.replacements.restore(&state.memory);
+        self.watches.replacements.restore(&state.memory);
         self.autoscale_resume(state.autoscale, now);
         for (fd, stderr, prefix) in state.logs {
             crate::logs::adopt(fd, stderr, prefix.into_bytes());
         }
         // The old image's steering program is still attached to the groups: whatever this one
         // decides at its first turn replaces it.
-        self.bpf = Some(Vec::new());
-        self.steered = Some(Vec::new());
+        self.router.forget_program();
         log::info!(
             "resumed after reexec: {} workers in {} slots, generation {}",
             self.workers.len(),
             self.slots.len(),
-            self.slots.iter().map(|s| s.gen).max().unwrap_or(1)
+            self.slots.gen()
         );
         Ok(())
     }

@@ -14,41 +14,101 @@
 //! The number changes only between rolls: a roll keeps the N it started with, and a scale asked
 //! for meanwhile is carried out when it ends.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::os::Os;
+use super::plan::{self, Resize};
 use super::workers::Slot;
 use super::Supervisor;
-use crate::steer;
+use crate::cli::Config;
+use crate::event::Scale;
 
-/// How long a retiring slot gets no new connections before its sockets may close.
-const SETTLE: Duration = Duration::from_secs(1);
+/// The most slots a launcher keeps (as `-n`).
+const MAX_SLOTS: usize = 4096;
+
+/// How many slots to keep, and who decides.
+pub(super) struct Scaling {
+    /// `-n`, then `scale`, TTIN and TTOU, and with `-n MIN..MAX` the automatic scaling.
+    pub(super) desired: usize,
+    /// `-n MIN..MAX`: the policy and its samples (see `autoscaling`).
+    pub(super) autoscale: Option<super::autoscaling::Autoscaling>,
+}
+
+impl Scaling {
+    /// `slots`: the slots there are (the sockets' count); with -n MIN..MAX they are kept
+    /// within the bounds.
+    pub(super) fn new(cfg: &Config, slots: usize) -> Scaling {
+        let desired = cfg.autoscale.map_or(cfg.workers, |b| slots.clamp(b.min, b.max));
+        let autoscale = cfg.autoscale.map(|b| super::autoscaling::Autoscaling::new(b, cfg.scale_down_after));
+        Scaling { desired, autoscale }
+    }
+
+    /// The count `to` asks for, if it is one the launcher can keep.
+    fn wanted(&self, to: Scale, by: &str) -> Result<usize, String> {
+        let wanted = match to {
+            Scale::To(n) => n as i64,
+            Scale::By(k) => self.desired as i64 + k,
+        };
+        if wanted < 1 {
+            return Err(format!("{by}: cannot scale to {wanted} workers: at least 1 must run"));
+        }
+        if wanted > MAX_SLOTS as i64 {
+            return Err(format!("{by}: cannot scale to {wanted} workers: at most {MAX_SLOTS}"));
+        }
+        let wanted = wanted as usize;
+        // `-n MIN..MAX` refuses a count outside its bounds.
+        match self.autoscale.as_ref().map(|a| a.policy.bounds) {
+            Some(b) if wanted < b.min || wanted > b.max => {
+                Err(format!("{by}: cannot scale to {wanted} workers: -n {b} keeps between {} and {}", b.min, b.max))
+            }
+            _ => Ok(wanted),
+        }
+    }
+}
 
 impl<O: Os> Supervisor<O> {
+    /// Change the desired number of slots (`scale`, TTIN, TTOU: `by`); `rescale` gets there
+    /// in the next turns.
+    pub(super) fn scale(&mut self, to: Scale, by: &str, now: Instant) -> Result<usize, String> {
+        if self.halt.shutdown.is_some() {
+            return Err(format!("{by}: cannot scale, the launcher is stopping"));
+        }
+        let wanted = self.scaling.wanted(to, by)?;
+        let desired = self.scaling.desired;
+        if wanted != desired {
+            let later = if self.roll.rolling_gen().is_some() { " once the roll under way is done" } else { "" };
+            log::info!("{by}: scaling from {desired} to {wanted} workers{later}");
+            if let Some(a) = &mut self.scaling.autoscale {
+                a.policy.changed(desired, wanted, by, &format!("asked by {by}"), now);
+            }
+            self.scaling.desired = wanted;
+            self.publishing.count_changed();
+        }
+        Ok(self.scaling.desired)
+    }
+
     /// Move towards `desired` slots: add one, retire one, or close a retired one.
     pub(super) fn rescale(&mut self, now: Instant) {
-        if self.shutdown.is_some() || self.roll.rolling_gen().is_some() {
+        if self.halt.shutdown.is_some() || self.roll.rolling_gen().is_some() {
             return;
         }
-        let kept = self.slots.iter().filter(|s| s.retiring.is_none()).count();
-        if kept < self.desired {
-            // Bring back a retiring slot first (they are the last ones), else add one.
-            match self.slots.iter().position(|s| s.retiring.is_some()) {
-                Some(slot) => {
-                    log::info!("worker {slot} stays (scaled up again before it was removed)");
-                    self.slots[slot].retiring = None;
+        let retiring: Vec<bool> = self.slots.iter().map(|s| s.retiring.is_some()).collect();
+        match plan::rescale(&retiring, self.scaling.desired) {
+            Some(Resize::Keep(slot)) => {
+                log::info!("worker {slot} stays (scaled up again before it was removed)");
+                self.slots[slot].retiring = None;
+            }
+            Some(Resize::Add) => self.add_slot(),
+            Some(Resize::Retire(slot)) => {
+                log::info!("worker {slot} retires (scaling down to {})", self.scaling.desired);
+                self.slots[slot].retiring = Some(now);
+                for id in self.workers.on(slot).map(|(id, _)| id).collect::<Vec<_>>() {
+                    self.stop(id, now);
                 }
-                None => self.add_slot(),
             }
-        } else if kept > self.desired {
-            let slot = kept - 1;
-            log::info!("worker {slot} retires (scaling down to {})", self.desired);
-            self.slots[slot].retiring = Some(now);
-            for (id, _) in self.workers.on(slot).map(|(id, w)| (id, w.pid)).collect::<Vec<_>>() {
-                self.stop(id, now);
-            }
+            None => {}
         }
-        self.roll.set_slots(self.slots.iter().filter(|s| s.retiring.is_none()).count());
+        self.roll.set_slots(self.slots.kept());
         self.close_retired(now);
     }
 
@@ -56,68 +116,45 @@ impl<O: Os> Supervisor<O> {
         let slot = self.slots.len();
         if let Err(e) = self.listeners.add_slot() {
             log::error!("cannot add worker {slot}: {e}");
-            self.desired = self.slots.len();
+            self.scaling.desired = self.slots.len();
             return;
         }
-        let gen = self.slots.iter().map(|s| s.gen).max().unwrap_or(1);
-        self.slots.push(Slot { gen, ..Slot::default() });
-        self.loads.push(None);
-        self.rescued.push(false);
-        if let Some((watch, _)) = &mut self.stalls {
-            watch.resize(self.slots.len());
+        let inodes = match self.slots.inodes_known() {
+            true => crate::readiness::socket_inodes(&self.listeners.fds_for_slot(slot)).ok(),
+            false => None,
+        };
+        if inodes.is_none() {
+            self.slots.forget_inodes();
         }
-        if let Some(inodes) = &mut self.slot_inodes {
-            match crate::readiness::socket_inodes(&self.listeners.fds_for_slot(slot)) {
-                Ok(i) => inodes.push(i),
-                Err(_) => self.slot_inodes = None,
-            }
-        }
+        self.slots.push(Slot { gen: self.slots.gen(), inodes, ..Slot::default() });
         let names = self.listeners.slot_store_names(slot);
         let new: Vec<_> = self.listeners.store_names().into_iter().filter(|(_, n)| names.contains(n)).collect();
-        self.reporter.store_fds(&new);
-        log::info!("worker {slot} added (scaling up to {})", self.desired);
+        self.publishing.reporter.store_fds(&new);
+        log::info!("worker {slot} added (scaling up to {})", self.scaling.desired);
     }
 
     /// Close the last slot while it is retired, empty and settled.
     fn close_retired(&mut self, now: Instant) {
-        while let Some(slot) = self.slots.len().checked_sub(1) {
-            let Some(retired) = self.slots[slot].retiring else { return };
+        while let Some(last) = self.slots.last() {
+            let slot = self.slots.len() - 1;
+            let Some(retired) = last.retiring else { return };
             // Counted from when steering surely left it out (reuseport, round-robin); in the
             // other modes its sockets are shared and nothing is closed.
-            let steered = !self.listeners.groups().is_empty() || self.proxy.is_some();
-            let since = if steered {
-                match self.slots[slot].excluded_at {
-                    Some(t) => t,
-                    None => return,
-                }
-            } else {
-                retired
-            };
+            let since = if self.router.steers(&self.listeners) { last.excluded_at } else { Some(retired) };
             let fds = self.listeners.fds_for_slot(slot);
-            let queued = fds.iter().any(|fd| steer::queue_len(*fd).map_or(true, |n| n > 0));
-            if now.saturating_duration_since(since) < SETTLE || self.workers.on(slot).next().is_some() || queued {
+            let queued = since.is_some() && fds.iter().any(|fd| self.os.queue_len(*fd).map_or(true, |n| n > 0));
+            if !plan::may_close(since, now, self.workers.on(slot).next().is_some(), queued) {
                 return;
             }
-            if let Some(rescue) = &self.rescue {
-                if !rescue.let_go(slot, &fds) {
-                    return; // its thread still holds the fds: next turn
-                }
+            if !self.router.let_go(slot, &fds) {
+                return; // its thread still holds the fds: next turn
             }
             for name in self.listeners.slot_store_names(slot) {
-                self.reporter.remove_fd(&name);
+                self.publishing.reporter.remove_fd(&name);
             }
             drop(self.listeners.remove_last_slot());
             self.slots.pop();
-            self.loads.pop();
-            self.rescued.pop();
-            if let Some((watch, _)) = &mut self.stalls {
-                watch.resize(self.slots.len());
-            }
-            if let Some(inodes) = &mut self.slot_inodes {
-                inodes.truncate(self.slots.len());
-            }
-            self.bpf = Some(Vec::new()); // force the programs to be rebuilt for the new count
-            self.steered = Some(Vec::new());
+            self.router.forget_program(); // the programs are rebuilt for the new count
             log::info!("worker {slot} removed: its sockets are closed, nothing was waiting there");
         }
     }

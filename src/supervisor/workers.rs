@@ -1,5 +1,7 @@
 //! The supervisor's tables: every live worker ([`Workers`], keyed by [`WorkerId`]) with its
-//! [`State`], and every slot's own record ([`Slot`]: generation, backoff, start failures).
+//! [`State`], and every slot's own record ([`Slot`]: generation, backoff, start failures, and
+//! what routing and readiness keep per slot), in [`Slots`], where adding or removing a slot is
+//! one push or pop.
 //!
 //! Questions about the workers of a slot are asked through the named queries here
 //! (`ready_on`, `live_on`, `replacing`, `by_pid`, `ready_count`), so that each rule is written
@@ -11,6 +13,7 @@ use std::time::Instant;
 use nix::unistd::Pid;
 
 use crate::event::WorkerId;
+use crate::stall::SlotWatch;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum State {
@@ -77,6 +80,112 @@ pub struct Slot {
     /// When to start the slot's next worker, once it has none (None: at once).
     pub respawn_at: Option<Instant>,
     pub last_failure: String,
+    /// What routing keeps for the slot: its load, stall record, rescue (see `routing`).
+    pub route: SlotRoute,
+    /// `--ready auto`: the slot's socket inodes (None: /proc cannot tell; then for every slot).
+    pub inodes: Option<Vec<u64>>,
+}
+
+/// What routing keeps in each slot's record (see `routing`, `sampling`).
+#[derive(Debug, Clone)]
+pub struct SlotRoute {
+    /// The slot's load at the last sample (`--steer least-loaded`: see `load`).
+    pub load: Option<u32>,
+    /// The stall watch's record of the slot (see `stall`).
+    pub stall: SlotWatch,
+    /// Its queue is being taken back and relayed (`rescue`).
+    pub rescued: bool,
+}
+
+impl Default for SlotRoute {
+    fn default() -> SlotRoute {
+        SlotRoute { load: None, stall: SlotWatch::new(), rescued: false }
+    }
+}
+
+/// Every slot's record, by slot number.
+#[derive(Debug, Default)]
+pub struct Slots(Vec<Slot>);
+
+impl Slots {
+    /// The slots at start: as many as sockets (or -n), those beyond the desired count retiring,
+    /// each with its socket inodes for `--ready auto` (none for any when /proc cannot tell).
+    pub fn at_start(cfg: &crate::cli::Config, listeners: &crate::socket::Listeners, n: usize, desired: usize) -> Slots {
+        let now = Instant::now();
+        let inodes = match cfg.ready {
+            crate::cli::Ready::Auto(delay) => {
+                let inodes: std::io::Result<Vec<Vec<u64>>> =
+                    (0..n).map(|s| crate::readiness::socket_inodes(&listeners.fds_for_slot(s))).collect();
+                inodes
+                    .map_err(|e| {
+                        log::warn!("--ready auto cannot name the sockets ({e}); using --ready-delay {delay:?}")
+                    })
+                    .ok()
+            }
+            _ => None,
+        };
+        let mut inodes = inodes.map(|i| i.into_iter().map(Some).collect::<Vec<_>>()).unwrap_or_else(|| vec![None; n]);
+        Slots(
+            (0..n)
+                .map(|s| Slot {
+                    gen: 1,
+                    retiring: (s >= desired).then_some(now),
+                    inodes: inodes[s].take(),
+                    ..Slot::default()
+                })
+                .collect(),
+        )
+    }
+
+    /// A slot added at the end (`scale` up).
+    pub fn push(&mut self, slot: Slot) {
+        self.0.push(slot);
+    }
+
+    /// The last slot removed (its sockets closed).
+    pub fn pop(&mut self) -> Option<Slot> {
+        self.0.pop()
+    }
+
+    /// `n` slots (a resumed state's count in shared or self mode, where the slots share the
+    /// sockets: a new one has the first one's inodes).
+    pub fn resize(&mut self, n: usize) {
+        let inodes = self.0.first().and_then(|s| s.inodes.clone());
+        self.0.resize_with(n, || Slot { inodes: inodes.clone(), ..Slot::default() });
+    }
+
+    /// The slots that are not retiring.
+    pub fn kept(&self) -> usize {
+        self.0.iter().filter(|s| s.retiring.is_none()).count()
+    }
+
+    /// The newest generation of any slot (1 before any roll).
+    pub fn gen(&self) -> u64 {
+        self.0.iter().map(|s| s.gen).max().unwrap_or(1)
+    }
+
+    /// `--ready auto` can tell from /proc which sockets are each slot's.
+    pub fn inodes_known(&self) -> bool {
+        self.0.first().is_some_and(|s| s.inodes.is_some())
+    }
+
+    /// /proc cannot tell: every slot falls back to the delay.
+    pub fn forget_inodes(&mut self) {
+        self.0.iter_mut().for_each(|s| s.inodes = None);
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [Slot];
+    fn deref(&self) -> &[Slot] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Slots {
+    fn deref_mut(&mut self) -> &mut [Slot] {
+        &mut self.0
+    }
 }
 
 /// Every worker the launcher has started and not yet reaped.

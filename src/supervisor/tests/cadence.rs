@@ -39,7 +39,7 @@ fn the_watch_samples_fast_while_workers_start_then_every_second_and_at_once_on_a
     // A connection on the public port: the wake thread tells the loop, which samples now.
     let port = s.listeners.local_addrs()[0].port();
     let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let woke = s.rx.recv_timeout(Duration::from_secs(5));
+    let woke = s.channels.rx.recv_timeout(Duration::from_secs(5));
     assert!(matches!(woke, Ok(Event::Queued)), "no wake: {woke:?}");
     let at = quiet + 10 * MS;
     s.handle(Event::Queued, at);

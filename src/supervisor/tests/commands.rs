@@ -78,7 +78,7 @@ fn drain_delay_keeps_serving_then_stops_and_a_second_term_cuts_it_short() {
     s.handle(Event::Signal(SIGTERM), t1);
     s.tick(t1).unwrap();
     assert!(s.snapshot(t1).stopping, "stopping from the first moment");
-    assert!(s.shutdown.is_none() && s.os.signals_to(pids[0]).is_empty());
+    assert!(s.halt.shutdown.is_none() && s.os.signals_to(pids[0]).is_empty());
     assert!(s.next_deadline().unwrap() <= t1 + Duration::from_secs(2));
     // Workers that die meanwhile are respawned; rolls are refused.
     s.exit(pids[1], 1, t1 + 500 * MS);
@@ -89,7 +89,7 @@ fn drain_delay_keeps_serving_then_stops_and_a_second_term_cuts_it_short() {
     assert!(s.os.signals_to(pids[0]).is_empty(), "stopped before the delay was over");
     s.tick(t1 + Duration::from_secs(2)).unwrap();
     assert_eq!(s.os.signals_to(pids[0]), vec![Signal::SIGTERM]);
-    assert!(s.shutdown.is_some());
+    assert!(s.halt.shutdown.is_some());
 
     // A second TERM (or INT) during the delay starts the graceful stop at once; a third kills.
     let mut s = supervisor(&["-n", "1", "--drain-delay", "30s"]);
@@ -122,7 +122,7 @@ fn with_metrics_the_loop_beats_every_second_and_publishes_only_changes() {
     s.start_all(t0).unwrap();
     let t = t0 + 500 * MS;
     s.tick(t).unwrap();
-    let board = s.board.clone().unwrap();
+    let board = s.publishing.board.clone().unwrap();
     assert_eq!(board.view().snapshot.ready, 2);
     // Idle (shared mode, every worker ready): the only deadline is the next heartbeat.
     let beat = board.last_beat();
@@ -196,10 +196,10 @@ fn the_one_shared_queue_counts_once_for_the_policy() {
     let addr = s.listeners.local_addrs()[0];
     let one = std::net::TcpStream::connect(addr).unwrap();
     s.run_for(t0 + 100 * MS, Duration::from_millis(3000)).unwrap();
-    assert_eq!(s.desired, 2, "one waiting connection on two slots is no pressure");
+    assert_eq!(s.scaling.desired, 2, "one waiting connection on two slots is no pressure");
     // Two wait: every request waits behind another.
     let two = std::net::TcpStream::connect(addr).unwrap();
     s.run_for(t0 + 3200 * MS, Duration::from_millis(2500)).unwrap();
-    assert_eq!(s.desired, 3);
+    assert_eq!(s.scaling.desired, 3);
     drop((one, two));
 }

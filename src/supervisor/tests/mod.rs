@@ -21,6 +21,7 @@ use crate::socket::Listeners;
 
 mod cadence;
 mod commands;
+mod routing;
 
 pub(super) const MS: Duration = Duration::from_millis(1);
 
