@@ -52,7 +52,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{accept4, SockFlag};
 
 use crate::relay::{out_of_fds, Relay, PAUSE};
-use crate::steer;
+use crate::sys;
 
 /// How long a slot's thread waits in poll(2) before it looks again at whether it still takes.
 pub const POLL_MS: u16 = 20;
@@ -284,7 +284,7 @@ fn take_queued(slot: &Slot, relay: &Relay, total: &AtomicU64, fd: RawFd, target:
         // Only accept while something is queued, so that the accept (blocking: the worker's
         // socket is left as it is) normally returns at once. The worker may still win the
         // race; see the module doc.
-        if !matches!(steer::queue_len(fd), Ok(n) if n > 0) {
+        if !matches!(sys::queue_len(fd), Ok(n) if n > 0) {
             break;
         }
         let client = match accept4(fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
@@ -390,7 +390,7 @@ mod tests {
                 (c, req)
             })
             .collect();
-        wait_until("20 queued", || steer::queue_len(fd).unwrap() == 20);
+        wait_until("20 queued", || sys::queue_len(fd).unwrap() == 20);
         let rescue = Rescue::start().unwrap();
         rescue.take(3, &[(fd, target())]);
         assert_eq!(flags(&l), before);
@@ -398,7 +398,7 @@ mod tests {
             assert_eq!(answer(c), format!("{HEAD}{req}"));
         }
         assert_eq!((rescue.relayed(), rescue.relayed_from(3), rescue.relayed_from(0)), (20, 20, 0));
-        assert_eq!(steer::queue_len(fd).unwrap(), 0);
+        assert_eq!(sys::queue_len(fd).unwrap(), 0);
         rescue.release(3);
         wait_until("parked", || rescue.parked(3));
         assert_eq!(flags(&l), before, "O_NONBLOCK or SO_RCVTIMEO changed on the worker's socket");
@@ -421,7 +421,7 @@ mod tests {
         // A negative: watch for several poll periods that nothing is taken.
         let until = Instant::now() + Duration::from_millis(5 * u64::from(POLL_MS));
         while Instant::now() < until {
-            assert_eq!(steer::queue_len(fd).unwrap(), 3, "taken after release");
+            assert_eq!(sys::queue_len(fd).unwrap(), 3, "taken after release");
             std::thread::sleep(Duration::from_millis(2));
         }
         assert_eq!(rescue.relayed(), 1);

@@ -353,26 +353,7 @@ pub fn detach(member: RawFd) -> io::Result<()> {
 }
 
 /// A listening socket's accept-queue length (`tcpi_unacked` of TCP_INFO on a listener).
-pub fn queue_len(listener: RawFd) -> io::Result<u32> {
-    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt on a socket we own with a valid buffer and length.
-    let rc = unsafe {
-        libc::getsockopt(
-            listener,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(info.tcpi_unacked)
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
+pub use crate::sys::queue_len;
 
 #[cfg(test)]
 mod tests {

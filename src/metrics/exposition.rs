@@ -36,12 +36,12 @@
 //! The last three are the `--metrics` endpoint's own connections (see [`super::limits`]).
 
 use std::fmt::{Display, Write as _};
-use std::os::fd::RawFd;
 
 use super::limits::{Counts, CLOSE_REASONS};
 use super::View;
 use crate::readiness;
 use crate::snapshot::{AutoscaleSnapshot, Snapshot};
+use crate::sys;
 
 /// Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -79,13 +79,13 @@ pub struct Measured {
 pub fn measure(s: &Snapshot) -> Measured {
     let pids: Vec<i32> = s.slots.iter().flat_map(|slot| slot.workers.iter().map(|w| w.pid)).collect();
     let mut groups = readiness::groups_members(&pids).into_iter();
-    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let tick = sys::clock_ticks_per_second();
     let slots = s
         .slots
         .iter()
         .map(|slot| {
             let members: Vec<i32> = slot.workers.iter().flat_map(|_| groups.next().unwrap_or_default()).collect();
-            (crate::supervisor::group_rss(&members), cpu_ticks(&members) as f64 / tick)
+            (sys::group_rss(&members), group_cpu_ticks(&members) as f64 / tick)
         })
         .collect();
     let shared = s.mode == "shared";
@@ -97,7 +97,7 @@ pub fn measure(s: &Snapshot) -> Measured {
                 continue;
             }
             seen.push(fd);
-            let Some((len, max)) = listener_queue(fd) else { continue };
+            let Some((len, max)) = sys::listener_queue(fd) else { continue };
             let bind = s.binds.get(i).map(|b| b.to_string()).unwrap_or_default();
             let slot = if shared { "shared".to_string() } else { slot.slot.to_string() };
             queues.push(Queue { slot, bind, len, max });
@@ -109,35 +109,8 @@ pub fn measure(s: &Snapshot) -> Measured {
 }
 
 /// User and system CPU time of `pids`, and of the children they reaped, in clock ticks.
-fn cpu_ticks(pids: &[i32]) -> u64 {
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .map(|stat| {
-            let Some((_, rest)) = stat.rsplit_once(')') else { return 0 };
-            // After "pid (comm)": state is field 0; utime, stime, cutime, cstime 11 to 14.
-            rest.split_whitespace()
-                .skip(11)
-                .take(4)
-                .filter_map(|f| f.parse::<i64>().ok())
-                .map(|t| t.max(0) as u64)
-                .sum()
-        })
-        .sum()
-}
-
-/// A listener's accept-queue length and its backlog, from TCP_INFO; None if `fd` is not (or no
-/// longer: the loop may have closed it since the snapshot) a listening TCP socket.
-fn listener_queue(fd: RawFd) -> Option<(u32, u32)> {
-    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it. A closed
-    // or reused fd only makes it fail or describe another socket, which the state check catches.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: as above, a valid buffer and its length.
-    let rc = unsafe {
-        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
-    };
-    const TCP_LISTEN: u8 = 10;
-    (rc == 0 && info.tcpi_state == TCP_LISTEN).then_some((info.tcpi_unacked, info.tcpi_sacked))
+fn group_cpu_ticks(pids: &[i32]) -> u64 {
+    pids.iter().filter_map(|pid| sys::stat(*pid)).map(|s| s.utime + s.stime + s.cutime + s.cstime).sum()
 }
 
 /// The value of `field` in the `section` (`TcpExt`) of /proc/net/netstat's text: a line of
@@ -447,14 +420,14 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (len, max) = listener_queue(fd).unwrap();
+        let (len, max) = sys::listener_queue(fd).unwrap();
         assert_eq!(len, 1);
         assert!(max >= 1, "{max}");
-        assert_eq!(listener_queue(_c_fd(&_c)), None, "a connected socket is not a listener");
-        assert!(cpu_ticks(&[std::process::id() as i32]) < u64::MAX);
+        assert_eq!(sys::listener_queue(_c_fd(&_c)), None, "a connected socket is not a listener");
+        assert!(group_cpu_ticks(&[std::process::id() as i32]) < u64::MAX);
     }
 
-    fn _c_fd(s: &std::net::TcpStream) -> RawFd {
+    fn _c_fd(s: &std::net::TcpStream) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(s)
     }
 }
