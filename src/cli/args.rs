@@ -16,10 +16,6 @@ SIGNALS (send to the launcher's pid):
                 during --drain-delay ends the delay: the graceful stop starts at once)
   TTIN, TTOU    one worker slot more, one fewer (never below 1, nor outside -n MIN..MAX)
 
-CONTROL (the same binary as a client of the running launcher's control socket):
-  reuse-launch status [--json] | scale N|+K|-K | roll | stop | reexec   [--pid PID | --control PATH]
-  reexec: the launcher re-executes its own binary in place (same pid, same workers)
-
 WORKER ENVIRONMENT (fds 3.. are the listening sockets, in --bind order; a worker that binds a
 --bind port itself gets the same socket on that fd, see --intercept-bind):
   LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES   systemd socket-activation variables (sd_listen_fds)
@@ -53,6 +49,8 @@ CONTROL (talk to a running launcher through its control socket, --control):
   reuse-launch scale N|+K|-K     change the number of workers (also TTIN/TTOU: +1/-1)
   reuse-launch roll              rolling restart (as USR2)
   reuse-launch stop [--no-wait]  graceful stop (as TERM), waiting until it has exited
+  reuse-launch reexec            re-execute the launcher's own binary in place (same pid, same
+                                 workers)
   Each takes --pid PID or --control PATH; default: the only launcher this user runs.
   Exit codes: 0 done, 1 refused or failed, 2 usage, 3 no launcher found.
   `reuse-launch status --help` for more.
@@ -215,4 +213,24 @@ pub struct Args {
     /// The server command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_has_each_section_once() {
+        let help = Args::command().render_long_help().to_string();
+        for section in ["SIGNALS", "CONTROL", "WORKER ENVIRONMENT", "LAUNCHER ENVIRONMENT", "EXAMPLE"] {
+            // Headings start a line at column 0: "CONTROL (...):", "EXAMPLE:".
+            let count =
+                help.lines().filter(|l| l.strip_prefix(section).is_some_and(|r| r.starts_with([' ', ':']))).count();
+            assert_eq!(count, 1, "the {section} section appears {count} times in --help:\n{help}");
+        }
+        for command in ["status", "scale", "roll", "stop", "reexec"] {
+            assert!(help.contains(&format!("  reuse-launch {command} ")), "no {command} in CONTROL:\n{help}");
+        }
+    }
 }

@@ -315,3 +315,69 @@ pub(super) fn select_read_set(mem: &File, nfds: u64, readfds: u64, ours: &[(RawF
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_epoll_fdinfo() {
+        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t17\nino:\t1038\n\
+            tfd:        3 events:       19 data:     7fc000000003  pos:0 ino:42b7a sdev:9\n\
+            tfd:       11 events:        4 data:                b  pos:0 ino:2edd7 sdev:f\n\
+            tfd:12 events:1 data:0 pos:0 ino:ff sdev:9 extra: 7\n";
+        assert_eq!(
+            parse_epoll_fdinfo(text),
+            vec![
+                EpollTarget { fd: 3, events: 0x19, ino: 0x42b7a },
+                EpollTarget { fd: 11, events: 0x4, ino: 0x2edd7 },
+                EpollTarget { fd: 12, events: 0x1, ino: 0xff },
+            ]
+        );
+        assert_eq!(parse_epoll_fdinfo("pos:\t0\nflags:\t02\n"), vec![]);
+        assert_eq!(parse_epoll_fdinfo("tfd: 3 events: zz ino:1\n"), vec![]);
+    }
+
+    #[test]
+    fn parses_syscall_lines() {
+        assert_eq!(parse_syscall("running\n"), Some(Syscall::Running));
+        assert_eq!(parse_syscall("-1 0x7ffd7c0cd168 0x7fc330328f63\n"), Some(Syscall::Outside));
+        assert_eq!(
+            parse_syscall("288 0x3 0x7ffd7c0cd1a0 0x7ffd7c0cd194 0x80000 0x0 0x0 0x7ffd7c0cd168 0x7fc330328f63\n"),
+            Some(Syscall::In { nr: 288, args: [3, 0x7ffd7c0cd1a0, 0x7ffd7c0cd194, 0x80000, 0, 0] })
+        );
+        assert_eq!(parse_syscall(""), None);
+        assert_eq!(parse_syscall("7 0x1 0x2\n"), None);
+    }
+
+    #[test]
+    fn parses_socket_links() {
+        assert_eq!(socket_link_inode(b"socket:[191959]"), Some(191959));
+        assert_eq!(socket_link_inode(b"anon_inode:[eventpoll]"), None);
+        assert_eq!(socket_link_inode(b"/tmp/socket:[1]"), None);
+    }
+
+    #[test]
+    fn syscall_numbers_match_libc() {
+        #[cfg(target_arch = "x86_64")]
+        let table = [
+            (libc::SYS_accept, "accept"),
+            (libc::SYS_accept4, "accept4"),
+            (libc::SYS_poll, "poll"),
+            (libc::SYS_ppoll, "ppoll"),
+            (libc::SYS_select, "select"),
+            (libc::SYS_pselect6, "pselect6"),
+        ];
+        #[cfg(not(target_arch = "x86_64"))]
+        let table = [
+            (libc::SYS_accept, "accept"),
+            (libc::SYS_accept4, "accept4"),
+            (libc::SYS_ppoll, "ppoll"),
+            (libc::SYS_pselect6, "pselect6"),
+        ];
+        for (nr, name) in table {
+            assert_eq!(wait_syscall(nr).map(|w| w.1), Some(name));
+        }
+        assert_eq!(wait_syscall(libc::SYS_read), None);
+    }
+}

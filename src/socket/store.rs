@@ -62,72 +62,14 @@ impl Listeners {
         slots: usize,
         backlog: i32,
     ) -> Result<Restored, Error> {
-        let mut take = |name: &str| stored.iter().position(|(_, n)| n == name).map(|i| stored.remove(i).0);
-        let addr_of = |s: &Socket| s.local_addr().ok().and_then(|a| a.as_socket());
         let mut local: Vec<SocketAddr> = binds.iter().map(|b| b.addr).collect();
-        let mut sockets = Vec::new();
-        let mut public = Vec::new();
-        let mut restored = 0;
-        let mut fresh = Vec::new();
-        match mode {
-            Mode::Reuseport => {
-                // Each bind on its own: its stored sockets for slots 0, 1, ... (a prefix: members
-                // were only ever closed from the end). A bind added since has none, a slot one
-                // bind lacks gets a new socket, which joins that bind's group last, in slot order.
-                let mut per_bind: Vec<std::vec::IntoIter<Socket>> = Vec::new();
-                for (b, bind) in binds.iter().enumerate() {
-                    let mut kept = Vec::new();
-                    while let Some(s) = take(&format!("rl.{}.{}", bind.name, kept.len())) {
-                        kept.push(s);
-                    }
-                    if let Some(first) = kept.first() {
-                        local[b] = addr_of(first).unwrap_or(local[b]);
-                    }
-                    restored = restored.max(kept.len());
-                    per_bind.push(kept.into_iter());
-                }
-                for _slot in 0..slots.max(restored) {
-                    for (b, kept) in per_bind.iter_mut().enumerate() {
-                        match kept.next() {
-                            Some(s) => sockets.push(s),
-                            None => {
-                                fresh.push(sockets.len());
-                                sockets.push(bound_socket(local[b], true)?);
-                            }
-                        }
-                    }
-                }
-            }
-            Mode::Shared | Mode::RoundRobin => {
-                for (b, bind) in binds.iter().enumerate() {
-                    let s = match take(&format!("rl.{}", bind.name)) {
-                        Some(s) => {
-                            restored = 1;
-                            local[b] = addr_of(&s).unwrap_or(local[b]);
-                            s
-                        }
-                        None => {
-                            fresh.push(b);
-                            bound_socket(bind.addr, false)?
-                        }
-                    };
-                    if mode == Mode::Shared {
-                        sockets.push(s)
-                    } else {
-                        public.push(s)
-                    }
-                }
-                if mode == Mode::RoundRobin {
-                    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-                    for _ in 0..slots * binds.len() {
-                        sockets.push(bound_socket(loopback, false)?);
-                    }
-                }
-            }
+        let Assembly { sockets, public, restored, fresh } = match mode {
+            Mode::Reuseport => per_slot(&mut stored, binds, slots, &mut local)?,
+            Mode::Shared | Mode::RoundRobin => one_per_bind(&mut stored, binds, mode, slots, &mut local)?,
             Mode::SelfBind => {
                 return Err(Error::Failed("--mode self cannot take sockets back from the fd store".into()))
             }
-        }
+        };
         // Listen on what is new, in order: restored sockets are listening already.
         let listen_new: Vec<&Socket> = match mode {
             Mode::Reuseport | Mode::Shared => fresh.iter().map(|i| &sockets[*i]).collect(),
@@ -141,6 +83,100 @@ impl Listeners {
             unknown: stored,
         })
     }
+}
+
+/// The sockets [`Listeners::restore`] puts together before listening on the new ones.
+#[derive(Default)]
+struct Assembly {
+    sockets: Vec<Socket>,
+    public: Vec<Socket>,
+    /// How many slots kept their stored sockets.
+    restored: usize,
+    /// The new ones (not listening yet): indices into `sockets` (reuseport, shared) or `public`.
+    fresh: Vec<usize>,
+}
+
+/// The stored socket named `name`, taken out of `stored`.
+fn take(stored: &mut Vec<(Socket, String)>, name: &str) -> Option<Socket> {
+    stored.iter().position(|(_, n)| n == name).map(|i| stored.remove(i).0)
+}
+
+fn addr_of(s: &Socket) -> Option<SocketAddr> {
+    s.local_addr().ok().and_then(|a| a.as_socket())
+}
+
+/// Reuseport: each bind on its own, its stored sockets for slots 0, 1, ... (a prefix: members
+/// were only ever closed from the end). A bind added since has none, a slot one bind lacks gets
+/// a new socket, which joins that bind's group last, in slot order. `local` gets the stored
+/// sockets' addresses.
+fn per_slot(
+    stored: &mut Vec<(Socket, String)>,
+    binds: &[BindSpec],
+    slots: usize,
+    local: &mut [SocketAddr],
+) -> Result<Assembly, Error> {
+    let mut a = Assembly::default();
+    let mut per_bind: Vec<std::vec::IntoIter<Socket>> = Vec::new();
+    for (b, bind) in binds.iter().enumerate() {
+        let mut kept = Vec::new();
+        while let Some(s) = take(stored, &format!("rl.{}.{}", bind.name, kept.len())) {
+            kept.push(s);
+        }
+        if let Some(first) = kept.first() {
+            local[b] = addr_of(first).unwrap_or(local[b]);
+        }
+        a.restored = a.restored.max(kept.len());
+        per_bind.push(kept.into_iter());
+    }
+    for _slot in 0..slots.max(a.restored) {
+        for (b, kept) in per_bind.iter_mut().enumerate() {
+            match kept.next() {
+                Some(s) => a.sockets.push(s),
+                None => {
+                    a.fresh.push(a.sockets.len());
+                    a.sockets.push(bound_socket(local[b], true)?);
+                }
+            }
+        }
+    }
+    Ok(a)
+}
+
+/// Shared and round-robin: one stored socket per bind (`rl.<bind>`), or a new one; round-robin's
+/// private per-slot sockets are always new. `local` gets the stored sockets' addresses.
+fn one_per_bind(
+    stored: &mut Vec<(Socket, String)>,
+    binds: &[BindSpec],
+    mode: Mode,
+    slots: usize,
+    local: &mut [SocketAddr],
+) -> Result<Assembly, Error> {
+    let mut a = Assembly::default();
+    for (b, bind) in binds.iter().enumerate() {
+        let s = match take(stored, &format!("rl.{}", bind.name)) {
+            Some(s) => {
+                a.restored = 1;
+                local[b] = addr_of(&s).unwrap_or(local[b]);
+                s
+            }
+            None => {
+                a.fresh.push(b);
+                bound_socket(bind.addr, false)?
+            }
+        };
+        if mode == Mode::Shared {
+            a.sockets.push(s)
+        } else {
+            a.public.push(s)
+        }
+    }
+    if mode == Mode::RoundRobin {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        for _ in 0..slots * binds.len() {
+            a.sockets.push(bound_socket(loopback, false)?);
+        }
+    }
+    Ok(a)
 }
 
 #[cfg(test)]

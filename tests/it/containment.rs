@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 /// A marker no other process has: `sleep MARKER.N` sleeps for hours, found again in /proc.
 fn marker() -> String {
@@ -90,7 +91,9 @@ fn trial(containment: &str, when: When) -> Duration {
             (worker, started) = (second.pid, at);
         }
         When::Roll => {
-            l.wait_for(&format!("(pid {}, gen 1) ready", first.pid), secs(20));
+            wait_fields(&l, secs(20), "the first worker ready", |s| {
+                state_of_pid(s, first.pid).as_deref() == Some("ready")
+            });
             l.signal(Signal::SIGUSR2);
             let (new, at) = nth_start(&l, 2);
             assert_eq!(new.generation, 2, "the roll's new worker");

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 #[test]
 fn n_distinct_workers_answer_on_slots_0_to_n() {
     let l = Launch::new().workers(3).ready_delay("200ms").py(&[]).start();
-    l.wait_for("all 3 workers ready", secs(20));
+    wait_all_ready(&l, 3, secs(20));
     let seen = l.poll_answers(secs(20), |r| distinct(r).len() >= 3);
     let pids: BTreeSet<_> = seen.iter().map(|r| r.pid).collect();
     let slots: BTreeSet<_> = seen.iter().map(|r| r.slot.as_str()).collect();
@@ -25,11 +26,16 @@ fn n_distinct_workers_answer_on_slots_0_to_n() {
 #[test]
 fn sigkilled_worker_is_replaced_on_its_slot() {
     let l = Launch::new().workers(2).ready_delay("200ms").py(&[]).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     let old = l.latest_pid(0);
     let killed_at = Instant::now();
     signal(old, Signal::SIGKILL);
-    l.wait_for(&format!("worker 0 (pid {old}, gen 1) killed by SIGKILL"), secs(10));
+    // The kill as the status states it: slot 0's last worker was killed, one crash restart.
+    wait_fields(&l, secs(10), "slot 0's worker killed by SIGKILL", |s| {
+        let row = rows_of(s, 0);
+        row.first().and_then(|r| r.get("last_exit")).and_then(|e| e.as_str()) == Some("killed by SIGKILL")
+            && restarts_by(s, 0, "crash") == 1
+    });
     let new = l.wait_replacement(0, old, secs(10));
     l.poll_answers(secs(20), |r| r.iter().any(|r| r.pid == new && r.slot == "0"));
     eprintln!("respawn: slot 0 answered from its new worker {:?} after the kill", killed_at.elapsed());
@@ -39,7 +45,7 @@ fn sigkilled_worker_is_replaced_on_its_slot() {
 #[test]
 fn rolling_restarts_under_load_fail_no_request() {
     let l = Launch::new().workers(3).ready_delay("300ms").grace("10s").py(&[]).start();
-    l.wait_for("all 3 workers ready", secs(20));
+    wait_all_ready(&l, 3, secs(20));
     let first: BTreeSet<i32> = l.started_pids().into_iter().collect();
     let first_procs = procs(&first.iter().copied().collect::<Vec<_>>());
     let load = Load::start(l.port(), 4);
@@ -48,7 +54,9 @@ fn rolling_restarts_under_load_fail_no_request() {
     l.wait_for("roll gen 2 done", secs(30));
     // Two more requests while gen 3 rolls coalesce into exactly one further roll (gen 4).
     l.signal(Signal::SIGUSR2);
-    l.wait_for("roll gen 3: starting a new worker for slot 0", secs(10));
+    wait_fields(&l, secs(10), "roll gen 3 under way", |s| {
+        s.get("roll").and_then(|r| r.get("generation")).and_then(|g| g.as_u64()) == Some(3)
+    });
     l.signal(Signal::SIGUSR2);
     l.wait_for_nth("one more roll will follow", 1, secs(10));
     l.signal(Signal::SIGHUP);
@@ -75,7 +83,7 @@ fn rolling_restarts_under_load_fail_no_request() {
 #[test]
 fn connection_queued_on_a_stopped_worker_is_served_after_it_is_killed() {
     let l = Launch::new().workers(1).ready_delay("200ms").py(&[]).start();
-    l.wait_for("all 1 workers ready", secs(20));
+    wait_all_ready(&l, 1, secs(20));
     let old = l.latest_pid(0);
     signal(old, Signal::SIGSTOP);
     // connect() returns once the handshake is done: the connection now sits in the accept
@@ -93,7 +101,7 @@ fn term_stops_every_worker_and_exits_zero() {
     // the launcher must kill what is left of the group.
     let script = format!("(trap '' TERM; exec sleep 1000) & exec python3 {PYWORKER} --notify");
     let mut l = Launch::new().workers(3).ready("notify").cmd(&["sh", "-c", &script]).start();
-    l.wait_for("all 3 workers ready", secs(20));
+    wait_all_ready(&l, 3, secs(20));
     let pids = l.started_pids();
     let workers = procs(&pids);
     assert!(wait_until(secs(10), || members_of(&pids, u64::MAX).len() == 6), "3 workers and 3 sleeps expected");
@@ -112,10 +120,10 @@ fn term_stops_every_worker_and_exits_zero() {
 #[test]
 fn second_term_kills_at_once() {
     let mut l = Launch::new().workers(2).ready("notify").grace("60s").py(&["--ignore-term", "--notify"]).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     let workers = procs(&l.started_pids());
     l.signal(Signal::SIGTERM);
-    l.wait_for("send TERM again", secs(10));
+    wait_fields(&l, secs(10), "a stop under way", |s| s.get("stopping").and_then(|v| v.as_bool()) == Some(true));
     l.signal(Signal::SIGTERM);
     assert_eq!(l.exit_code(secs(10)), 0, "{}", l.log());
     assert!(workers.iter().all(|p| !p.alive()));
@@ -124,7 +132,7 @@ fn second_term_kills_at_once() {
 #[test]
 fn launcher_sigkill_takes_the_workers_down() {
     let mut l = Launch::new().workers(2).ready_delay("200ms").py(&[]).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     let workers = procs(&l.started_pids());
     l.signal(Signal::SIGKILL);
     l.wait_exit(secs(10)).expect("launcher gone");
@@ -193,7 +201,8 @@ fn one_bad_slot_does_not_take_the_others_down() {
         .flag("--max-start-failures", "2")
         .cmd(&["sh", "-c", &script])
         .start();
-    l.wait_for_nth("worker 1 (pid", 6, secs(30));
+    // Three failed starts of slot 1 (more than --max-start-failures), each counted as a crash.
+    wait_fields(&l, secs(30), "3 crashes of slot 1", |s| restarts_by(s, 1, "crash") >= 3);
     assert!(l.wait_exit(Duration::ZERO).is_none(), "launcher gave up:\n{}", l.log());
     l.poll_answers(secs(10), |r| r.iter().any(|r| r.slot == "0"));
 }
@@ -202,7 +211,7 @@ fn one_bad_slot_does_not_take_the_others_down() {
 fn worker_ignoring_term_is_killed_after_grace() {
     // Ready by notify: the worker says so only after it has set SIGTERM to ignored.
     let mut l = Launch::new().workers(1).ready("notify").grace("1s").py(&["--ignore-term", "--notify"]).start();
-    l.wait_for("all 1 workers ready", secs(20));
+    wait_all_ready(&l, 1, secs(20));
     let pid = l.latest_pid(0);
     let worker = Proc::of(pid);
     l.signal(Signal::SIGTERM);
@@ -225,7 +234,7 @@ fn worker_sees_only_its_own_sockets_and_the_contract_environment() {
         .env("NODE_UNIQUE_ID", "1")
         .env("NODE_CHANNEL_FD", "5")
         .start();
-    l.wait_for("all 2 workers ready", secs(10));
+    wait_all_ready(&l, 2, secs(10));
     let mut first_inodes = Vec::new();
     for slot in 0..2 {
         let pid = l.latest_pid(slot);
@@ -259,7 +268,7 @@ fn worker_sees_only_its_own_sockets_and_the_contract_environment() {
 #[test]
 fn shared_mode_hands_one_socket_to_every_worker() {
     let l = Launch::new().workers(2).mode("shared").ready_delay("100ms").cmd(&["sleep", "1000"]).start();
-    l.wait_for("all 2 workers ready", secs(10));
+    wait_all_ready(&l, 2, secs(10));
     assert_eq!(fd_target(l.latest_pid(0), 3), fd_target(l.latest_pid(1), 3));
 }
 
@@ -268,7 +277,7 @@ fn no_zombies_after_many_respawns() {
     // Each worker also leaves an orphan behind, re-parented to the launcher (a subreaper).
     let script = format!("(sleep 0.1 &); exec python3 {PYWORKER}");
     let l = Launch::new().workers(3).ready_delay("100ms").cmd(&["sh", "-c", &script]).start();
-    l.wait_for("all 3 workers ready", secs(20));
+    wait_all_ready(&l, 3, secs(20));
     for _round in 0..4 {
         let current: Vec<i32> = (0..3).map(|s| l.latest_pid(s)).collect();
         for pid in &current {
@@ -296,7 +305,7 @@ fn abandoned_roll_keeps_the_old_workers_serving() {
         .flag("--ready-timeout", "5s")
         .py(&["--notify", "--exit-if-file", bad.str()])
         .start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     let first: Vec<i32> = (0..2).map(|s| l.latest_pid(s)).collect();
     std::fs::write(&bad, "").unwrap();
     l.signal(Signal::SIGUSR2);

@@ -124,6 +124,15 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     }
 }
 
+/// Scrape until `n` workers are desired and `n` ready (what the log's `all N workers ready`
+/// says, from the gauges).
+fn all_ready_in_metrics(addr: SocketAddr, n: u32, timeout: Duration) -> Vec<Sample> {
+    scrape_until(addr, timeout, &format!("{n} of {n} workers ready"), |m| {
+        value(m, "reuse_launch_workers_desired", &[]) == f64::from(n)
+            && value(m, "reuse_launch_workers", &[("state", "ready")]) == f64::from(n)
+    })
+}
+
 /// Scrape until `cond` holds on the samples, or panic with the last ones after `timeout`.
 fn scrape_until(addr: SocketAddr, timeout: Duration, what: &str, cond: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
     let end = Instant::now() + timeout;
@@ -148,7 +157,7 @@ fn metrics_report_workers_generation_restarts_and_queues() {
         .py(&[])
         .start();
     let addr = metrics_addr(&l);
-    l.wait_for("all 2 workers ready", secs(30));
+    all_ready_in_metrics(addr, 2, secs(30));
     let binds = l.listening();
     let m = scrape_until(addr, secs(10), "2 ready workers", |m| {
         value(m, "reuse_launch_workers", &[("state", "ready")]) == 2.0
@@ -203,22 +212,31 @@ fn metrics_report_workers_generation_restarts_and_queues() {
 #[test]
 fn healthz_and_readyz_follow_the_loop_and_the_workers() {
     let flag = TempPath::new("crash-loop");
+    // The workers are held before they start serving until the test opens the gate, so the
+    // launcher is not ready for as long as the test looks (not for a delay a slow machine may
+    // outlast); they say READY=1 themselves once serving.
+    let gate = TempPath::new("ready-gate");
+    let script = format!(
+        "while [ ! -e \"$0\" ]; do sleep 0.05; done; exec python3 {PYWORKER} --notify --exit-if-file {}",
+        flag.str()
+    );
     let l = Launch::new()
         .workers(2)
         .mode("shared")
-        .ready_delay("3s")
+        .ready("notify")
         .flag("--metrics", "127.0.0.1:0")
-        .py(&["--exit-if-file", flag.str()])
+        .cmd(&["sh", "-c", &script, gate.str()])
         .start();
     let addr = metrics_addr(&l);
-    // Not ready until every worker is (the 3 s delay; unless this machine was slower than that).
+    // Not ready until every worker is: both started, neither ready.
+    assert!(wait_until(secs(20), || l.started().len() == 2), "2 workers not started:\n{}", l.log());
     let (status, body) = http_get(addr, "/readyz").unwrap();
-    if l.find("all 2 workers ready").is_none() {
-        assert_eq!(status, 503, "{body}");
-        assert!(body.starts_with("not ready: "), "{body}");
-    }
+    assert!(l.ready().is_empty(), "a worker was ready before the gate opened:\n{}", l.log());
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("not ready: "), "{body}");
     assert_eq!(http_get(addr, "/healthz").unwrap(), (200, "ok\n".to_string()));
-    l.wait_for("all 2 workers ready", secs(30));
+    std::fs::write(&*gate, "").unwrap();
+    all_ready_in_metrics(addr, 2, secs(30));
     assert!(wait_until(secs(5), || http_get(addr, "/readyz").unwrap().0 == 200));
     assert_eq!(http_get(addr, "/readyz").unwrap().1, "ready: 2 of 2 workers ready (need 2)\n");
 
@@ -228,6 +246,7 @@ fn healthz_and_readyz_follow_the_loop_and_the_workers() {
     while Instant::now() < end {
         let (status, body) = http_get(addr, "/healthz").unwrap();
         assert_eq!(status, 200, "{body}");
+        // The probes' pace over the 7 s of idleness (the scenario), not a wait for a condition.
         std::thread::sleep(Duration::from_millis(500));
     }
 
@@ -262,13 +281,15 @@ fn min_ready_keeps_readyz_up_while_enough_workers_serve() {
         .py(&["--exit-if-file", flag.str()])
         .start();
     let addr = metrics_addr(&l);
-    l.wait_for("all 3 workers ready", secs(30));
+    all_ready_in_metrics(addr, 3, secs(30));
     assert!(wait_until(secs(5), || http_get(addr, "/readyz").unwrap().0 == 200));
     std::fs::write(&*flag, "").unwrap();
     let first = l.latest_pid(2);
     signal(first, Signal::SIGKILL);
     // Slot 2 crash-loops: 2 of 3 ready is enough.
-    l.wait_for("worker 2 restarts in", secs(20));
+    scrape_until(addr, secs(20), "a crash restart of slot 2", |m| {
+        value(m, "reuse_launch_restarts_total", &[("slot", "2"), ("cause", "crash")]) >= 1.0
+    });
     // What the endpoint says follows the loop's published picture (within a turn or two).
     let want = (200, "ready: 2 of 3 workers ready (need 2)\n".to_string());
     let mut seen = (0, String::new());
@@ -308,7 +329,7 @@ fn drain_delay_says_503_at_once_and_keeps_serving_until_it_stops() {
         .py(&[])
         .start();
     let addr = metrics_addr(&l);
-    l.wait_for("all 2 workers ready", secs(30));
+    all_ready_in_metrics(addr, 2, secs(30));
     assert!(wait_until(secs(5), || http_get(addr, "/readyz").unwrap().0 == 200));
     let load = Load::start(l.port(), 3);
     assert!(wait_until(secs(10), || get(l.port()).is_ok()));
@@ -331,6 +352,7 @@ fn drain_delay_says_503_at_once_and_keeps_serving_until_it_stops() {
     for _ in 0..5 {
         get(l.port()).expect("a request during the drain delay");
     }
+    // The scenario: the clients run on until 1.5 s into the 2 s delay (no condition to wait for).
     std::thread::sleep(Duration::from_millis(1500).saturating_sub(term.elapsed()));
     assert!(l.find(") stopping (SIGTERM)").is_none(), "workers stopped before the drain delay:\n{}", l.log());
     let (ok, failures) = load.finish();
@@ -373,13 +395,19 @@ fn the_cost_of_a_scrape_with_64_workers() {
     let hello = hello_c();
     let l = Launch::new().workers(64).ready_delay("500ms").flag("--metrics", "127.0.0.1:0").cmd(&[&hello]).start();
     let addr = metrics_addr(&l);
-    l.wait_for("all 64 workers ready", secs(120));
+    all_ready_in_metrics(addr, 64, secs(120));
     let pid = l.pid();
-    std::thread::sleep(secs(1));
+    // Settled before the idle window (in place of a fixed second): the loop's published picture
+    // has caught up with the start-up, every worker ready and every slot serving.
+    scrape_until(addr, secs(30), "64 ready workers on 64 serving slots", |m| {
+        value(m, "reuse_launch_workers", &[("state", "ready")]) == 64.0
+            && value(m, "reuse_launch_serving_slots", &[]) == 64.0
+    });
     // The launcher's own rate without scrapes (the loop samples 64 queues every 20 ms), then
     // a burst of back-to-back scrapes: what they add, per scrape.
     let idle_window = secs(5);
     let c0 = cpu_seconds(pid);
+    // The measurement window itself, not a wait for a condition.
     std::thread::sleep(idle_window);
     let c1 = cpu_seconds(pid);
     let idle_rate = (c1 - c0) / idle_window.as_secs_f64();

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use crate::fleet::{http_get, metrics_addr};
+use crate::status_fields::*;
 
 /// This process's RLIMIT_NOFILE soft limit raised to the hard one (hundreds of clients).
 fn raise_fd_limit() {
@@ -155,6 +156,7 @@ impl Hostile {
                         slot.s = None;
                     }
                 }
+                // The hostile clients' pace (the scenario), not a wait for a condition.
                 std::thread::sleep(Duration::from_millis(50));
             }
         }));
@@ -179,7 +181,7 @@ impl Drop for Hostile {
 fn launch() -> (Launcher, SocketAddr) {
     let l = Launch::new().workers(2).ready("auto").flag("--metrics", "127.0.0.1:0").py(&[]).start();
     let addr = metrics_addr(&l);
-    l.wait_for("all 2 workers ready", secs(30));
+    wait_all_ready(&l, 2, secs(30));
     assert!(wait_until(secs(10), || http_get(addr, "/readyz").is_ok_and(|r| r.0 == 200)));
     (l, addr)
 }
@@ -332,7 +334,7 @@ fn control_clients_past_the_cap_close_the_one_idle_longest() {
     let dir = TempPath::dir("hostile-control");
     let path = dir.join("c.sock").to_str().unwrap().to_string();
     let l = Launch::new().workers(1).ready("auto").flag("--control", &path).py(&[]).start();
-    l.wait_for("all 1 workers ready", secs(30));
+    wait_all_ready(&l, 1, secs(30));
     let status = b"{\"cmd\":\"status\"}\n";
     // 32 clients, each answered once and then idle, the first one idle longest.
     let idle: Vec<UnixStream> = (0..32)

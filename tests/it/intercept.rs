@@ -31,6 +31,7 @@ use crate::common::*;
 use crate::control::json::Value;
 use crate::control::{num, rows, status, text, wait_status};
 use crate::runtimes::{built, BUILD};
+use crate::status_fields::*;
 
 /// The launcher's backlog in these tests: no server asks for this number itself.
 const BACKLOG: &str = "777";
@@ -327,7 +328,7 @@ fn a_stopped_worker_of_four_strands_no_new_connection() {
             "request {i}: {text:?}"
         );
     }
-    l.wait_for(&format!("(pid {stopped}, gen 1) is not running"), secs(10));
+    wait_stalled(&l, stopped);
     let during: Vec<Reply> = (0..40).map(|i| get(l.port()).unwrap_or_else(|e| panic!("request {i}: {e}"))).collect();
     assert!(during.iter().all(|r| r.pid != stopped));
     signal(stopped, Signal::SIGCONT);
@@ -519,7 +520,9 @@ fn without_cap_sys_ptrace_a_user_workers_bind_cannot_be_served_and_the_probe_say
         .flag("--user", "nobody")
         .cmd(&["/usr/bin/python3", PYWORKER])
         .start();
-    l.wait_for("bind() interception is unavailable", secs(30));
+    wait_fields(&l, secs(30), "intercept_bind unavailable", |s| {
+        s.get("intercept_bind").and_then(|v| v.as_str()).is_some_and(|v| v.starts_with("unavailable: "))
+    });
     l.poll_answers(secs(30), |r| !r.is_empty());
 }
 
@@ -615,7 +618,7 @@ fn scale_up_and_down_under_load() {
     wait_intercepted(&l, &dir, 4);
     l.poll_answers(secs(30), |r| r.iter().any(|r| r.slot == "3"));
     client(&["scale", "1"]);
-    l.wait_for("worker 1 removed", secs(60));
+    wait_fields(&l, secs(60), "slot 1 removed: only slot 0 has a row", |s| slots(s) == [0]);
     let (ok, failures) = load.finish();
     assert!(failures.is_empty(), "{} of {ok} failed while scaling: {failures:?}", failures.len());
     check_sockets(&l, &dir, 1);

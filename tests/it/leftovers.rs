@@ -6,6 +6,7 @@
 use nix::sys::signal::Signal;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 /// The processes whose command line contains `token`.
 fn with_token(token: &str) -> Vec<i32> {
@@ -35,7 +36,7 @@ fn forky(token: &str, trace: &TempPath) -> Launcher {
         .env("REUSE_LAUNCH_SENTINEL_TRACE", trace.str())
         .cmd(&[&worker("forky.sh"), token])
         .start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     assert!(wait_until(secs(10), || with_token(token).len() >= 8), "{:?}", with_token(token));
     assert!(wait_until(secs(10), || noted(trace) >= 10), "the sentinel noted {}", noted(trace));
     l
@@ -73,7 +74,7 @@ fn a_sigkilled_launcher_running_starman_leaves_no_starman_worker() {
         .flag("--stop-signal", "QUIT")
         .cmd(&["starman", "--workers", "2", &app])
         .start();
-    l.wait_for("all 2 workers ready", secs(30));
+    wait_all_ready(&l, 2, secs(30));
     let masters = l.started_pids();
     assert!(wait_until(secs(20), || members_of(&masters, u64::MAX).len() >= 6), "2 masters with 2 workers each");
     let procs = procs(&members_of(&masters, u64::MAX));

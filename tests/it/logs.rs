@@ -16,6 +16,7 @@ use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 /// The launcher's stdout as a FIFO that the test reads (or not).
 struct Stdout {
@@ -141,7 +142,7 @@ fn long_lines_of_two_workers_never_mix_on_stdout_or_stderr() {
     ));
     let mut out = Stdout::new();
     let l = out.attach(Launch::new().workers(2).ready_delay("100ms").cmd(&cmd(&worker))).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     out.wait("every stdout line", secs(60), |lines| lines.len() >= N);
     let workers = l.started();
     assert_eq!(workers.len(), 2, "{}", l.log());
@@ -290,7 +291,7 @@ fn stdout_blocked(launcher: i32) -> bool {
 fn a_stalled_stdout_reader_does_not_stall_the_supervisor() {
     let out = Stdout::new();
     let l = out.attach(Launch::new().workers(2).ready_delay("200ms").grace("5s").cmd(&["yes", "flood-line"])).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     // Nobody reads stdout: the FIFO fills and log-out blocks in write (then the workers block).
     assert!(wait_until(secs(20), || stdout_blocked(l.pid())), "log-out never blocked:\n{}", l.log());
     // A crash is still seen and the slot respawned ...

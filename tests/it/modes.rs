@@ -9,11 +9,12 @@ use std::net::TcpStream;
 use nix::sys::signal::Signal;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 /// Serve from 3 workers, replace a SIGKILLed one, roll under load; returns the failures.
 fn exercise(mode: &str, extra: &[&str]) -> (usize, Vec<String>) {
     let l = Launch::new().workers(3).mode(mode).ready_delay("300ms").grace("10s").py(extra).start();
-    l.wait_for("all 3 workers ready", secs(20));
+    wait_all_ready(&l, 3, secs(20));
     let seen = l.poll_answers(secs(20), |r| distinct(r).len() >= 3);
     let slots: BTreeSet<_> = seen.iter().map(|r| r.slot.clone()).collect();
     assert_eq!(slots.len(), 3, "{mode}: {seen:?}");
@@ -73,7 +74,7 @@ fn round_robin_spreads_evenly_and_skips_a_dead_slot() {
         flag.display()
     );
     let l = Launch::new().workers(3).mode("round-robin").ready("notify").cmd(&["sh", "-c", &script]).start();
-    l.wait_for("all 3 workers ready", secs(20));
+    wait_all_ready(&l, 3, secs(20));
     // Sequential new connections: the forwarder takes the serving slots strictly in turn.
     let seen = l.poll_answers(secs(20), |r| r.len() >= 30);
     for slot in ["0", "1", "2"] {
@@ -100,7 +101,7 @@ fn round_robin_spreads_evenly_and_skips_a_dead_slot() {
 /// sees no failure. After SIGCONT the slot gets new connections again.
 fn stopped_worker_strands_nothing(mode: &str) {
     let l = Launch::new().workers(2).mode(mode).ready_delay("200ms").py(&[]).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     let port = l.port();
     let load = Load::start(port, 4);
     let stopped = l.latest_pid(1);
@@ -122,14 +123,16 @@ fn stopped_worker_strands_nothing(mode: &str) {
         assert!(text.starts_with("HTTP/1.1 200"), "{mode}: request {i}: {text:?}");
         assert!(text.contains(&format!("pid={serving} ")), "{mode}: request {i} answered by {text:?}");
     }
-    l.wait_for(&format!("(pid {stopped}, gen 1) is not running"), secs(10));
+    wait_stalled(&l, stopped);
     l.wait_for("new connections go to slots [0] only", secs(10));
     for i in 0..20 {
         let r = get(port).unwrap_or_else(|e| panic!("{mode}: request {i} after the stall was noticed: {e}"));
         assert_eq!(r.slot, "0");
     }
     signal(stopped, Signal::SIGCONT);
-    l.wait_for(&format!("(pid {stopped}, gen 1) gets new connections again"), secs(10));
+    wait_fields(&l, secs(10), "the resumed worker ready again", |s| {
+        state_of_pid(s, stopped).as_deref() == Some("ready")
+    });
     let back = l.poll_answers(secs(20), |r| r.iter().any(|r| r.pid == stopped));
     assert!(back.iter().any(|r| r.pid == stopped), "{mode}: the resumed worker got nothing");
     let (ok, failures) = load.finish();

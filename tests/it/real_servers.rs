@@ -19,6 +19,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 const VENV_BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-test/bin");
 
@@ -69,7 +70,7 @@ enum Drops {
 /// Answering pids are tracked as well as the launcher's workers: a server with its own
 /// master (gunicorn) answers from child processes.
 fn serve_roll_stop(l: &mut Launcher, drops: Drops) {
-    l.wait_for("all 2 workers ready", secs(60));
+    wait_all_ready(l, 2, secs(60));
     let first = l.poll_answers(secs(30), |r| pids_of(r).len() >= 2);
     assert!(first.iter().all(|r| r.gen == "1"), "answers before the roll: {:?}", distinct(&first));
     let gen1_pids: Vec<i32> = l.started_pids().into_iter().chain(pids_of(&first)).collect();
@@ -168,7 +169,7 @@ fn node_fd_sigterm_reset_connections_between_requests() {
     use std::io::{Read, Write};
     require(&["node", "--version"], "install Node.js 20 (apt-get install nodejs)");
     let l = Launch::new().workers(1).grace("10s").ready_delay("300ms").cmd(&["node", &worker("node-fd.js")]).start();
-    l.wait_for(") ready after", secs(20));
+    wait_all_ready(&l, 1, secs(20));
     let pid = l.latest_pid(0);
     let connect = || std::net::TcpStream::connect(("127.0.0.1", l.port())).unwrap();
     // A keep-alive connection that has had one answer: now between two requests.
@@ -281,7 +282,7 @@ fn socket_activated_launcher_adopts_the_socket() {
 
     // The first connection, queued on the activator's socket, is answered by a worker.
     let first = get(port).unwrap_or_else(|e| panic!("first connection not answered: {e}\nlog:\n{}", l.log()));
-    l.wait_for("all 2 workers ready", secs(30));
+    wait_all_ready(&l, 2, secs(30));
     let workers: Vec<i32> = (0..2).map(|s| l.latest_pid(s)).collect();
     assert!(workers.contains(&first.pid), "{first:?} not from a worker {workers:?}");
     for pid in &workers {
@@ -312,7 +313,7 @@ fn placeholders_and_einhorn_server_starter_environment() {
         "127.0.0.1:{port}",
     ];
     let mut l = two_workers().bind("127.0.0.1:0").bind("admin=127.0.0.1:0").ready_delay("100ms").cmd(&command).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     let addrs = l.listening();
     assert_eq!(addrs.len(), 2, "{}", l.log());
     let port = l.port().to_string();
@@ -363,14 +364,15 @@ fn launcher_ready_waits_for_every_worker_and_for_the_whole_roll() {
     let pid = l.pid();
 
     // One ready worker of two: not READY yet.
-    l.wait_for("worker 0 (pid", secs(10));
-    l.wait_for(&format!("worker 0 (pid {}, gen 1) ready", l.latest_pid(0)), secs(20));
+    wait_fields(&l, secs(20), "slot 0's worker ready", |s| {
+        rows_of(s, 0).iter().any(|r| r.get("state").and_then(|v| v.as_str()) == Some("ready"))
+    });
     // The status the launcher sends at the end of that same step: a READY=1 would come first.
     rx.wait_for("STATUS=1/2 workers ready, gen 1", 0, secs(10));
     assert!(!rx.has(0, "READY=1"), "READY=1 with 1 of 2 workers ready: {:?}", rx.got);
     std::fs::write(gate_of(1), "").unwrap();
     let ready = rx.wait_for("READY=1", 0, secs(20));
-    l.wait_for("all 2 workers ready", secs(5));
+    wait_all_ready(&l, 2, secs(5));
     assert!(rx.has(0, &format!("MAINPID={pid}")), "no MAINPID={pid}: {:?}", rx.got);
 
     // A roll is RELOADING=1 ... READY=1, and READY=1 waits for its last slot.

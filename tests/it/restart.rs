@@ -14,6 +14,7 @@ use nix::sys::signal::Signal;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 use crate::common::*;
+use crate::status_fields::*;
 
 /// A service manager's fd store, as far as the launcher can tell: the fds of every
 /// `FDSTORE=1` datagram kept by `FDNAME`, dropped again on `FDSTOREREMOVE=1`.
@@ -87,7 +88,7 @@ fn the_fd_store_keeps_the_queues_of_a_server_that_binds_the_port_itself() {
 fn killed_launcher_restarts_from_the_fd_store(server: impl Fn(Launch) -> Launch) {
     let mut store = FdStore::bind();
     let mut first = server(Launch::new().workers(2).ready("auto").env("NOTIFY_SOCKET", store.path.str())).start();
-    first.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&first, 2, secs(20));
     store.wait_for(&["rl.http.0", "rl.http.1"], secs(10));
     let port = first.port();
     let workers = procs(&first.started_pids());
@@ -125,7 +126,7 @@ fn killed_launcher_restarts_from_the_fd_store(server: impl Fn(Launch) -> Launch)
         assert!(text.starts_with("HTTP/1.1 200"), "client {i}: {text:?}");
         answered.push(text.split("pid=").nth(1).unwrap().split(' ').next().unwrap().parse::<i32>().unwrap());
     }
-    second.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&second, 2, secs(20));
     let new_workers = second.started_pids();
     assert!(answered.iter().all(|p| new_workers.contains(p)), "answered by {answered:?}, new workers {new_workers:?}");
     drop(store);
@@ -142,10 +143,10 @@ fn the_fd_store_keeps_the_automatic_slot_count() {
     let control = dir.join("c.sock").to_str().unwrap().to_string();
     let launch = || Launch::new().flag("-n", "1..3").ready("auto").flag("--control", &control);
     let mut first = launch().env("NOTIFY_SOCKET", store.path.str()).py(&[]).start();
-    first.wait_for("all 1 workers ready", secs(20));
+    wait_all_ready(&first, 1, secs(20));
     let out = std::process::Command::new(BIN).args(["scale", "2", "--control", &control]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    first.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&first, 2, secs(20));
     store.wait_for(&["rl.http.0", "rl.http.1"], secs(10));
     first.signal(Signal::SIGKILL);
     assert!(first.wait_exit(secs(10)).is_some(), "the launcher did not die");
@@ -159,7 +160,7 @@ fn the_fd_store_keeps_the_automatic_slot_count() {
         .py(&[])
         .start();
     second.wait_for("took back 2 listening sockets from the service manager's fd store", secs(10));
-    second.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&second, 2, secs(20));
     assert_eq!(second.count("retires"), 0, "{}", second.log());
     let answers = second.poll_answers(secs(20), |r| r.iter().any(|r| r.slot == "1"));
     assert!(answers.iter().any(|r| r.slot == "1"));

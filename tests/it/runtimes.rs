@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 pub(crate) const BUILD: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/runtimes");
 
@@ -187,7 +188,7 @@ fn pids(replies: &[Reply]) -> BTreeSet<i32> {
 /// only that the roll finished, that gen 2 answers on both slots from pids not seen before, and
 /// that every old process is gone.
 fn roll_under_load(l: &mut Launcher, min_pids: usize) -> Roll {
-    l.wait_for("all 2 workers ready", secs(90));
+    wait_all_ready(l, 2, secs(90));
     let first = l.poll_answers(secs(30), |r| {
         let slots: BTreeSet<&str> = r.iter().map(|r| r.slot.as_str()).collect();
         slots.len() == 2 && pids(r).len() >= min_pids
@@ -378,7 +379,7 @@ fn java_inherited_channel_with_socket_on_stdin_rolls_under_load() {
     let command = java_command(&classes);
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     let mut l = launch(&["--socket-on-stdin", "--ready", "auto"], &command);
-    l.wait_for("all 2 workers ready", secs(90));
+    wait_all_ready(&l, 2, secs(90));
     // fd 0 and fd 3 are the same socket (the slot's), in each worker.
     for slot in 0..2 {
         let pid = l.latest_pid(slot);

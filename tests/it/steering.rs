@@ -9,6 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use socket2::{Domain, Socket, Type};
 
 use crate::common::*;
+use crate::status_fields::*;
 
 /// `GET /` on a new connection from source address `from`; the answering worker's pid.
 fn get_from(from: [u8; 4], port: u16) -> i32 {
@@ -31,7 +32,7 @@ fn pid_in(text: &str) -> i32 {
 #[test]
 fn ip_steering_is_sticky_per_source_address() {
     let l = Launch::new().workers(4).ready("auto").args(&["--steer", "ip"]).py(&[]).start();
-    l.wait_for("all 4 workers ready", secs(20));
+    wait_all_ready(&l, 4, secs(20));
     let port = l.port();
     let mut by_source: BTreeMap<u8, BTreeSet<i32>> = BTreeMap::new();
     for last in 2..=21u8 {
@@ -50,7 +51,7 @@ fn ip_steering_is_sticky_per_source_address() {
     signal(stopped, nix::sys::signal::Signal::SIGSTOP);
     let relayed = get_from([127, 0, 0, moved_source], port);
     assert_ne!(relayed, stopped);
-    l.wait_for(&format!("(pid {stopped}, gen 1) is not running"), secs(10));
+    wait_stalled(&l, stopped);
     for (last, pids) in &by_source {
         let before = *pids.iter().next().unwrap();
         let now: BTreeSet<i32> = (0..5).map(|_| get_from([127, 0, 0, *last], port)).collect();
@@ -82,7 +83,7 @@ fn cpu_steering_answers_from_the_worker_pinned_to_the_cpu() {
     };
     assert!(cpus.len() >= 2, "this test needs 2 CPUs to tell workers apart, the test process may use {cpus:?}");
     let l = Launch::new().workers(2).ready("auto").args(&["--steer", "cpu"]).py(&[]).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     let port = l.port();
     let mut pinned = BTreeMap::new();
     for w in l.started() {
@@ -113,7 +114,7 @@ fn a_deadlocked_worker_strands_nothing() {
     let flags = TempPath::dir("deadlock");
     let hang = format!("{}/hang-{{slot}}", flags.str());
     let l = Launch::new().workers(2).ready("auto").grace("1s").py(&["--hang-if-file", &hang]).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     let port = l.port();
     std::fs::write(format!("{}/hang-1", flags.str()), "").unwrap();
     let stuck = l.started().iter().find(|w| w.slot == 1).unwrap().pid;
@@ -177,7 +178,7 @@ fn least_loaded_favours_the_worker_that_keeps_up() {
             .args(&["--steer", steer])
             .py(&["--handle-delay", "0.4", "--slow-if-file", &slow])
             .start();
-        l.wait_for("all 2 workers ready", secs(20));
+        wait_all_ready(&l, 2, secs(20));
         let (slow_share, n) = share(&l, secs(3));
         assert!(n > 20, "{steer}: only {n} requests");
         std::fs::remove_file(&slow1).unwrap();

@@ -21,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 const CLIENTS: usize = 20;
 const ACKS: usize = 6;
@@ -98,7 +99,7 @@ fn round(l: &Launcher) -> Round {
 /// 4 socket.io workers under `--steer steer`, every one ready.
 fn launch(steer: &str) -> Launcher {
     let l = Launch::new().workers(4).args(&["--steer", steer]).cmd(&["node", &worker("socketio/server.js")]).start();
-    l.wait_for("all 4 workers ready", secs(60));
+    wait_all_ready(&l, 4, secs(60));
     l
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::common::*;
+use crate::status_fields::*;
 
 /// bench/workers/hello.c, built once per test run with the system's C compiler.
 fn hello_c() -> String {
@@ -57,7 +58,7 @@ fn wait_idle(l: &Launcher) {
 #[test]
 fn with_64_workers_and_one_stopped_every_new_connection_is_answered_within_a_second() {
     let l = Launch::new().workers(64).ready("auto").env("RUST_LOG", WATCH_LOG).cmd(&[&hello_c()]).start();
-    l.wait_for("all 64 workers ready", secs(60));
+    wait_all_ready(&l, 64, secs(60));
     let port = l.port();
     for i in 0..20 {
         hello_get(port).unwrap_or_else(|e| panic!("before the fault, connection {i}: {e}"));
@@ -94,7 +95,7 @@ fn a_deadlocked_worker_of_an_idle_launcher_is_taken_out_within_300_ms() {
     let flags = TempPath::dir("deadlock");
     let hang = format!("{}/hang-{{slot}}", flags.str());
     let l = Launch::new().workers(2).ready("auto").env("RUST_LOG", WATCH_LOG).py(&["--hang-if-file", &hang]).start();
-    l.wait_for("all 2 workers ready", secs(20));
+    wait_all_ready(&l, 2, secs(20));
     wait_idle(&l);
     let port = l.port();
     std::fs::write(format!("{}/hang-1", flags.str()), "").unwrap();

@@ -55,6 +55,9 @@ use nix::unistd::Pid;
 use crate::command::{Credentials, Program};
 use crate::intercept::ChildFilter;
 
+mod child;
+use child::{child_entry, ChildCtx};
+
 /// Most listening fds one worker can receive (fixed so the child needs no allocation).
 pub const MAX_FDS: usize = 64;
 
@@ -124,36 +127,6 @@ pub struct Spawned {
     pub pid: Pid,
     /// With [`Spec::intercept`]: the filter's notification fd.
     pub notif: Option<OwnedFd>,
-}
-
-/// What the child reads between fork and exec: built in the parent, so the child allocates nothing.
-struct ChildCtx {
-    parent: libc::pid_t,
-    fds: [RawFd; MAX_FDS],
-    nfds: usize,
-    /// dup2 fd 3 (the first listening socket, once in place) onto fd 0.
-    stdin_socket: bool,
-    /// dup2 onto fds 1 and 2 (the log pipes' write ends).
-    stdio: Option<[RawFd; 2]>,
-    /// CPU affinity to set (built in the parent).
-    cpus: Option<CpuSet>,
-    filter: Option<ChildFilter>,
-    /// The channel the notification fd is sent on (-1: no `--intercept-bind`).
-    chan: RawFd,
-    /// Step 1's containment (-1: none).
-    cgroup_procs: RawFd,
-    sentinel: RawFd,
-    /// Set by the child when a step or the exec fails (its errno; 0 until then).
-    err: std::sync::atomic::AtomicI32,
-    pid_slots: [*mut u8; 4],
-    npid: usize,
-    /// uid, gid, supplementary groups (pointer, count).
-    creds: Option<(libc::uid_t, libc::gid_t, *const libc::gid_t, usize)>,
-    /// RLIMIT_NOFILE to restore (the launcher raised its own).
-    nofile: Option<libc::rlimit>,
-    path: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
 }
 
 /// Start one worker. Must be called from the launcher's main thread (see the module doc on
@@ -238,161 +211,9 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     }
 }
 
-/// The child's entry point on its own stack (see [`spawn`]).
-extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the parent's ChildCtx, alive until we exec or exit (CLONE_VFORK).
-    unsafe { child_exec(&*(arg as *const ChildCtx)) }
-}
-
 /// A CPU set with only `cpu` in it (None when `cpu` is beyond what a set can hold).
 fn cpu_set(cpu: usize) -> Option<CpuSet> {
     let mut set = CpuSet::new();
     set.set(cpu).ok()?;
     Some(set)
-}
-
-/// The child's side of [`spawn`]. Never returns.
-///
-/// # Safety
-/// Only to be called in a child right after fork. All pointers in `ctx` point into the
-/// parent's memory, copied into this process by fork and valid until exec.
-unsafe fn child_exec(ctx: &ChildCtx) -> ! {
-    // SAFETY: every call below is an async-signal-safe system call wrapper; no allocation.
-    unsafe {
-        // The errno of a failed step, for the parent (an atomic store in the shared context).
-        let fail = || -> ! {
-            let e = (*libc::__errno_location()).max(1);
-            ctx.err.store(e, std::sync::atomic::Ordering::SeqCst);
-            libc::_exit(127)
-        };
-        libc::setpgid(0, 0);
-        // SAFETY (containment): write(2) of a constant and of a stack buffer to fds the parent
-        // opened for this; nothing allocated. The move into the cgroup must succeed: a worker
-        // outside it would escape the containment the launcher reports.
-        if ctx.cgroup_procs >= 0 && libc::write(ctx.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
-            fail();
-        }
-        if ctx.sentinel >= 0 {
-            // `+PID\n`; a full pipe (EAGAIN: the sentinel is not reading) loses only the record.
-            let mut rec = [0u8; 16];
-            rec[0] = b'+';
-            let len = 1 + crate::vfork::write_decimal(&mut rec[1..], libc::getpid() as u32);
-            rec[len] = b'\n';
-            libc::write(ctx.sentinel, rec.as_ptr().cast(), len + 1);
-        }
-        for sig in 1..=libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-
-        // Move everything we still need above the target range first, then dup2 into 3.. .
-        let nfds = ctx.nfds;
-        let floor = 3 + nfds as libc::c_int;
-        // The intercept's channel (sent on in step 4) and the log pipes too: their numbers may
-        // be among 3.. (or even 1 and 2).
-        let chan = if ctx.chan >= 0 { libc::fcntl(ctx.chan, libc::F_DUPFD_CLOEXEC, floor) } else { -1 };
-        if ctx.chan >= 0 && chan < 0 {
-            fail();
-        }
-        let mut stdio = [-1 as RawFd; 2];
-        if let Some(fds) = &ctx.stdio {
-            for (t, &fd) in stdio.iter_mut().zip(fds) {
-                *t = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
-                if *t < 0 {
-                    fail();
-                }
-            }
-        }
-        let mut tmp = [-1 as RawFd; MAX_FDS];
-        for (t, &fd) in tmp.iter_mut().zip(&ctx.fds).take(nfds) {
-            *t = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
-            if *t < 0 {
-                fail();
-            }
-        }
-        for (i, &t) in tmp.iter().enumerate().take(nfds) {
-            // dup2 clears CLOEXEC on the target: these are the fds the worker keeps.
-            if libc::dup2(t, 3 + i as libc::c_int) < 0 {
-                fail();
-            }
-        }
-        // inetd "wait" style: the first listening socket is also stdin (replacing whatever fd 0
-        // was); dup2 leaves fd 0 without CLOEXEC.
-        if ctx.stdin_socket && libc::dup2(3, 0) < 0 {
-            fail();
-        }
-        // The log pipes become stdout and stderr (dup2 leaves them without CLOEXEC).
-        if ctx.stdio.is_some() && (libc::dup2(stdio[0], 1) < 0 || libc::dup2(stdio[1], 2) < 0) {
-            fail();
-        }
-        if let Some(set) = &ctx.cpus {
-            // nix's wrapper is the bare system call on our copy of the set: no allocation.
-            if nix::sched::sched_setaffinity(Pid::from_raw(0), set).is_err() {
-                fail();
-            }
-        }
-        // Everything from `floor` up closes at exec.
-        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-        if libc::syscall(libc::SYS_close_range, floor as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
-            let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(1024, 65536) as libc::c_int;
-            for fd in floor..max {
-                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-            }
-        }
-
-        // The bind() interception's filter, with the launcher's credentials still (see step 4).
-        if let Some(filter) = &ctx.filter {
-            let notif = crate::intercept::install(filter);
-            if notif < 0 || !crate::intercept::send_fd(chan, notif) {
-                fail();
-            }
-            libc::close(notif);
-        }
-
-        // Drop privileges last (groups, then gid, then uid) and check it took.
-        // Raw system calls: glibc's wrappers would signal the launcher's threads (setxid),
-        // whose records this child shares but which are not its own.
-        if let Some((uid, gid, groups, ngroups)) = ctx.creds {
-            if libc::syscall(libc::SYS_setgroups, ngroups, groups) != 0
-                || libc::syscall(libc::SYS_setgid, gid) != 0
-                || libc::syscall(libc::SYS_setuid, uid) != 0
-            {
-                fail();
-            }
-            if libc::getuid() != uid || libc::geteuid() != uid || libc::getgid() != gid {
-                *libc::__errno_location() = libc::EPERM;
-                fail();
-            }
-        }
-
-        // Armed after the credential change, which clears it (commit_creds).
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-            fail();
-        }
-        if libc::getppid() != ctx.parent {
-            // The launcher died before PDEATHSIG was armed.
-            libc::_exit(1);
-        }
-
-        // The pid variables: write our pid's decimal digits into the prepared buffers.
-        let mut digits = [0u8; 12];
-        let len = crate::vfork::write_decimal(&mut digits, libc::getpid() as u32);
-        for slot in &ctx.pid_slots[..ctx.npid] {
-            for (i, d) in digits[..len].iter().enumerate() {
-                *slot.add(i) = *d;
-            }
-        }
-
-        // The fd limit the launcher started with, last: lowered earlier, the dups above would fail
-        // (EMFILE) once the launcher holds more fds than that limit (relayed connections).
-        if let Some(lim) = &ctx.nofile {
-            libc::setrlimit(libc::RLIMIT_NOFILE, lim);
-        }
-        libc::execve(ctx.path, ctx.argv, ctx.envp);
-        fail()
-    }
 }
