@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::readiness::groups_members;
-use crate::sys::{self, cpu_ticks, page_size, resident_pages};
+use crate::sys::{self, page_size, resident_pages};
 
 pub const MIN_WINDOW: Duration = Duration::from_millis(200);
 pub const MAX_WINDOW: Duration = Duration::from_secs(10);
@@ -75,12 +75,8 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-/// utime + stime of every process in `groups`, by pid (processes that are gone are left out).
-pub(crate) fn read_ticks(groups: &[Vec<i32>]) -> HashMap<i32, u64> {
-    groups.iter().flatten().filter_map(|pid| Some((*pid, cpu_ticks(*pid)?))).collect()
-}
-
-pub(crate) use crate::sys::clock_ticks_per_second;
+// The supervisor's hung and autoscaling watches measure with these too.
+pub(crate) use crate::sys::{clock_ticks_per_second, read_ticks};
 
 /// A slot's accept queue: connections waiting now and the backlog, summed over its listeners
 /// (one per bind). None when it has none (self mode) or none could be read.

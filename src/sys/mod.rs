@@ -14,5 +14,5 @@ mod proc;
 mod tcp;
 
 pub use fd::{set_cloexec, set_nonblock};
-pub use proc::{clock_ticks_per_second, cpu_ticks, group_rss, page_size, resident_pages, stat};
+pub use proc::{clock_ticks_per_second, group_rss, page_size, read_ticks, resident_pages, stat};
 pub use tcp::{listener_queue, queue_len};

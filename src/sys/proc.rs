@@ -1,6 +1,8 @@
 //! What /proc says of a process: its state and CPU ticks (/proc/PID/stat) and its resident
 //! memory (/proc/PID/statm), with the page size and clock tick that give them units.
 
+use std::collections::HashMap;
+
 use nix::unistd::{sysconf, SysconfVar};
 
 /// The fields of /proc/PID/stat the launcher reads.
@@ -40,6 +42,11 @@ fn parse_stat(text: &str) -> Option<Stat> {
 /// utime + stime of one process, in clock ticks.
 pub fn cpu_ticks(pid: i32) -> Option<u64> {
     stat(pid).map(|s| s.utime + s.stime)
+}
+
+/// utime + stime of every process in `groups`, by pid (processes that are gone are left out).
+pub fn read_ticks(groups: &[Vec<i32>]) -> HashMap<i32, u64> {
+    groups.iter().flatten().filter_map(|pid| Some((*pid, cpu_ticks(*pid)?))).collect()
 }
 
 /// Resident pages of one process (/proc/PID/statm, second field).
@@ -82,6 +89,7 @@ mod tests {
         let me = std::process::id() as i32;
         assert!(stat(me).is_some_and(|s| "RS".contains(s.state)));
         assert!(cpu_ticks(me).is_some());
+        assert_eq!(read_ticks(&[vec![me, i32::MAX]]).keys().copied().collect::<Vec<_>>(), vec![me]);
         assert!(resident_pages(me).unwrap() > 0);
         assert!(group_rss(&[me, me]) > resident_pages(me).unwrap() * page_size());
         assert_eq!(group_rss(&[i32::MAX]), 0);
