@@ -144,7 +144,7 @@ mod tests {
             let ours: Vec<Listener> =
                 inodes.iter().filter_map(|i| found.iter().find(|l| l.inode == *i).copied()).collect();
             assert_eq!(ours.len(), 3, "every listener is in the dump: {found:?}");
-            let by_tcp_info: Vec<u32> = socks.iter().map(|s| crate::steer::queue_len(s.as_raw_fd()).unwrap()).collect();
+            let by_tcp_info: Vec<u32> = socks.iter().map(|s| crate::sys::queue_len(s.as_raw_fd()).unwrap()).collect();
             let total: u32 = ours.iter().map(|l| l.queue).sum();
             if total == 4 && ours.iter().map(|l| l.queue).collect::<Vec<_>>() == by_tcp_info {
                 break;

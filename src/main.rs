@@ -45,6 +45,7 @@ mod spawn;
 mod stall;
 mod steer;
 mod supervisor;
+mod sys;
 mod upstream;
 mod vfork;
 

@@ -14,7 +14,7 @@
 //!
 //! Node cluster's rule: a worker gets the next connection only once it took the previous one.
 //! When a backend comes with its private listening fd ([`Backend::listener`]), the forwarder
-//! reads that socket's accept-queue length (`TCP_INFO`, [`steer::queue_len`]) before choosing
+//! reads that socket's accept-queue length (`TCP_INFO`, [`sys::queue_len`]) before choosing
 //! it: the turn's backend is skipped when its queue is not empty and another backend's is;
 //! when every queue is non-empty the shortest wins (ties: the one whose turn it is). So while
 //! another worker keeps up, a stuck worker (SIGSTOP, deadlock) strands only the one connection
@@ -41,7 +41,7 @@ use std::time::Instant;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use crate::relay::{out_of_fds, Pumps, PAUSE, RESERVED};
-use crate::steer;
+use crate::sys;
 
 /// Epoll data of the public listeners: `LISTENER + bind index`.
 const LISTENER: u64 = RESERVED;
@@ -130,7 +130,7 @@ fn pick(list: &[Backend], turn: usize) -> SocketAddr {
     for k in 0..list.len() {
         let i = (turn + k) % list.len();
         // Unreadable counts as empty: plain round-robin.
-        let queued = list[i].listener.map_or(0, |fd| steer::queue_len(fd).unwrap_or(0));
+        let queued = list[i].listener.map_or(0, |fd| sys::queue_len(fd).unwrap_or(0));
         if queued == 0 {
             return list[i].addr;
         }
@@ -309,13 +309,13 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         // Whichever backend's turn it is, the first connections fill A's queue with one.
         let mut stranded = Vec::new();
-        while steer::queue_len(a_fd).unwrap() == 0 {
+        while sys::queue_len(a_fd).unwrap() == 0 {
             assert!(Instant::now() < deadline, "nothing reached A");
             let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
             stranded.push(c);
             // Wait until this one is either queued at A or taken by B.
             let n = stranded.len();
-            while steer::queue_len(a_fd).unwrap() == 0 && b_took.load(Ordering::SeqCst) < n {
+            while sys::queue_len(a_fd).unwrap() == 0 && b_took.load(Ordering::SeqCst) < n {
                 assert!(Instant::now() < deadline, "connection {n} went nowhere");
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -331,7 +331,7 @@ mod tests {
             assert_eq!(answer, format!("b:req{i}"));
         }
         assert_eq!(b_took.load(Ordering::SeqCst), before + 10, "B received every later connection");
-        assert_eq!(steer::queue_len(a_fd).unwrap(), 1, "A received no more");
+        assert_eq!(sys::queue_len(a_fd).unwrap(), 1, "A received no more");
         drop((stranded, a));
     }
 
@@ -371,7 +371,7 @@ mod tests {
             let start = Instant::now();
             let mut sum = 0u64;
             for _ in 0..n {
-                sum += u64::from(steer::queue_len(fd).unwrap());
+                sum += u64::from(sys::queue_len(fd).unwrap());
             }
             let per = start.elapsed() / n;
             assert_eq!(sum, u64::from(n));

@@ -30,7 +30,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 
 use crate::diag::Diag;
 use crate::event::Event;
-use crate::steer::queue_len;
+use crate::sys::queue_len;
 
 /// A dump instead of `TCP_INFO` from this many listeners with connections waiting (and when
 /// they are at least half of all): below, the dump's fixed cost (~20 us) does not pay.

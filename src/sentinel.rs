@@ -86,15 +86,14 @@ impl Sentinel {
 
     /// Writes never block the launcher: a sentinel that does not read loses records, not time.
     fn on(pid: u32, pipe: std::fs::File) -> Sentinel {
-        use nix::fcntl::{fcntl, FcntlArg, OFlag};
-        let _ = fcntl(&pipe, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+        let _ = crate::sys::set_nonblock(&pipe, true);
         Sentinel { pid, pipe }
     }
 
     /// The sentinel of an earlier image (`reexec`), by its pid and the pipe fd kept open.
     pub fn adopt(pid: u32, fd: std::os::fd::RawFd) -> Sentinel {
-        crate::reexec::set_cloexec(&[fd], true); // never a worker's: its end must close with us
-                                                 // SAFETY: the old image kept this pipe open across the exec for us; nothing else owns it.
+        crate::sys::set_cloexec(&[fd], true); // never a worker's: its end must close with us
+                                              // SAFETY: the old image kept this pipe open across the exec for us; nothing else owns it.
         let pipe = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         Sentinel::on(pid, pipe)
     }

@@ -212,21 +212,14 @@ pub fn proc_state(pids: &[i32]) -> (bool, bool, Option<u64>) {
     let mut running = false;
     let mut counter = None;
     for pid in pids {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // After "pid (comm)": state is field 0, utime field 11, stime field 12.
-        match fields.first() {
-            Some(&"T") | Some(&"t") => stopped = true,
-            Some(&"R") => running = true,
+        let Some(stat) = crate::sys::stat(*pid) else { continue };
+        match stat.state {
+            'T' | 't' => stopped = true,
+            'R' => running = true,
             _ => {}
         }
-        let t =
-            fields.get(11).and_then(|u| u.parse::<u64>().ok()).zip(fields.get(12).and_then(|s| s.parse::<u64>().ok()));
-        if let Some((u, s)) = t {
-            let ran = main_thread_ns(*pid).unwrap_or(0);
-            counter = Some(counter.unwrap_or(0) + u + s + ran);
-        }
+        let ran = main_thread_ns(*pid).unwrap_or(0);
+        counter = Some(counter.unwrap_or(0) + stat.utime + stat.stime + ran);
     }
     (stopped, running, counter)
 }

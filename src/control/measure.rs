@@ -12,9 +12,8 @@ use std::os::fd::RawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix::unistd::{sysconf, SysconfVar};
-
 use crate::readiness::groups_members;
+use crate::sys::{self, page_size, resident_pages};
 
 pub const MIN_WINDOW: Duration = Duration::from_millis(200);
 pub const MAX_WINDOW: Duration = Duration::from_secs(10);
@@ -76,54 +75,14 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-/// utime + stime of every process in `groups`, by pid (processes that are gone are left out).
-pub(crate) fn read_ticks(groups: &[Vec<i32>]) -> HashMap<i32, u64> {
-    groups.iter().flatten().filter_map(|pid| Some((*pid, cpu_ticks(*pid)?))).collect()
-}
-
-/// utime + stime of one process, from /proc/PID/stat (fields 14 and 15).
-fn cpu_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// Resident pages of one process (/proc/PID/statm, second field).
-fn resident_pages(pid: i32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    statm.split_whitespace().nth(1)?.parse().ok()
-}
-
-pub(crate) fn clock_ticks_per_second() -> f64 {
-    sysconf(SysconfVar::CLK_TCK).ok().flatten().filter(|n| *n > 0).unwrap_or(100) as f64
-}
-
-fn page_size() -> u64 {
-    sysconf(SysconfVar::PAGE_SIZE).ok().flatten().filter(|n| *n > 0).unwrap_or(4096) as u64
-}
+// The supervisor's hung and autoscaling watches measure with these too.
+pub(crate) use crate::sys::{clock_ticks_per_second, read_ticks};
 
 /// A slot's accept queue: connections waiting now and the backlog, summed over its listeners
 /// (one per bind). None when it has none (self mode) or none could be read.
 pub fn queue(listeners: &[RawFd]) -> Option<(u32, u32)> {
-    let each: Vec<(u32, u32)> = listeners.iter().filter_map(|fd| listener_queue(*fd)).collect();
+    let each: Vec<(u32, u32)> = listeners.iter().filter_map(|fd| sys::listener_queue(*fd)).collect();
     (!each.is_empty()).then(|| each.iter().fold((0, 0), |(n, m), (a, b)| (n + a, m + b)))
-}
-
-/// TCP_INFO of a listening socket: `tcpi_unacked` is its accept-queue length and `tcpi_sacked`
-/// its backlog (the kernel reuses those fields for listeners). Neither nix nor socket2 reads
-/// TCP_INFO, hence the raw getsockopt.
-fn listener_queue(fd: RawFd) -> Option<(u32, u32)> {
-    // SAFETY: tcp_info is plain old data, valid when zeroed.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large. The fd is
-    // one of the launcher's listeners; were it closed meanwhile, the call only fails.
-    let rc = unsafe {
-        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
-    };
-    // A listener's tcpi_state is TCP_LISTEN (10); anything else is not a queue to report.
-    (rc == 0 && info.tcpi_state == 10).then_some((info.tcpi_unacked, info.tcpi_sacked))
 }
 
 #[cfg(test)]

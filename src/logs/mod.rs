@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -151,7 +151,7 @@ pub fn handover() -> Vec<(RawFd, bool, Vec<u8>)> {
 
 /// Pump a pipe an earlier image handed over (see [`handover`]).
 pub fn adopt(fd: RawFd, stderr: bool, prefix: Vec<u8>) {
-    crate::reexec::set_cloexec(&[fd], true);
+    crate::sys::set_cloexec(&[fd], true);
     // SAFETY: the old image kept this read end open across the exec for us; nothing else here
     // owns it.
     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
@@ -244,7 +244,7 @@ pub fn pipes() -> io::Result<Option<WorkerPipes>> {
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     for r in [&out_r, &err_r] {
-        fcntl(r, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+        crate::sys::set_nonblock(r, true)?;
     }
     Ok(Some(WorkerPipes { out_r, out_w, err_r, err_w }))
 }

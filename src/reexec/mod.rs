@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
+use crate::sys::set_cloexec;
 
 mod scaling;
 mod state;
@@ -148,16 +149,6 @@ pub fn take_state() -> Result<Option<State>, Error> {
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(|e| Error::Failed(format!("cannot read the state: {e}")))?;
     State::decode(&text).map(Some).map_err(|e| Error::Failed(format!("cannot resume: {e}")))
-}
-
-pub fn set_cloexec(fds: &[RawFd], on: bool) {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    for fd in fds {
-        // SAFETY: the caller's fds stay open during this call.
-        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
-        let flags = if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() };
-        let _ = fcntl(b, FcntlArg::F_SETFD(flags));
-    }
 }
 
 /// Block (or unblock) `signals` in the calling thread; blocked ones stay pending across exec.

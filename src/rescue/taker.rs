@@ -14,7 +14,7 @@ use nix::sys::socket::{accept4, SockFlag};
 
 use super::{Slot, BATCH, POLL_MS};
 use crate::relay::{out_of_fds, Relay, PAUSE};
-use crate::steer;
+use crate::sys;
 
 /// A slot's thread: park while released; while taking, poll the slot's sockets and take what
 /// is queued.
@@ -87,7 +87,7 @@ fn take_queued(slot: &Slot, relay: &Relay, total: &AtomicU64, fd: RawFd, target:
         // Only accept while something is queued, so that the accept (blocking: the worker's
         // socket is left as it is) normally returns at once. The worker may still win the
         // race; see the module doc.
-        if !matches!(steer::queue_len(fd), Ok(n) if n > 0) {
+        if !matches!(sys::queue_len(fd), Ok(n) if n > 0) {
             break;
         }
         let client = match accept4(fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use nix::fcntl::{fcntl, FcntlArg};
 use socket2::SockRef;
 
-use crate::steer;
+use crate::sys;
 
 const HEAD: &str = "HTTP/1.0 200 OK\r\n\r\n";
 
@@ -77,7 +77,7 @@ fn relays_every_queued_connection_and_leaves_the_socket_as_it_was() {
             (c, req)
         })
         .collect();
-    wait_until("20 queued", || steer::queue_len(fd).unwrap() == 20);
+    wait_until("20 queued", || sys::queue_len(fd).unwrap() == 20);
     let rescue = Rescue::start().unwrap();
     rescue.take(3, &[(fd, target())]);
     assert_eq!(flags(&l), before);
@@ -85,7 +85,7 @@ fn relays_every_queued_connection_and_leaves_the_socket_as_it_was() {
         assert_eq!(answer(c), format!("{HEAD}{req}"));
     }
     assert_eq!((rescue.relayed(), rescue.relayed_from(3), rescue.relayed_from(0)), (20, 20, 0));
-    assert_eq!(steer::queue_len(fd).unwrap(), 0);
+    assert_eq!(sys::queue_len(fd).unwrap(), 0);
     rescue.release(3);
     wait_until("parked", || rescue.parked(3));
     assert_eq!(flags(&l), before, "O_NONBLOCK or SO_RCVTIMEO changed on the worker's socket");
@@ -108,7 +108,7 @@ fn after_release_new_connections_stay_queued_until_taken_again() {
     // A negative: watch for several poll periods that nothing is taken.
     let until = Instant::now() + Duration::from_millis(5 * u64::from(POLL_MS));
     while Instant::now() < until {
-        assert_eq!(steer::queue_len(fd).unwrap(), 3, "taken after release");
+        assert_eq!(sys::queue_len(fd).unwrap(), 3, "taken after release");
         std::thread::sleep(Duration::from_millis(2));
     }
     assert_eq!(rescue.relayed(), 1);

@@ -15,6 +15,7 @@ use super::workers::State;
 use super::Supervisor;
 use crate::event::WorkerId;
 use crate::readiness;
+use crate::sys::group_rss;
 
 pub(super) const EVERY: Duration = Duration::from_secs(1);
 pub(super) const TRIPS: u32 = 3;
@@ -81,14 +82,4 @@ impl<O: Os> Supervisor<O> {
     pub(super) fn next_memory_sample(&self) -> Option<Instant> {
         self.cfg.max_memory.and(self.watches.memory.next).filter(|_| !self.workers.is_empty())
     }
-}
-
-/// Resident memory of processes `pids` in bytes (/proc/PID/statm; unreadable ones count 0).
-pub fn group_rss(pids: &[i32]) -> u64 {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/statm")).ok())
-        .filter_map(|s| s.split_whitespace().nth(1).and_then(|r| r.parse::<u64>().ok()))
-        .map(|pages| pages * page)
-        .sum()
 }

@@ -43,7 +43,6 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 use signal_hook::consts::signal::*;
 
-pub use memory::group_rss;
 pub use os::{Os, RealOs};
 pub use resume::listeners_from;
 

@@ -16,6 +16,7 @@ use crate::command::Program;
 use crate::queues::Queues;
 use crate::spawn::{self, Spawned, Spec};
 use crate::steer;
+use crate::sys;
 
 pub trait Os {
     /// Fork and exec one worker (see `spawn`); its pid (and its seccomp notification fd with
@@ -101,7 +102,7 @@ impl Os for RealOs {
     }
 
     fn queue_len(&self, listener: RawFd) -> io::Result<u32> {
-        steer::queue_len(listener)
+        sys::queue_len(listener)
     }
 
     fn members(&self, pids: &[i32]) -> Vec<Vec<i32>> {
@@ -235,7 +236,7 @@ pub mod fake {
         }
 
         fn queue_len(&self, listener: RawFd) -> io::Result<u32> {
-            steer::queue_len(listener)
+            sys::queue_len(listener)
         }
 
         fn members(&self, pids: &[i32]) -> Vec<Vec<i32>> {

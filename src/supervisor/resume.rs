@@ -205,7 +205,7 @@ impl<O: Os> Supervisor<O> {
             // SAFETY: the old image kept this fd open across the exec for worker `id`'s notify
             // socket; nothing else here owns it.
             let sock = unsafe { UnixDatagram::from_raw_fd(fd) };
-            reexec::set_cloexec(&[fd], true);
+            crate::sys::set_cloexec(&[fd], true);
             match &self.channels.notify {
                 Some(hub) => {
                     hub.adopt(id, sock).map_err(|e| Error::Failed(format!("cannot resume notify socket: {e}")))?
@@ -217,7 +217,7 @@ impl<O: Os> Supervisor<O> {
             // SAFETY: the old image kept this fd open across the exec for worker `id`'s seccomp
             // notifications; nothing else here owns it.
             let notif = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-            reexec::set_cloexec(&[fd], true);
+            crate::sys::set_cloexec(&[fd], true);
             match self.workers.get(id).map(|w| (w.label(), w.slot)) {
                 Some((label, slot)) => self.intercept_adopt(id, label, slot, notif),
                 None => drop(notif),
@@ -252,7 +252,7 @@ pub fn listeners_from(state: &ListenerState) -> Result<Listeners, Error> {
     let mut sockets = Vec::new();
     for fd in &state.sockets {
         crate::activation::check_is_open(*fd).map_err(Error::Failed)?;
-        reexec::set_cloexec(&[*fd], true);
+        crate::sys::set_cloexec(&[*fd], true);
         // SAFETY: the old image kept this listening socket open across the exec for us.
         sockets.push(unsafe { Socket::from_raw_fd(*fd) });
     }
