@@ -150,12 +150,7 @@ impl<O: Os> Supervisor<O> {
             notify,
             intercept,
             memory: self.replacements.export(),
-            listeners: ListenerState {
-                mode: mode.to_string(),
-                backlog,
-                binds: binds.into_iter().map(|(n, a)| (n, a.to_string())).collect(),
-                sockets,
-            },
+            listeners: ListenerState { mode, backlog, binds, sockets },
             sentinel,
             logs,
             autoscale: self.autoscale_state(now),
@@ -257,12 +252,6 @@ impl<O: Os> Supervisor<O> {
 
 /// The listening sockets of an earlier image, by their fds in the state.
 pub fn listeners_from(state: &ListenerState) -> Result<Listeners, Error> {
-    let mode = Mode::parse(&state.mode).map_err(Error::Failed)?;
-    let mut binds = Vec::new();
-    for (name, addr) in &state.binds {
-        let addr = addr.parse().map_err(|_| Error::Failed(format!("cannot resume: bad address {addr}")))?;
-        binds.push((name.clone(), addr));
-    }
     let mut sockets = Vec::new();
     for fd in &state.sockets {
         crate::activation::check_is_open(*fd).map_err(Error::Failed)?;
@@ -270,5 +259,5 @@ pub fn listeners_from(state: &ListenerState) -> Result<Listeners, Error> {
         // SAFETY: the old image kept this listening socket open across the exec for us.
         sockets.push(unsafe { Socket::from_raw_fd(*fd) });
     }
-    Ok(Listeners::from_parts(mode, state.backlog, binds, sockets))
+    Ok(Listeners::from_parts(state.mode, state.backlog, state.binds.clone(), sockets))
 }
