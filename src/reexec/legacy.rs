@@ -12,8 +12,8 @@
 
 use std::os::fd::RawFd;
 
-use super::state::{AutoscaleState, ListenerState, SlotState, State, WorkerPhase, WorkerState};
-use crate::socket::BindSpec;
+use super::state::{AutoscaleState, SlotState, State, WorkerPhase, WorkerState};
+use crate::socket::{BindSpec, Parts};
 
 const MAGIC: &str = "reuse-launch-state 1";
 
@@ -174,7 +174,7 @@ fn scaled(a: &mut AutoscaleState, f: &mut Fields) -> Result<(), String> {
 }
 
 /// `listeners MODE BACKLOG NAME=ADDR,.. FD,..` (the fds `-` in self mode).
-fn listeners(f: &mut Fields) -> Result<ListenerState, String> {
+fn listeners(f: &mut Fields) -> Result<Parts, String> {
     let mode = f.next().ok_or("listeners mode missing")?.parse()?;
     let backlog = num(f.next(), "backlog")?;
     let mut binds = Vec::new();
@@ -187,7 +187,7 @@ fn listeners(f: &mut Fields) -> Result<ListenerState, String> {
         None | Some("-") => Vec::new(),
         Some(l) => l.split(',').map(|fd| num::<RawFd>(Some(fd), "socket fd")).collect::<Result<_, _>>()?,
     };
-    Ok(ListenerState { mode, backlog, binds, sockets })
+    Ok(Parts { mode, backlog, binds, sockets })
 }
 
 /// Undo the percent-encoding (`%` alone is the empty string).
@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(s.logs.len(), 6);
         assert_eq!(s.logs[1], (48, true, "[0 5448] ".into()));
         let binds = vec![bind("http", "127.0.0.1:18431"), bind("admin", "127.0.0.1:18432")];
-        let l = ListenerState { mode: Mode::Reuseport, backlog: 4096, binds, sockets: vec![7, 8, 9, 11, 12, 13] };
+        let l = Parts { mode: Mode::Reuseport, backlog: 4096, binds, sockets: vec![7, 8, 9, 11, 12, 13] };
         assert_eq!(s.listeners, l);
         assert_eq!((s.memory.len(), s.autoscale), (0, None));
     }
@@ -284,12 +284,8 @@ mod tests {
         let a = s.autoscale.unwrap();
         assert_eq!((a.flap, a.flap_ms, a.last_down_ms, a.ups, a.downs), (0, None, None, 0, 0));
         assert_eq!(a.history, vec![(-5156, 2, 3, "control".into(), "asked by control".into())]);
-        let l = ListenerState {
-            mode: Mode::Shared,
-            backlog: 4096,
-            binds: vec![bind("http", "127.0.0.1:18433")],
-            sockets: vec![7],
-        };
+        let l =
+            Parts { mode: Mode::Shared, backlog: 4096, binds: vec![bind("http", "127.0.0.1:18433")], sockets: vec![7] };
         assert_eq!(s.listeners, l);
     }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::socket::{BindSpec, Mode};
+use crate::socket::Parts;
 
 /// The document's `format` field: what it is, whatever its version.
 const FORMAT: &str = "reuse-launch-state";
@@ -43,7 +43,7 @@ pub struct State {
     /// Replacements under way (`--max-memory`, `--hung-timeout`): (new worker, slot, old
     /// worker, cause).
     pub memory: Vec<(u64, usize, u64, String)>,
-    pub listeners: ListenerState,
+    pub listeners: Parts,
     /// The sentinel's pid and the launcher's end of its pipe.
     pub sentinel: Option<(u32, RawFd)>,
     /// The workers' log pipes being pumped: (read end, stderr?, prefix).
@@ -97,17 +97,6 @@ pub struct WorkerState {
     pub was_ready: bool,
     pub watchdog_ms: Option<i64>,
     pub fault: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ListenerState {
-    pub mode: Mode,
-    pub backlog: i32,
-    /// Each bind's name and bound address (port 0 resolved).
-    pub binds: Vec<BindSpec>,
-    /// Every listening socket, in the layout of `Listeners` (slot * binds + bind).
-    pub sockets: Vec<RawFd>,
 }
 
 /// The automatic scaling's memory: flaps (doublings, when the last was), the last automatic
@@ -181,6 +170,7 @@ impl State {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::socket::{BindSpec, Mode};
 
     pub(in crate::reexec) fn sample() -> State {
         State {
@@ -244,7 +234,7 @@ pub(super) mod tests {
             notify: vec![(15, 9), (16, 11)],
             intercept: vec![(15, 13), (16, 14)],
             memory: vec![(16, 1, 9, "memory".into()), (18, 0, 15, "hung".into())],
-            listeners: ListenerState {
+            listeners: Parts {
                 mode: Mode::Reuseport,
                 backlog: 4096,
                 binds: vec![bind("http", "0.0.0.0:8080"), bind("admin api", "[::1]:9000")],

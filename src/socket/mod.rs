@@ -20,7 +20,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::Error;
 
+mod open;
 mod store;
+pub use open::{open, Parts};
 pub use store::Restored;
 
 /// One `--bind`: an address and the name it gets in LISTEN_FDNAMES. As text `NAME=ADDR`
@@ -311,21 +313,6 @@ impl Listeners {
             }
             Mode::Shared | Mode::RoundRobin | Mode::SelfBind => Vec::new(),
         }
-    }
-
-    /// The raw parts `reexec` carries over: mode, backlog, binds (with their bound addresses)
-    /// and every listening socket.
-    pub fn parts(&self) -> (Mode, i32, Vec<BindSpec>, Vec<RawFd>) {
-        let binds =
-            self.binds.iter().zip(&self.local).map(|(b, a)| BindSpec { name: b.name.clone(), addr: *a }).collect();
-        (self.mode, self.backlog, binds, self.sockets.iter().map(|s| s.as_raw_fd()).collect())
-    }
-
-    /// Listeners from the parts of an earlier image (`reexec`): the sockets are open here
-    /// already, listening, in their groups; `sockets` are owned from now on.
-    pub fn from_parts(mode: Mode, backlog: i32, binds: Vec<BindSpec>, sockets: Vec<Socket>) -> Listeners {
-        let local = binds.iter().map(|b| b.addr).collect();
-        Listeners { mode, binds, local, sockets, public: Vec::new(), backlog }
     }
 
     /// How many slots the sockets are for (reuseport and round-robin; None in the other modes,

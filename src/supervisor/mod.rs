@@ -38,7 +38,6 @@ use signal_hook::consts::signal::*;
 
 pub use memory::group_rss;
 pub use os::{Os, RealOs};
-pub use resume::listeners_from;
 
 use crate::cli::{Config, Ready};
 use crate::command::{Identity, Program};

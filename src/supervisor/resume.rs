@@ -11,16 +11,15 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Instant;
 
 use nix::unistd::Pid;
-use socket2::Socket;
 
 use super::os::Os;
 use super::workers::{Slot, State as Phase, Worker};
 use super::Supervisor;
 use crate::error::Error;
 use crate::event::HANDLED;
-use crate::reexec::{self, at_ms, ms_from, ListenerState, SlotState, State, WorkerPhase, WorkerState};
+use crate::reexec::{self, at_ms, ms_from, SlotState, State, WorkerPhase, WorkerState};
 use crate::roll::{Saved, SavedRoll};
-use crate::socket::{Listeners, Mode};
+use crate::socket::Mode;
 
 /// Causes and faults are the supervisor's static words; an unknown one (a newer image's) reads
 /// as `crash`.
@@ -127,8 +126,8 @@ impl<O: Os> Supervisor<O> {
             .collect();
         let notify = self.notify.as_ref().map(|n| n.fds()).unwrap_or_default();
         let intercept = self.intercept.interceptor.as_ref().map(|i| i.fds()).unwrap_or_default();
-        let (mode, backlog, binds, sockets) = self.listeners.parts();
-        let mut keep: Vec<RawFd> = sockets.clone();
+        let listeners = self.listeners.parts();
+        let mut keep: Vec<RawFd> = listeners.sockets.clone();
         keep.extend(notify.iter().map(|n| n.1));
         keep.extend(intercept.iter().map(|n| n.1));
         let sentinel = self.sentinel.as_ref().map(|s| (s.pid(), s.pipe_fd()));
@@ -150,7 +149,7 @@ impl<O: Os> Supervisor<O> {
             notify,
             intercept,
             memory: self.replacements.export(),
-            listeners: ListenerState { mode, backlog, binds, sockets },
+            listeners,
             sentinel,
             logs,
             autoscale: self.autoscale_state(now),
@@ -248,16 +247,4 @@ impl<O: Os> Supervisor<O> {
         );
         Ok(())
     }
-}
-
-/// The listening sockets of an earlier image, by their fds in the state.
-pub fn listeners_from(state: &ListenerState) -> Result<Listeners, Error> {
-    let mut sockets = Vec::new();
-    for fd in &state.sockets {
-        crate::activation::check_is_open(*fd).map_err(Error::Failed)?;
-        reexec::set_cloexec(&[*fd], true);
-        // SAFETY: the old image kept this listening socket open across the exec for us.
-        sockets.push(unsafe { Socket::from_raw_fd(*fd) });
-    }
-    Ok(Listeners::from_parts(state.mode, state.backlog, state.binds.clone(), sockets))
 }
