@@ -81,14 +81,17 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), Error> {
     let args = cli::Args::parse();
-    let config = cli::Config::from_args(args, std::env::var("PORT").ok())?;
+    let mut config = cli::Config::from_args(args, std::env::var("PORT").ok())?;
     logs::start(config.log_prefix).map_err(|e| Error::Failed(format!("cannot start the log thread: {e}")))?;
     let program = command::Program::resolve(&config.command)?;
     let identity =
         config.user.as_deref().map(|user| command::resolve_identity(user, config.group.as_deref())).transpose()?;
     let resumed = reexec::take_state()?;
     let handed = resumed.as_ref().map(|s| &s.listeners);
-    let listeners = socket::open(&config.binds, config.mode, config.workers, config.backlog, handed)?;
+    // From here on the binds are the listeners' (`Listeners::binds`, with their bound addresses):
+    // the configuration keeps no copy.
+    let binds = std::mem::take(&mut config.binds);
+    let listeners = socket::open(&binds, config.mode, config.workers, config.backlog, handed)?;
     for addr in listeners.local_addrs().iter().filter(|_| resumed.is_none()) {
         log::info!(
             "listening on {addr} ({} mode, {} workers, {} sockets in all)",

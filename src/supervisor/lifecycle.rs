@@ -70,7 +70,7 @@ impl<O: Os> Supervisor<O> {
             None => None,
         };
         let vars = WorkerVars { slot, gen, notify_socket: notify_socket.as_deref() };
-        let env = contract::environment(&self.inherited_env, &self.contract, &vars);
+        let env = contract::environment(&self.inherited_env, &self.contract, &self.listeners.binds(), &vars);
         let fds = self.listeners.fds_for_slot(slot);
         let port = self.listeners.local_addrs()[0].port();
         let argv = self.program.argv(&Placeholders { fds: &fds, port, slot });

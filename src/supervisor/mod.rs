@@ -164,8 +164,6 @@ impl<O: Os> Supervisor<O> {
             _ => None,
         };
         let contract = Contract {
-            addrs: listeners.local_addrs().to_vec(),
-            names: listeners.names().map(String::from).collect(),
             sockets: listeners.mode() != Mode::SelfBind,
             launcher_pid: std::process::id(),
             identity,
