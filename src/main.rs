@@ -108,7 +108,7 @@ fn run() -> Result<(), Error> {
     // The workers' cgroups, then the sentinel told of them (after a reexec: the old image's
     // sentinel, which names the cgroups it was told of).
     let (containment, sentinel) = match resumed.as_ref().and_then(|s| s.sentinel) {
-        Some((pid, fd)) => {
+        Some(reexec::SentinelState { pid, fd }) => {
             (cgroup::Containment::adopt(cgroup::sentinel_root(pid)), Some(sentinel::Sentinel::adopt(pid, fd)))
         }
         None => {

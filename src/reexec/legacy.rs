@@ -12,7 +12,10 @@
 
 use std::os::fd::RawFd;
 
-use super::state::{AutoscaleState, SlotState, State, WorkerPhase, WorkerState};
+use super::state::{
+    AutoscaleState, LogPipe, Replacement, RollState, SentinelState, SlotState, State, WorkerFd, WorkerPhase,
+    WorkerState,
+};
 use crate::socket::{BindSpec, Parts};
 
 const MAGIC: &str = "reuse-launch-state 1";
@@ -48,19 +51,27 @@ fn line_into(s: &mut State, word: &str, f: &mut Fields) -> Result<(), String> {
         "roll" => roll(s, f)?,
         "slot" => s.slots.push(slot(f)?),
         "worker" => s.workers.push(worker(f)?),
-        "notify" => s.notify.push((num(f.next(), "notify id")?, num(f.next(), "notify fd")?)),
-        "intercept" => s.intercept.push((num(f.next(), "intercept id")?, num(f.next(), "intercept fd")?)),
+        "notify" => s.notify.push(WorkerFd { worker: num(f.next(), "notify id")?, fd: num(f.next(), "notify fd")? }),
+        "intercept" => {
+            s.intercept.push(WorkerFd { worker: num(f.next(), "intercept id")?, fd: num(f.next(), "intercept fd")? })
+        }
         // An image older still wrote no cause: a memory replacement.
-        "memory" => s.memory.push((
-            num(f.next(), "memory new")?,
-            num(f.next(), "memory slot")?,
-            num(f.next(), "memory old")?,
-            f.next().map_or_else(|| "memory".to_string(), dec),
-        )),
-        "log" => s.logs.push((num(f.next(), "log fd")?, f.next() == Some("err"), dec(f.next().unwrap_or("%")))),
+        "memory" => s.memory.push(Replacement {
+            new: num(f.next(), "memory new")?,
+            slot: num(f.next(), "memory slot")?,
+            old: num(f.next(), "memory old")?,
+            cause: f.next().map_or_else(|| "memory".to_string(), dec),
+        }),
+        "log" => s.logs.push(LogPipe {
+            fd: num(f.next(), "log fd")?,
+            stderr: f.next() == Some("err"),
+            prefix: dec(f.next().unwrap_or("%")),
+        }),
         "autoscale" => autoscale(s.autoscale.get_or_insert_with(AutoscaleState::default), f)?,
         "scaled" => scaled(s.autoscale.get_or_insert_with(AutoscaleState::default), f)?,
-        "sentinel" => s.sentinel = Some((num(f.next(), "sentinel pid")?, num(f.next(), "sentinel fd")?)),
+        "sentinel" => {
+            s.sentinel = Some(SentinelState { pid: num(f.next(), "sentinel pid")?, fd: num(f.next(), "sentinel fd")? })
+        }
         "listeners" => s.listeners = listeners(f)?,
         _ => {} // a newer image's addition: ignored
     }
@@ -86,11 +97,12 @@ fn roll(s: &mut State, f: &mut Fields) -> Result<(), String> {
     let active = f.next().ok_or("roll missing")?;
     if active != "-" {
         let p: Vec<&str> = active.split(',').collect();
-        let spawned = match (p.get(2), p.get(3)) {
-            (Some(&"-"), _) | (None, _) => None,
-            (Some(w), d) => Some((num(Some(w), "roll worker")?, num(d.copied(), "roll deadline")?)),
+        let (worker, deadline_ms) = match (p.get(2), p.get(3)) {
+            (Some(&"-"), _) | (None, _) => (None, None),
+            (Some(w), d) => (Some(num(Some(w), "roll worker")?), Some(num(d.copied(), "roll deadline")?)),
         };
-        s.roll_active = Some((num(p.first().copied(), "roll")?, num(p.get(1).copied(), "roll slot")?, spawned));
+        let (gen, slot) = (num(p.first().copied(), "roll")?, num(p.get(1).copied(), "roll slot")?);
+        s.roll_active = Some(RollState { gen, slot, worker, deadline_ms });
     }
     s.roll_pending = f.next() == Some("1");
     Ok(())
@@ -216,7 +228,7 @@ fn dec(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reexec::state::tests::{bind, sample};
+    use crate::reexec::state::tests::{bind, log, replacement, sample};
     use crate::socket::Mode;
 
     /// Written by main's encoder (3b7ca04) from `sample()`.
@@ -253,11 +265,12 @@ mod tests {
             w.watchdog_ms = Some(ms);
         }
         assert_eq!(s.workers, w);
-        assert_eq!(s.notify, vec![(4, 50), (5, 54), (6, 29)]);
-        assert_eq!(s.intercept, vec![(4, 53), (5, 57), (6, 56)]);
-        assert_eq!(s.sentinel, Some((5288, 22)));
+        let fds = |l: &[WorkerFd]| l.iter().map(|w| (w.worker, w.fd)).collect::<Vec<_>>();
+        assert_eq!(fds(&s.notify), [(4, 50), (5, 54), (6, 29)]);
+        assert_eq!(fds(&s.intercept), [(4, 53), (5, 57), (6, 56)]);
+        assert_eq!(s.sentinel, Some(SentinelState { pid: 5288, fd: 22 }));
         assert_eq!(s.logs.len(), 6);
-        assert_eq!(s.logs[1], (48, true, "[0 5448] ".into()));
+        assert_eq!(s.logs[1], log(48, true, "[0 5448] "));
         let binds = vec![bind("http", "127.0.0.1:18431"), bind("admin", "127.0.0.1:18432")];
         let l = Parts { mode: Mode::Reuseport, backlog: 4096, binds, sockets: vec![7, 8, 9, 11, 12, 13] };
         assert_eq!(s.listeners, l);
@@ -269,7 +282,7 @@ mod tests {
         let s = State::decode(SHARED).unwrap();
         assert_eq!(
             (s.desired, s.roll_gen, s.roll_active, s.roll_pending),
-            (3, 2, Some((2, 1, Some((6, 59449)))), false)
+            (3, 2, Some(RollState { gen: 2, slot: 1, worker: Some(6), deadline_ms: Some(59449) }), false)
         );
         assert_eq!(s.slots[2].last_failure, "worker 2 (pid 6344, gen 1) killed by SIGKILL");
         assert_eq!(s.slots[2].restarts, vec![("crash".to_string(), 1)]);
@@ -301,13 +314,30 @@ mod tests {
     #[test]
     fn a_replacement_line_without_a_cause_is_a_memory_one() {
         let text = format!("{MAGIC}\nmemory 16 1 9\n");
-        assert_eq!(decode(&text).unwrap().memory, vec![(16, 1, 9, "memory".to_string())]);
+        assert_eq!(decode(&text).unwrap().memory, vec![replacement(16, 1, 9, "memory")]);
     }
 
     #[test]
     fn self_mode_has_no_sockets() {
         let s = decode(&format!("{MAGIC}\nlisteners self 128 http=0.0.0.0:8080 -\n")).unwrap();
         assert_eq!((s.listeners.mode, s.listeners.sockets.len()), (Mode::SelfBind, 0));
+    }
+
+    proptest::proptest! {
+        /// Lines of the format's words and fields in any order and number: read or refused,
+        /// never a panic.
+        #[test]
+        fn any_lines_are_read_or_refused(lines in proptest::collection::vec(
+            ("(desired|next_id|roll|slot|worker|notify|intercept|memory|log|autoscale|scaled|sentinel|listeners|x)",
+             proptest::collection::vec("(-|%|[0-9]{1,3}|-[0-9]{1,2}|[a-z%,:=.]{0,12}|starting,-,1|stopping,1,1|ready|reuseport|shared)", 0..10)),
+            0..12,
+        )) {
+            let mut text = format!("{MAGIC}\n");
+            for (word, fields) in lines {
+                text += &format!("{word} {}\n", fields.join(" "));
+            }
+            let _ = decode(&text);
+        }
     }
 
     #[test]

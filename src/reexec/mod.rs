@@ -34,7 +34,10 @@ use crate::error::Error;
 
 mod legacy;
 mod state;
-pub use state::{at_ms, ms_from, AutoscaleState, SlotState, State, WorkerPhase, WorkerState};
+pub use state::{
+    at_ms, ms_from, AutoscaleState, LogPipe, Replacement, RollState, SentinelState, SlotState, State, WorkerFd,
+    WorkerPhase, WorkerState,
+};
 
 /// The environment variable naming the state's fd in the new image.
 pub const STATE_VAR: &str = "REUSE_LAUNCH_STATE";

@@ -20,9 +20,6 @@ const FORMAT: &str = "reuse-launch-state";
 /// The document's `version`: 2 (1 was the positional text). Informative: readers go by fields.
 const VERSION: u32 = 2;
 
-/// A roll under way: (generation, slot, the new worker and its deadline in ms, once spawned).
-pub type RollActive = (u64, usize, Option<(u64, i64)>);
-
 /// Everything the supervisor needs to go on where the old image stopped.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -31,26 +28,70 @@ pub struct State {
     pub next_id: u64,
     pub all_ready_logged: bool,
     pub roll_gen: u64,
-    /// A roll under way: (generation, slot, the new worker once spawned, its deadline).
-    pub roll_active: Option<RollActive>,
+    pub roll_active: Option<RollState>,
     pub roll_pending: bool,
     pub slots: Vec<SlotState>,
     pub workers: Vec<WorkerState>,
-    /// Each worker's notify socket fd, by worker id.
-    pub notify: Vec<(u64, RawFd)>,
-    /// Each worker's seccomp notification fd (`--intercept-bind`), by worker id.
-    pub intercept: Vec<(u64, RawFd)>,
-    /// Replacements under way (`--max-memory`, `--hung-timeout`): (new worker, slot, old
-    /// worker, cause).
-    pub memory: Vec<(u64, usize, u64, String)>,
+    /// Each worker's notify socket.
+    pub notify: Vec<WorkerFd>,
+    /// Each worker's seccomp notification fd (`--intercept-bind`).
+    pub intercept: Vec<WorkerFd>,
+    /// Replacements under way (`--max-memory`, `--hung-timeout`).
+    pub memory: Vec<Replacement>,
     pub listeners: Parts,
-    /// The sentinel's pid and the launcher's end of its pipe.
-    pub sentinel: Option<(u32, RawFd)>,
-    /// The workers' log pipes being pumped: (read end, stderr?, prefix).
-    pub logs: Vec<(RawFd, bool, String)>,
+    pub sentinel: Option<SentinelState>,
+    /// The workers' log pipes being pumped.
+    pub logs: Vec<LogPipe>,
     /// `-n MIN..MAX`: the policy's memory (the bounds come from the command line again, the
     /// count is `desired`).
     pub autoscale: Option<AutoscaleState>,
+}
+
+/// A roll under way: its generation and slot, and once spawned the new worker and its
+/// deadline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RollState {
+    pub gen: u64,
+    pub slot: usize,
+    pub worker: Option<u64>,
+    pub deadline_ms: Option<i64>,
+}
+
+/// An fd of worker `worker`'s kept open across the exec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkerFd {
+    pub worker: u64,
+    pub fd: RawFd,
+}
+
+/// A make-before-break replacement under way: worker `new` on `slot` replaces `old`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Replacement {
+    pub new: u64,
+    pub slot: usize,
+    pub old: u64,
+    /// `memory` or `hung`.
+    pub cause: String,
+}
+
+/// The sentinel's pid and the launcher's end of its pipe.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SentinelState {
+    pub pid: u32,
+    pub fd: RawFd,
+}
+
+/// A worker's stdout or stderr pipe, its read end, and the prefix of its lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogPipe {
+    pub fd: RawFd,
+    pub stderr: bool,
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,7 +219,7 @@ pub(super) mod tests {
             next_id: 17,
             all_ready_logged: true,
             roll_gen: 4,
-            roll_active: Some((4, 1, Some((16, 2500)))),
+            roll_active: Some(RollState { gen: 4, slot: 1, worker: Some(16), deadline_ms: Some(2500) }),
             roll_pending: true,
             slots: vec![
                 SlotState {
@@ -231,17 +272,17 @@ pub(super) mod tests {
                     fault: None,
                 },
             ],
-            notify: vec![(15, 9), (16, 11)],
-            intercept: vec![(15, 13), (16, 14)],
-            memory: vec![(16, 1, 9, "memory".into()), (18, 0, 15, "hung".into())],
+            notify: vec![WorkerFd { worker: 15, fd: 9 }, WorkerFd { worker: 16, fd: 11 }],
+            intercept: vec![WorkerFd { worker: 15, fd: 13 }, WorkerFd { worker: 16, fd: 14 }],
+            memory: vec![replacement(16, 1, 9, "memory"), replacement(18, 0, 15, "hung")],
             listeners: Parts {
                 mode: Mode::Reuseport,
                 backlog: 4096,
                 binds: vec![bind("http", "0.0.0.0:8080"), bind("admin api", "[::1]:9000")],
                 sockets: vec![3, 4, 5, 6, 7, 8],
             },
-            sentinel: Some((777, 12)),
-            logs: vec![(20, false, "[0 1234] ".into()), (21, true, "[0 1234] ".into())],
+            sentinel: Some(SentinelState { pid: 777, fd: 12 }),
+            logs: vec![log(20, false, "[0 1234] "), log(21, true, "[0 1234] ")],
             autoscale: Some(AutoscaleState {
                 flap: 1,
                 flap_ms: Some(-4000),
@@ -254,6 +295,14 @@ pub(super) mod tests {
                 ],
             }),
         }
+    }
+
+    pub(in crate::reexec) fn replacement(new: u64, slot: usize, old: u64, cause: &str) -> Replacement {
+        Replacement { new, slot, old, cause: cause.into() }
+    }
+
+    pub(in crate::reexec) fn log(fd: RawFd, stderr: bool, prefix: &str) -> LogPipe {
+        LogPipe { fd, stderr, prefix: prefix.into() }
     }
 
     pub(in crate::reexec) fn bind(name: &str, addr: &str) -> BindSpec {
@@ -300,6 +349,26 @@ pub(super) mod tests {
         assert!(State::decode(r#"{"format":"something-else","version":9}"#).is_err());
         assert!(State::decode(r#"{"format":"reuse-launch-state","state":{"desired":"x"}}"#).is_err());
         assert!(State::decode(r#"{"format":"reuse-launch-state","state":{"listeners":{"mode":"x"}}}"#).is_err());
+    }
+
+    /// Written by this version's encoder from `sample()`: what the next version must still read.
+    const V2_SAMPLE: &str = include_str!("testdata/v2-sample.json");
+
+    #[test]
+    fn the_recorded_version_2_document_reads_as_the_sample() {
+        assert_eq!(State::decode(V2_SAMPLE).unwrap(), sample());
+    }
+
+    proptest::proptest! {
+        /// The memfd's text is whatever the old image wrote: any text is refused or read,
+        /// never a panic; any document this version writes reads back the same.
+        #[test]
+        fn any_text_is_read_or_refused(text in ".{0,200}", desired in 0usize..64, pid in proptest::prelude::any::<i32>()) {
+            let _ = State::decode(&text);
+            let _ = State::decode(&format!("{{\"format\":\"reuse-launch-state\",\"state\":{text}}}"));
+            let s = State { desired, workers: vec![WorkerState { pid, ..WorkerState::default() }], ..sample() };
+            proptest::prop_assert_eq!(State::decode(&s.encode()).unwrap(), s);
+        }
     }
 
     #[test]
