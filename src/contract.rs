@@ -3,16 +3,17 @@
 //! contract" table is this module; its unit tests check it row by row.
 //!
 //! [`environment`] is pure: the launcher's environment (captured once at start), the
-//! [`Contract`] (fixed for the launcher's life) and one worker's [`WorkerVars`] in, the `envp`
-//! for execve out. The variables that hold the worker's own pid (`LISTEN_PID`, `WATCHDOG_PID`)
+//! [`Contract`] (fixed for the launcher's life), the binds (read from `socket::Listeners`, which
+//! owns them: they are not copied here) and one worker's [`WorkerVars`] in, the `envp` for
+//! execve out. The variables that hold the worker's own pid (`LISTEN_PID`, `WATCHDOG_PID`)
 //! cannot be known before fork: [`pid_vars`] names them and `spawn` writes them in the child.
 
 use std::ffi::{CString, OsStr, OsString};
-use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 use crate::command::Identity;
+use crate::socket::BindSpec;
 
 /// Removed from what workers inherit: variables addressed to the launcher itself (LISTEN_*,
 /// NOTIFY_SOCKET, WATCHDOG_*), Node's cluster markers (a node worker that sees them believes it
@@ -42,10 +43,6 @@ const DROPPED_PREFIX: &str = "EINHORN_FD_";
 
 /// What the environment of every worker depends on, fixed for the launcher's life.
 pub struct Contract {
-    /// The bound address of each `--bind`, in order (the public ones in every mode).
-    pub addrs: Vec<SocketAddr>,
-    /// LISTEN_FDNAMES, one per bind.
-    pub names: Vec<String>,
     /// Workers receive listening fds 3.. (every mode but `self`).
     pub sockets: bool,
     pub launcher_pid: u32,
@@ -63,24 +60,31 @@ pub struct WorkerVars<'a> {
     pub notify_socket: Option<&'a str>,
 }
 
-/// The environment of one worker, without the pid variables.
-pub fn environment(inherited: &[(OsString, OsString)], c: &Contract, w: &WorkerVars) -> Vec<CString> {
+/// The environment of one worker, without the pid variables. `binds`: each `--bind` with its
+/// bound address, in order (the public ones in every mode; `Listeners::binds`).
+pub fn environment(
+    inherited: &[(OsString, OsString)],
+    c: &Contract,
+    binds: &[BindSpec],
+    w: &WorkerVars,
+) -> Vec<CString> {
     let replaced_by_identity = |k: &OsStr| c.identity.is_some() && ["USER", "LOGNAME", "HOME"].iter().any(|n| k == *n);
     let mut env: Vec<CString> = inherited
         .iter()
         .filter(|(k, _)| representable(k) && !is_dropped(k) && !replaced_by_identity(k))
         .map(|(k, v)| entry(k, v))
         .collect();
-    env.push(entry("PORT", c.addrs[0].port().to_string()));
+    env.push(entry("PORT", binds[0].addr.port().to_string()));
     env.push(entry("REUSE_LAUNCH_PID", c.launcher_pid.to_string()));
     if c.sockets {
-        env.push(entry("LISTEN_FDS", c.names.len().to_string()));
-        env.push(entry("LISTEN_FDNAMES", c.names.join(":")));
+        let names: Vec<&str> = binds.iter().map(|b| b.name.as_str()).collect();
+        env.push(entry("LISTEN_FDS", binds.len().to_string()));
+        env.push(entry("LISTEN_FDNAMES", names.join(":")));
         // The same sockets in the forms other launchers' libraries read.
-        let starter: Vec<String> = c.addrs.iter().enumerate().map(|(i, a)| format!("{a}={}", 3 + i)).collect();
+        let starter: Vec<String> = binds.iter().enumerate().map(|(i, b)| format!("{}={}", b.addr, 3 + i)).collect();
         env.push(entry("SERVER_STARTER_PORT", starter.join(";")));
-        env.push(entry("EINHORN_FD_COUNT", c.names.len().to_string()));
-        for i in 0..c.names.len() {
+        env.push(entry("EINHORN_FD_COUNT", binds.len().to_string()));
+        for i in 0..binds.len() {
             env.push(entry(format!("EINHORN_FD_{i}"), (3 + i).to_string()));
         }
     }
@@ -143,14 +147,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn contract() -> Contract {
-        Contract {
-            addrs: vec!["127.0.0.1:8080".parse().unwrap(), "[::1]:9090".parse().unwrap()],
-            names: vec!["http".into(), "admin".into()],
-            sockets: true,
-            launcher_pid: 4242,
-            identity: None,
-            watchdog: None,
-        }
+        Contract { sockets: true, launcher_pid: 4242, identity: None, watchdog: None }
     }
 
     fn launcher_env() -> Vec<(OsString, OsString)> {
@@ -186,7 +183,8 @@ mod tests {
     /// The environment as a map, checking no variable is set twice.
     fn env_of(c: &Contract, w: &WorkerVars) -> BTreeMap<String, String> {
         let mut map = BTreeMap::new();
-        for e in environment(&launcher_env(), c, w) {
+        let binds = ["http=127.0.0.1:8080".parse().unwrap(), "admin=[::1]:9090".parse().unwrap()];
+        for e in environment(&launcher_env(), c, &binds, w) {
             let (k, v) = e.to_str().unwrap().split_once('=').unwrap();
             assert!(map.insert(k.to_string(), v.to_string()).is_none(), "{k} set twice");
         }

@@ -82,16 +82,17 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), Error> {
     let args = cli::Args::parse();
-    let config = cli::Config::from_args(args, std::env::var("PORT").ok())?;
+    let mut config = cli::Config::from_args(args, std::env::var("PORT").ok())?;
     logs::start(config.log_prefix).map_err(|e| Error::Failed(format!("cannot start the log thread: {e}")))?;
     let program = command::Program::resolve(&config.command)?;
     let identity =
         config.user.as_deref().map(|user| command::resolve_identity(user, config.group.as_deref())).transpose()?;
     let resumed = reexec::take_state()?;
-    let listeners = match &resumed {
-        Some(state) => supervisor::listeners_from(&state.listeners)?,
-        None => listeners(&config)?,
-    };
+    let handed = resumed.as_ref().map(|s| &s.listeners);
+    // From here on the binds are the listeners' (`Listeners::binds`, with their bound addresses):
+    // the configuration keeps no copy.
+    let binds = std::mem::take(&mut config.binds);
+    let listeners = socket::open(&binds, config.mode, config.workers, config.backlog, handed)?;
     for addr in listeners.local_addrs().iter().filter(|_| resumed.is_none()) {
         log::info!(
             "listening on {addr} ({} mode, {} workers, {} sockets in all)",
@@ -108,7 +109,7 @@ fn run() -> Result<(), Error> {
     // The workers' cgroups, then the sentinel told of them (after a reexec: the old image's
     // sentinel, which names the cgroups it was told of).
     let (containment, sentinel) = match resumed.as_ref().and_then(|s| s.sentinel) {
-        Some((pid, fd)) => {
+        Some(reexec::SentinelState { pid, fd }) => {
             (cgroup::Containment::adopt(cgroup::sentinel_root(pid)), Some(sentinel::Sentinel::adopt(pid, fd)))
         }
         None => {
@@ -134,33 +135,4 @@ fn run() -> Result<(), Error> {
         supervisor.resume(state, std::time::Instant::now())?;
     }
     supervisor.run(fresh)
-}
-
-/// The listening sockets of a fresh start: taken back from the fd store, inherited by socket
-/// activation, or bound here.
-fn listeners(config: &cli::Config) -> Result<socket::Listeners, Error> {
-    let inherited = activation::inherited()?.unwrap_or_default();
-    let (stored, activated): (Vec<_>, Vec<_>) = inherited.into_iter().partition(|(_, name)| name.starts_with("rl."));
-    let listeners = if !stored.is_empty() {
-        let count = stored.len();
-        let socket::Restored { listeners, slots: restored, unknown } =
-            socket::Listeners::restore(stored, &config.binds, config.mode, config.workers, config.backlog)?;
-        log::info!(
-            "took back {count} listening sockets from the service manager's fd store ({restored} slots keep their queues)"
-        );
-        for (socket, name) in unknown {
-            log::warn!("fd store socket {name} belongs to no --bind of this configuration: kept open, not served");
-            std::mem::forget(socket); // closing it would reset what waits there
-        }
-        if !activated.is_empty() {
-            log::warn!("{} sockets from socket activation are ignored: the fd store's are served", activated.len());
-        }
-        listeners
-    } else if !activated.is_empty() {
-        log::info!("using {} listening sockets inherited from the service manager (LISTEN_FDS)", activated.len());
-        socket::Listeners::adopt(activated, config.mode, config.workers, config.backlog)?
-    } else {
-        socket::Listeners::bind(&config.binds, config.mode, config.workers, config.backlog)?
-    };
-    Ok(listeners)
 }

@@ -180,15 +180,14 @@ proptest! {
         let inherited: Vec<(OsString, OsString)> =
             inherited.into_iter().map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v))).collect();
         let c = Contract {
-            addrs: vec!["127.0.0.1:8080".parse().unwrap()],
-            names: vec!["http".into()],
             sockets,
             launcher_pid: 77,
             identity: None,
             watchdog: watchdog.then_some(Duration::from_secs(3)),
         };
         let w = WorkerVars { slot, gen, notify_socket: Some("@reuse-launch/1/2/3") };
-        let env = environment(&inherited, &c, &w);
+        let binds = ["http=127.0.0.1:8080".parse().unwrap()];
+        let env = environment(&inherited, &c, &binds, &w);
         let pairs: Vec<(&[u8], &[u8])> = env.iter().map(|e| split_entry(e.as_bytes())).collect();
         // Every variable at most once; the per-worker ones with their values.
         let mut keys: Vec<&[u8]> = pairs.iter().map(|(k, _)| *k).collect();

@@ -9,14 +9,11 @@ use crate::command::{Placeholders, Program};
 use crate::contract::{environment, Contract, WorkerVars};
 
 fn contract() -> Contract {
-    Contract {
-        addrs: vec!["127.0.0.1:8080".parse().unwrap()],
-        names: vec!["http".into()],
-        sockets: true,
-        launcher_pid: 1,
-        identity: None,
-        watchdog: None,
-    }
+    Contract { sockets: true, launcher_pid: 1, identity: None, watchdog: None }
+}
+
+fn binds() -> Vec<crate::socket::BindSpec> {
+    vec!["http=127.0.0.1:8080".parse().unwrap()]
 }
 
 const W: WorkerVars<'static> = WorkerVars { slot: 0, gen: 1, notify_socket: None };
@@ -38,7 +35,7 @@ fn placeholder_expansion_mangled_non_utf8_arguments() {
 #[test]
 fn environment_mangled_non_utf8_names() {
     let inherited = vec![(OsString::from_vec(b"CAF\xc9".to_vec()), OsString::from_vec(b"cr\xe8me".to_vec()))];
-    let env = environment(&inherited, &contract(), &W);
+    let env = environment(&inherited, &contract(), &binds(), &W);
     assert!(env.iter().any(|e| e.as_bytes() == b"CAF\xc9=cr\xe8me"), "{env:?}");
 }
 
@@ -51,7 +48,7 @@ fn environment_panicked_on_a_name_no_environment_can_hold() {
         ("PORT=1".into(), "2".into()),
         ("=C:".into(), "kept".into()),
     ];
-    let env = environment(&inherited, &contract(), &W);
+    let env = environment(&inherited, &contract(), &binds(), &W);
     assert!(!env.iter().any(|e| e.as_bytes().starts_with(b"A")), "{env:?}");
     assert_eq!(env.iter().filter(|e| e.as_bytes().starts_with(b"PORT=")).count(), 1, "{env:?}");
     assert!(env.iter().any(|e| e.as_bytes() == b"=C:=kept"), "{env:?}");

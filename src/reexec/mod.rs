@@ -1,7 +1,7 @@
 //! `reexec`: the launcher replaces its own program in place (same pid, same children) to
 //! upgrade itself without touching a worker. This module owns the hand-over: [`State`], what
-//! the old image tells the new one (a versioned line format, so that a newer binary can read an
-//! older one's state), and [`exec`], the exec itself.
+//! the old image tells the new one (a versioned JSON document, so that a newer binary can read an
+//! older one's state; the positional text of older images is read too), and [`exec`], the exec itself.
 //!
 //! What execve keeps and drops (shared/notes/KERNEL.md): the pid, the children (zombies
 //! included), every fd without FD_CLOEXEC, the signal mask and pending signals are kept; the
@@ -33,9 +33,12 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 use crate::sys::set_cloexec;
 
-mod scaling;
+mod legacy;
 mod state;
-pub use state::{at_ms, ms_from, AutoscaleState, ListenerState, SlotState, State, WorkerPhase, WorkerState};
+pub use state::{
+    at_ms, ms_from, AutoscaleState, LogPipe, Replacement, RollState, SentinelState, SlotState, State, WorkerFd,
+    WorkerPhase, WorkerState,
+};
 
 /// The environment variable naming the state's fd in the new image.
 pub const STATE_VAR: &str = "REUSE_LAUNCH_STATE";

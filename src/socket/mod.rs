@@ -12,16 +12,22 @@ use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::Error;
 
+mod open;
 mod store;
+pub use open::{open, Parts};
 pub use store::Restored;
 
-/// One `--bind`: an address and the name it gets in LISTEN_FDNAMES.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One `--bind`: an address and the name it gets in LISTEN_FDNAMES. As text `NAME=ADDR`
+/// ([`fmt::Display`], [`FromStr`]); in the reexec state an object `{"name", "addr"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindSpec {
     pub name: String,
     pub addr: SocketAddr,
@@ -58,10 +64,27 @@ impl BindSpec {
     }
 }
 
-/// How connections are spread over the workers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+impl FromStr for BindSpec {
+    type Err = String;
+
+    /// The first `--bind`'s parse (an unnamed address is `http`).
+    fn from_str(text: &str) -> Result<BindSpec, String> {
+        BindSpec::parse(text, 0)
+    }
+}
+
+impl fmt::Display for BindSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.addr)
+    }
+}
+
+/// How connections are spread over the workers. As text (`--mode`, `status`, the reexec state)
+/// its [`fmt::Display`] word, read back by [`FromStr`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
     /// One SO_REUSEPORT socket per slot and bind; the kernel hashes flows over the group.
+    #[default]
     Reuseport,
     /// One socket per bind, handed to every worker: one accept queue.
     Shared,
@@ -75,6 +98,14 @@ pub enum Mode {
 
 impl Mode {
     pub fn parse(s: &str) -> Result<Mode, String> {
+        s.parse()
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mode, String> {
         match s {
             "reuseport" => Ok(Mode::Reuseport),
             "shared" => Ok(Mode::Shared),
@@ -82,6 +113,18 @@ impl Mode {
             "self" => Ok(Mode::SelfBind),
             _ => Err("expected 'reuseport', 'shared', 'round-robin' or 'self'".into()),
         }
+    }
+}
+
+impl Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -272,20 +315,6 @@ impl Listeners {
         }
     }
 
-    /// The raw parts `reexec` carries over: mode, backlog, binds and every listening socket.
-    pub fn parts(&self) -> (Mode, i32, Vec<(String, SocketAddr)>, Vec<RawFd>) {
-        let binds = self.binds.iter().zip(&self.local).map(|(b, a)| (b.name.clone(), *a)).collect();
-        (self.mode, self.backlog, binds, self.sockets.iter().map(|s| s.as_raw_fd()).collect())
-    }
-
-    /// Listeners from the parts of an earlier image (`reexec`): the sockets are open here
-    /// already, listening, in their groups; `sockets` are owned from now on.
-    pub fn from_parts(mode: Mode, backlog: i32, binds: Vec<(String, SocketAddr)>, sockets: Vec<Socket>) -> Listeners {
-        let local = binds.iter().map(|b| b.1).collect();
-        let binds = binds.into_iter().map(|(name, addr)| BindSpec { name, addr }).collect();
-        Listeners { mode, binds, local, sockets, public: Vec::new(), backlog }
-    }
-
     /// How many slots the sockets are for (reuseport and round-robin; None in the other modes,
     /// where any number of slots shares them).
     pub fn slot_count(&self) -> Option<usize> {
@@ -373,6 +402,21 @@ mod tests {
         assert!(BindSpec::parse("127.0.0.1:http", 0).is_err());
         assert!(BindSpec::parse("127.0.0.1:70000", 0).is_err());
         assert!(BindSpec::parse("bad name=127.0.0.1:1", 0).is_err());
+    }
+
+    #[test]
+    fn modes_and_binds_read_back_what_they_print() {
+        for m in [Mode::Reuseport, Mode::Shared, Mode::RoundRobin, Mode::SelfBind] {
+            assert_eq!(m.to_string().parse::<Mode>(), Ok(m));
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{m}\""));
+            assert_eq!(serde_json::from_str::<Mode>(&format!("\"{m}\"")).unwrap(), m);
+        }
+        assert!("sideways".parse::<Mode>().is_err() && serde_json::from_str::<Mode>("\"sideways\"").is_err());
+        for text in ["http=127.0.0.1:80", "admin=[::1]:9001"] {
+            let b: BindSpec = text.parse().unwrap();
+            assert_eq!(b.to_string(), text);
+        }
+        assert_eq!("127.0.0.1:80".parse::<BindSpec>().unwrap().to_string(), "http=127.0.0.1:80");
     }
 
     #[test]

@@ -72,7 +72,8 @@ impl<O: Os> Supervisor<O> {
             None => None,
         };
         let vars = WorkerVars { slot, gen, notify_socket: notify_socket.as_deref() };
-        let env = contract::environment(&self.launch.inherited_env, &self.launch.contract, &vars);
+        let env =
+            contract::environment(&self.launch.inherited_env, &self.launch.contract, &self.listeners.binds(), &vars);
         let fds = self.listeners.fds_for_slot(slot);
         let port = self.listeners.local_addrs()[0].port();
         let argv = self.launch.program.argv(&Placeholders { fds: &fds, port, slot });

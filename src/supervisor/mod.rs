@@ -44,7 +44,6 @@ use crossbeam_channel::Sender;
 use signal_hook::consts::signal::*;
 
 pub use os::{Os, RealOs};
-pub use resume::listeners_from;
 
 use crate::cli::Config;
 use crate::command::{Identity, Program};
@@ -163,8 +162,6 @@ impl<O: Os> Supervisor<O> {
         let channels = Channels::open(&cfg, identity.as_ref())?;
         let router = Router::new(&cfg, &mut listeners, &channels.tx)?;
         let contract = Contract {
-            addrs: listeners.local_addrs().to_vec(),
-            names: listeners.names().map(String::from).collect(),
             sockets: listeners.mode() != Mode::SelfBind,
             launcher_pid: std::process::id(),
             identity,

@@ -11,16 +11,18 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Instant;
 
 use nix::unistd::Pid;
-use socket2::Socket;
 
 use super::os::Os;
 use super::workers::{Slot, State as Phase, Worker};
 use super::Supervisor;
 use crate::error::Error;
-use crate::event::HANDLED;
-use crate::reexec::{self, at_ms, ms_from, ListenerState, SlotState, State, WorkerPhase, WorkerState};
+use crate::event::{WorkerId, HANDLED};
+use crate::reexec::{
+    self, at_ms, ms_from, LogPipe, Replacement, RollState, SentinelState, SlotState, State, WorkerFd, WorkerPhase,
+    WorkerState,
+};
 use crate::roll::{Saved, SavedRoll};
-use crate::socket::{Listeners, Mode};
+use crate::socket::Mode;
 
 /// Causes and faults are the supervisor's static words; an unknown one (a newer image's) reads
 /// as `crash`.
@@ -86,62 +88,41 @@ impl<O: Os> Supervisor<O> {
                 restarts: s.restarts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             })
             .collect();
-        let workers = self
-            .workers
-            .iter()
-            .map(|(id, w)| WorkerState {
-                id,
-                slot: w.slot,
-                gen: w.gen,
-                pid: w.pid.as_raw(),
-                started_ms: ms_from(now, w.started),
-                phase: match w.state {
-                    Phase::Starting { ready_at, deadline } => WorkerPhase::Starting {
-                        ready_ms: ready_at.map(|t| ms_from(now, t)),
-                        deadline_ms: ms_from(now, deadline),
-                    },
-                    Phase::Ready => WorkerPhase::Ready,
-                    Phase::Stopping { kill_at, killed } => {
-                        WorkerPhase::Stopping { kill_ms: ms_from(now, kill_at), killed }
-                    }
-                },
-                candidate: w.candidate,
-                was_ready: w.was_ready,
-                watchdog_ms: w.watchdog_at.map(|t| ms_from(now, t)),
-                fault: w.fault.map(String::from),
-            })
-            .collect();
-        let notify = self.channels.notify.as_ref().map(|n| n.fds()).unwrap_or_default();
-        let intercept = self.intercept.interceptor.as_ref().map(|i| i.fds()).unwrap_or_default();
-        let (mode, backlog, binds, sockets) = self.listeners.parts();
-        let mut keep: Vec<RawFd> = sockets.clone();
-        keep.extend(notify.iter().map(|n| n.1));
-        keep.extend(intercept.iter().map(|n| n.1));
-        let sentinel = self.guards.sentinel.as_ref().map(|s| (s.pid(), s.pipe_fd()));
-        keep.extend(sentinel.map(|s| s.1));
-        let logs: Vec<(RawFd, bool, String)> = crate::logs::handover()
+        let workers = self.workers.iter().map(|(id, w)| worker_state(id, w, now)).collect();
+        let worker_fds = |fds: Vec<(u64, RawFd)>| fds.into_iter().map(|(worker, fd)| WorkerFd { worker, fd }).collect();
+        let notify: Vec<WorkerFd> = worker_fds(self.channels.notify.as_ref().map(|n| n.fds()).unwrap_or_default());
+        let intercept: Vec<WorkerFd> =
+            worker_fds(self.intercept.interceptor.as_ref().map(|i| i.fds()).unwrap_or_default());
+        let listeners = self.listeners.parts();
+        let mut keep: Vec<RawFd> = listeners.sockets.clone();
+        keep.extend(notify.iter().chain(&intercept).map(|n| n.fd));
+        let sentinel = self.guards.sentinel.as_ref().map(|s| SentinelState { pid: s.pid(), fd: s.pipe_fd() });
+        keep.extend(sentinel.map(|s| s.fd));
+        let logs: Vec<LogPipe> = crate::logs::handover()
             .into_iter()
-            .map(|(fd, err, prefix)| (fd, err, String::from_utf8_lossy(&prefix).into_owned()))
+            .map(|(fd, stderr, prefix)| LogPipe { fd, stderr, prefix: String::from_utf8_lossy(&prefix).into_owned() })
             .collect();
-        keep.extend(logs.iter().map(|l| l.0));
+        keep.extend(logs.iter().map(|l| l.fd));
+        let memory = self.watches.replacements.export();
+        let memory = memory.into_iter().map(|(new, slot, old, cause)| Replacement { new, slot, old, cause }).collect();
         let state = State {
             desired: self.scaling.desired,
             next_id: self.workers.next_id(),
             all_ready_logged: self.publishing.all_ready_logged,
             roll_gen: saved.gen,
-            roll_active: saved.active.map(|a| (a.gen, a.slot, a.waiting.map(|(id, d)| (id, ms_from(now, d))))),
+            roll_active: saved.active.map(|a| RollState {
+                gen: a.gen,
+                slot: a.slot,
+                worker: a.waiting.map(|w| w.0),
+                deadline_ms: a.waiting.map(|w| ms_from(now, w.1)),
+            }),
             roll_pending: saved.pending,
             slots,
             workers,
             notify,
             intercept,
-            memory: self.watches.replacements.export(),
-            listeners: ListenerState {
-                mode: mode.to_string(),
-                backlog,
-                binds: binds.into_iter().map(|(n, a)| (n, a.to_string())).collect(),
-                sockets,
-            },
+            memory,
+            listeners,
             sentinel,
             logs,
             autoscale: self.autoscale_state(now),
@@ -153,10 +134,10 @@ impl<O: Os> Supervisor<O> {
     pub fn resume(&mut self, state: State, now: Instant) -> Result<(), Error> {
         self.scaling.desired = state.desired;
         self.publishing.all_ready_logged = state.all_ready_logged;
-        let active = state.roll_active.map(|(gen, slot, w)| SavedRoll {
-            gen,
-            slot,
-            waiting: w.map(|(id, d)| (id, at_ms(now, d))),
+        let active = state.roll_active.map(|a| SavedRoll {
+            gen: a.gen,
+            slot: a.slot,
+            waiting: a.worker.zip(a.deadline_ms).map(|(id, d)| (id, at_ms(now, d))),
         });
         let n = state.slots.len();
         if n != self.slots.len() {
@@ -186,46 +167,14 @@ impl<O: Os> Supervisor<O> {
                 ..std::mem::take(slot)
             };
         }
-        for w in state.workers {
-            let phase = match w.phase {
-                WorkerPhase::Starting { ready_ms, deadline_ms } => {
-                    Phase::Starting { ready_at: ready_ms.map(|ms| at_ms(now, ms)), deadline: at_ms(now, deadline_ms) }
-                }
-                WorkerPhase::Ready => Phase::Ready,
-                WorkerPhase::Stopping { kill_ms, killed } => Phase::Stopping { kill_at: at_ms(now, kill_ms), killed },
-            };
-            let mut worker =
-                Worker::new(w.slot, w.gen, Pid::from_raw(w.pid), at_ms(now, w.started_ms), phase, w.candidate);
-            worker.was_ready = w.was_ready;
-            worker.watchdog_at = w.watchdog_ms.map(|ms| at_ms(now, ms));
-            worker.fault = w.fault.as_deref().map(cause);
-            self.workers.restore(w.id, worker, state.next_id);
+        for w in &state.workers {
+            self.workers.restore(w.id, worker_of(w, now), state.next_id);
         }
-        for (id, fd) in state.notify {
-            // SAFETY: the old image kept this fd open across the exec for worker `id`'s notify
-            // socket; nothing else here owns it.
-            let sock = unsafe { UnixDatagram::from_raw_fd(fd) };
-            crate::sys::set_cloexec(&[fd], true);
-            match &self.channels.notify {
-                Some(hub) => {
-                    hub.adopt(id, sock).map_err(|e| Error::Failed(format!("cannot resume notify socket: {e}")))?
-                }
-                None => drop(sock),
-            }
-        }
-        for (id, fd) in state.intercept {
-            // SAFETY: the old image kept this fd open across the exec for worker `id`'s seccomp
-            // notifications; nothing else here owns it.
-            let notif = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-            crate::sys::set_cloexec(&[fd], true);
-            match self.workers.get(id).map(|w| (w.label(), w.slot)) {
-                Some((label, slot)) => self.intercept_adopt(id, label, slot, notif),
-                None => drop(notif),
-            }
-        }
-        self.watches.replacements.restore(&state.memory);
+        self.adopt_fds(state.notify, state.intercept)?;
+        let memory: Vec<_> = state.memory.into_iter().map(|r| (r.new, r.slot, r.old, r.cause)).collect();
+        self.watches.replacements.restore(&memory);
         self.autoscale_resume(state.autoscale, now);
-        for (fd, stderr, prefix) in state.logs {
+        for LogPipe { fd, stderr, prefix } in state.logs {
             crate::logs::adopt(fd, stderr, prefix.into_bytes());
         }
         // The old image's steering program is still attached to the groups: whatever this one
@@ -239,22 +188,70 @@ impl<O: Os> Supervisor<O> {
         );
         Ok(())
     }
+
+    /// The workers' notify sockets and seccomp notification fds the old image kept open.
+    fn adopt_fds(&mut self, notify: Vec<WorkerFd>, intercept: Vec<WorkerFd>) -> Result<(), Error> {
+        for WorkerFd { worker: id, fd } in notify {
+            // SAFETY: the old image kept this fd open across the exec for worker `id`'s notify
+            // socket; nothing else here owns it.
+            let sock = unsafe { UnixDatagram::from_raw_fd(fd) };
+            crate::sys::set_cloexec(&[fd], true);
+            match &self.channels.notify {
+                Some(hub) => {
+                    hub.adopt(id, sock).map_err(|e| Error::Failed(format!("cannot resume notify socket: {e}")))?
+                }
+                None => drop(sock),
+            }
+        }
+        for WorkerFd { worker: id, fd } in intercept {
+            // SAFETY: the old image kept this fd open across the exec for worker `id`'s seccomp
+            // notifications; nothing else here owns it.
+            let notif = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            crate::sys::set_cloexec(&[fd], true);
+            match self.workers.get(id).map(|w| (w.label(), w.slot)) {
+                Some((label, slot)) => self.intercept_adopt(id, label, slot, notif),
+                None => drop(notif),
+            }
+        }
+        Ok(())
+    }
 }
 
-/// The listening sockets of an earlier image, by their fds in the state.
-pub fn listeners_from(state: &ListenerState) -> Result<Listeners, Error> {
-    let mode = Mode::parse(&state.mode).map_err(Error::Failed)?;
-    let mut binds = Vec::new();
-    for (name, addr) in &state.binds {
-        let addr = addr.parse().map_err(|_| Error::Failed(format!("cannot resume: bad address {addr}")))?;
-        binds.push((name.clone(), addr));
+/// A worker as the state carries it, its times relative to `now`.
+fn worker_state(id: WorkerId, w: &Worker, now: Instant) -> WorkerState {
+    WorkerState {
+        id,
+        slot: w.slot,
+        gen: w.gen,
+        pid: w.pid.as_raw(),
+        started_ms: ms_from(now, w.started),
+        phase: match w.state {
+            Phase::Starting { ready_at, deadline } => WorkerPhase::Starting {
+                ready_ms: ready_at.map(|t| ms_from(now, t)),
+                deadline_ms: ms_from(now, deadline),
+            },
+            Phase::Ready => WorkerPhase::Ready,
+            Phase::Stopping { kill_at, killed } => WorkerPhase::Stopping { kill_ms: ms_from(now, kill_at), killed },
+        },
+        candidate: w.candidate,
+        was_ready: w.was_ready,
+        watchdog_ms: w.watchdog_at.map(|t| ms_from(now, t)),
+        fault: w.fault.map(String::from),
     }
-    let mut sockets = Vec::new();
-    for fd in &state.sockets {
-        crate::activation::check_is_open(*fd).map_err(Error::Failed)?;
-        crate::sys::set_cloexec(&[*fd], true);
-        // SAFETY: the old image kept this listening socket open across the exec for us.
-        sockets.push(unsafe { Socket::from_raw_fd(*fd) });
-    }
-    Ok(Listeners::from_parts(mode, state.backlog, binds, sockets))
+}
+
+/// The worker a state's entry stands for, its times relative to `now`.
+fn worker_of(w: &WorkerState, now: Instant) -> Worker {
+    let phase = match w.phase {
+        WorkerPhase::Starting { ready_ms, deadline_ms } => {
+            Phase::Starting { ready_at: ready_ms.map(|ms| at_ms(now, ms)), deadline: at_ms(now, deadline_ms) }
+        }
+        WorkerPhase::Ready => Phase::Ready,
+        WorkerPhase::Stopping { kill_ms, killed } => Phase::Stopping { kill_at: at_ms(now, kill_ms), killed },
+    };
+    let mut worker = Worker::new(w.slot, w.gen, Pid::from_raw(w.pid), at_ms(now, w.started_ms), phase, w.candidate);
+    worker.was_ready = w.was_ready;
+    worker.watchdog_at = w.watchdog_ms.map(|ms| at_ms(now, ms));
+    worker.fault = w.fault.as_deref().map(cause);
+    worker
 }

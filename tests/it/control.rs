@@ -446,6 +446,99 @@ fn a_reexec_into_a_broken_binary_keeps_everything_running() {
     assert!(out.stdout.contains(&path), "{out:?}");
 }
 
+/// The commit before the reexec hand-over became a JSON document (issue 16): main's HEAD
+/// when that change was begun. Its launcher writes the positional text (format 1).
+const BEFORE_JSON_STATE: &str = "3b7ca042e05c0c06031671aba2f0acd39bbc5ac2";
+
+/// Run `cmd`; panic naming `what` and its output unless it succeeds.
+fn must(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what}: {cmd:?} failed ({}): {err}", out.status);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The launcher of [`BEFORE_JSON_STATE`], built from `git archive` in target/tmp/old-launcher
+/// (target/tmp/old-target, kept across runs). Without the git history there is no such binary:
+/// the test fails saying so.
+fn old_launcher() -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let commit = Command::new("git")
+        .args(["-C", root, "rev-parse", "--verify", "--quiet", &format!("{BEFORE_JSON_STATE}^{{commit}}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let Some(commit) = commit else {
+        panic!("commit {BEFORE_JSON_STATE} (the launcher before the JSON state) is not in {root}'s git history: cannot build the old binary this test upgrades from");
+    };
+    let (src, target) = (format!("{root}/target/tmp/old-launcher"), format!("{root}/target/tmp/old-target"));
+    let stamp = format!("{src}/.commit");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(commit.as_str()) {
+        let _ = std::fs::remove_dir_all(&src);
+        std::fs::create_dir_all(&src).unwrap();
+        let tar = format!("{src}.tar");
+        must(Command::new("git").args(["-C", root, "archive", "-o", &tar, &commit]), "archiving the old commit");
+        must(Command::new("tar").args(["-x", "-f", &tar, "-C", &src]), "extracting the old commit");
+        std::fs::remove_file(&tar).unwrap();
+        std::fs::write(&stamp, &commit).unwrap();
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = format!("{src}/Cargo.toml");
+    must(
+        Command::new(cargo)
+            .args(["build", "--bin", "reuse-launch", "--manifest-path", &manifest])
+            .env("CARGO_TARGET_DIR", &target),
+        "building the launcher of the commit before the JSON state",
+    );
+    format!("{target}/debug/reuse-launch")
+}
+
+/// Issue 16: the binary built before the hand-over became a JSON document hands over in its
+/// positional text; this one reads it and keeps every worker, its restarts, and serving.
+#[test]
+fn a_reexec_from_the_binary_before_the_json_state_keeps_every_worker() {
+    let old = old_launcher();
+    let dir = TempPath::dir("reexec-upgrade");
+    let path = format!("{}/reuse-launch", dir.str());
+    std::fs::copy(&old, &path).unwrap();
+    let sock = TempPath::new("reexec-upgrade.sock");
+    let pick = ["--control", sock.str()];
+    let l = Launch::new().binary(&path).workers(3).ready("auto").flag("--control", sock.str()).py(&[]).start();
+    l.wait_for("all 3 workers ready", secs(20));
+    // A crash, so that a slot has a restart and a last failure to carry over.
+    let victim = *worker_pids(&status(&pick).unwrap()).iter().next().unwrap() as i32;
+    signal(victim, Signal::SIGKILL);
+    let before = wait_status(&l, &pick, secs(20), "the killed worker replaced and all ready", |s| {
+        !worker_pids(s).contains(&(victim as u64)) && s.get("ready").and_then(Value::as_u64) == Some(3)
+    });
+    let launcher = num(&before, "pid") as i32;
+    let exe = || std::fs::read_link(format!("/proc/{launcher}/exe")).unwrap().display().to_string();
+    // The new version installed at the launcher's path (a new file: the old one runs on).
+    std::fs::remove_file(&path).unwrap();
+    std::fs::copy(BIN, &path).unwrap();
+    assert_eq!(exe(), format!("{path} (deleted)"), "the old binary runs until the reexec");
+    let load = Load::start(l.port(), 4);
+    let out = client(&["reexec", "--control", sock.str()]);
+    assert_eq!(out.code, 0, "{out:?}\n{}", l.log());
+    assert!(out.stdout.contains("every worker kept"), "{out:?}");
+    l.wait_for("resumed after reexec: 3 workers in 3 slots", secs(10));
+    let after = status(&pick).expect("status answers from the new binary");
+    let (ok, failures) = load.finish();
+    assert!(ok > 0 && failures.is_empty(), "{} of {ok} failed across the upgrade: {failures:?}", failures.len());
+    assert_eq!(exe(), path, "the new binary runs");
+    assert_eq!(num(&after, "pid") as i32, launcher);
+    assert_ne!(after.get("image"), before.get("image"));
+    assert_eq!(worker_pids(&after), worker_pids(&before), "the workers changed");
+    let restarts = |s: &Value| rows(s).iter().map(|r| num(r, "restarts")).collect::<Vec<_>>();
+    assert_eq!(restarts(&after), restarts(&before), "the restart counts are carried over");
+    assert_eq!(restarts(&after).iter().sum::<u64>(), 1);
+    assert_eq!(get(l.port()).unwrap().gen, "1");
+    // The new image is a launcher: a roll.
+    assert_eq!(client(&["roll", "--control", sock.str()]).code, 0);
+    l.wait_for("roll gen 2 done", secs(30));
+}
+
 /// Found by scripts/chaos: a reexec after a scale-down panicked in the new image (it sized its
 /// slots from -n, not from the sockets it was handed) and took the workers with it.
 #[test]
