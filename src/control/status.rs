@@ -155,9 +155,60 @@ mod tests {
     use super::*;
     use crate::snapshot::WorkerSnapshot;
 
+    /// A snapshot with every part filled in: two slots (one in backoff), a roll, autoscaling.
+    fn rich() -> Snapshot {
+        let mut snap = sample();
+        snap.roll = Some((3, 1, 2));
+        snap.stopping = true;
+        // Every escape the printer knows, in a string the launcher reports.
+        snap.slots[1].last_exit = Some("a\"b\\c\n\r\t\u{8}\u{c}\u{1}\u{2028}\u{2029}\u{7f}é😀".into());
+        let record = |secs, from, to, by: &str, reason: &str| ScaleRecord {
+            ago: Duration::from_millis(secs),
+            from,
+            to,
+            by: by.into(),
+            reason: reason.into(),
+            unix_ms: 1,
+        };
+        snap.autoscale = Some(AutoscaleSnapshot {
+            min: 1,
+            max: 3,
+            calm: Duration::from_secs(30),
+            decisions: vec![
+                record(9_500, 1, 2, "control", "asked by control"),
+                record(4_125, 2, 3, "auto", "at least one connection waiting per slot for 2s"),
+            ],
+            ups: 1,
+            downs: 0,
+            samples: 20,
+            pressed_pct: 50,
+            waiting_centi: 125,
+            queued_pct: 100,
+            cpu_milli: 1500,
+        });
+        snap
+    }
+
+    /// The whole object, byte for byte as the hand-written JSON printer made it before the
+    /// control protocol went through serde_json (recorded from main 3b7ca04).
+    #[test]
+    fn the_whole_object_is_unchanged_byte_for_byte() {
+        let usage = HashMap::from([(11, Usage { cpu_percent: Some(0.0), rss_bytes: Some(4096) })]);
+        let text = build(&rich(), &usage, &[Some((0, 128)), None], "/run/x \"y\".sock").to_string();
+        let text = text.replace(&image(), "{image}");
+        assert_eq!(text, include_str!("testdata/status.json").trim_end());
+    }
+
     #[test]
     fn a_worker_row_and_a_backoff_row() {
-        let snap = Snapshot {
+        let snap = sample();
+        let usage = HashMap::from([(11, Usage { cpu_percent: Some(1.5), rss_bytes: Some(4096) })]);
+        let v = build(&snap, &usage, &[Some((0, 128)), None], "/run/x.sock");
+        check_rows(v);
+    }
+
+    fn sample() -> Snapshot {
+        Snapshot {
             pid: 10,
             mode: "reuseport".into(),
             binds: vec!["127.0.0.1:8080".parse().unwrap()],
@@ -195,9 +246,10 @@ mod tests {
             ],
             autoscale: None,
             intercept: crate::snapshot::InterceptSnapshot { state: "on".into(), binds: 3, listens: 2 },
-        };
-        let usage = HashMap::from([(11, Usage { cpu_percent: Some(1.5), rss_bytes: Some(4096) })]);
-        let v = build(&snap, &usage, &[Some((0, 128)), None], "/run/x.sock");
+        }
+    }
+
+    fn check_rows(v: Value) {
         let text = v.to_string();
         assert!(
             text.starts_with(r#"{"pid":10,"mode":"reuseport","binds":["127.0.0.1:8080"],"generation":2,"#),
