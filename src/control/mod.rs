@@ -31,7 +31,7 @@ mod place;
 pub(crate) mod protocol;
 mod server;
 mod status;
-mod table;
+pub(crate) mod table;
 pub(crate) mod wire;
 
 use std::path::PathBuf;
