@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use super::json::{self, Value};
+use super::protocol::{Reply, Request};
 
 pub const DONE: u8 = 0;
 /// Refused by the launcher, or the request failed.
@@ -117,53 +117,52 @@ pub fn main(argv: Vec<OsString>) -> u8 {
 
 fn run(cmd: Sub) -> Result<(), Fail> {
     let (request, pick) = match &cmd {
-        Sub::Status { pick, .. } => (Value::obj([("cmd", "status".into())]), pick),
+        Sub::Status { pick, .. } => (Request::Status, pick),
         Sub::Scale { workers, pick } => {
-            super::parse_scale(workers).map_err(|e| Fail(USAGE, format!("scale: {e}")))?;
-            (Value::obj([("cmd", "scale".into()), ("workers", workers.trim().into())]), pick)
+            let workers = workers.parse().map_err(|e| Fail(USAGE, format!("scale: {e}")))?;
+            (Request::Scale { workers }, pick)
         }
-        Sub::Roll { pick } => (Value::obj([("cmd", "roll".into())]), pick),
-        Sub::Stop { pick, .. } => (Value::obj([("cmd", "stop".into())]), pick),
-        Sub::Reexec { pick } => (Value::obj([("cmd", "reexec".into())]), pick),
+        Sub::Roll { pick } => (Request::Roll, pick),
+        Sub::Stop { pick, .. } => (Request::Stop, pick),
+        Sub::Reexec { pick } => (Request::Reexec, pick),
     };
     let path = find(pick)?;
     // Which image answers now: after a reexec, another one must.
     let before = match cmd {
-        Sub::Reexec { .. } => ask(&path, &Value::obj([("cmd", "status".into())]))?.get("image").cloned(),
+        Sub::Reexec { .. } => ask(&path, &Request::Status)?.0.image,
         _ => None,
     };
-    let answer = ask(&path, &request)?;
-    let num = |k: &str| answer.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let (answer, line) = ask(&path, &request)?;
+    let pid = answer.pid;
     match cmd {
-        Sub::Status { json: true, .. } => println!("{answer}"),
-        Sub::Status { .. } => print!("{}", super::table::render(&answer)),
-        Sub::Scale { .. } => println!("launcher {}: scaling to {} workers", num("pid"), num("desired")),
-        Sub::Roll { .. } => println!("launcher {}: rolling restart to generation {}", num("pid"), num("generation")),
+        // The line as the launcher wrote it (its members in its order).
+        Sub::Status { json: true, .. } => println!("{line}"),
+        Sub::Status { .. } => {
+            let status = super::wire::parse(&line).map_err(|e| Fail(FAILED, format!("unreadable answer ({e})")))?;
+            print!("{}", super::table::render(&status))
+        }
+        Sub::Scale { .. } => println!("launcher {pid}: scaling to {} workers", answer.desired),
+        Sub::Roll { .. } => println!("launcher {pid}: rolling restart to generation {}", answer.generation),
         Sub::Reexec { .. } => {
-            let text = |k: &str| {
-                answer.get("reexec").and_then(|r| r.get(k)).and_then(Value::as_str).unwrap_or("?").to_string()
-            };
-            println!("launcher {}: re-executing {} ({})", num("pid"), text("binary"), text("version"));
+            let to = answer.reexec.unwrap_or_default();
+            let text = |s: &str| if s.is_empty() { "?".to_string() } else { s.to_string() };
+            println!("launcher {pid}: re-executing {} ({})", text(&to.binary), text(&to.version));
             // The new image binds the control socket again once it runs.
-            let status = Value::obj([("cmd", "status".into())]);
             let end = Instant::now() + Duration::from_secs(20);
             loop {
                 std::thread::sleep(Duration::from_millis(50));
-                match ask(&path, &status) {
-                    Ok(s) if s.get("image").is_some() && s.get("image") != before.as_ref() => break,
+                match ask(&path, &Request::Status) {
+                    Ok((s, _)) if s.image.is_some() && s.image != before => break,
                     _ if Instant::now() > end => {
-                        return Err(Fail(
-                            FAILED,
-                            format!("launcher {}: no answer within 20 s after reexec", num("pid")),
-                        ))
+                        return Err(Fail(FAILED, format!("launcher {pid}: no answer within 20 s after reexec")))
                     }
                     _ => {}
                 }
             }
-            println!("launcher {}: running the new binary; every worker kept", num("pid"));
+            println!("launcher {pid}: running the new binary; every worker kept");
         }
         Sub::Stop { no_wait, .. } => {
-            let pid = num("pid") as i32;
+            let pid = pid as i32;
             println!("launcher {pid}: stopping");
             if !no_wait {
                 // Gone once its process is (or, where pids are not ours to see, its socket).
@@ -236,8 +235,9 @@ fn running(dirs: &[PathBuf]) -> Vec<(i32, PathBuf)> {
     found
 }
 
-/// Send one request and read its answer; an `"ok": false` answer is a [`FAILED`].
-fn ask(path: &Path, request: &Value) -> Result<Value, Fail> {
+/// Send one request and read its answer (read, and the line as received without its newline);
+/// an `"ok": false` answer is a [`FAILED`].
+fn ask(path: &Path, request: &Request) -> Result<(Reply, String), Fail> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
         let code = match e.kind() {
             ErrorKind::NotFound | ErrorKind::ConnectionRefused => NOT_FOUND,
@@ -251,7 +251,7 @@ fn ask(path: &Path, request: &Value) -> Result<Value, Fail> {
     let started = Instant::now();
     // A refusal may arrive (and the launcher hang up) before the request is written: read the
     // answer even when writing failed.
-    let written = stream.write_all(format!("{request}\n").as_bytes());
+    let written = stream.write_all(format!("{}\n", super::wire::to_line(request)).as_bytes());
     let mut line = String::new();
     let read = BufReader::new(&stream).read_line(&mut line);
     if let (Err(e), true) = (written, line.trim().is_empty()) {
@@ -267,13 +267,15 @@ fn ask(path: &Path, request: &Value) -> Result<Value, Fail> {
     if line.trim().is_empty() {
         return Err(Fail(FAILED, format!("{} closed the connection without answering", path.display())));
     }
-    let answer = json::parse(line.trim()).map_err(|e| Fail(FAILED, format!("unreadable answer ({e}): {line}")))?;
-    match answer.get("ok").and_then(Value::as_bool) {
-        Some(true) => Ok(answer),
-        _ => {
-            let error = answer.get("error").and_then(Value::as_str).unwrap_or("refused without a reason");
-            Err(Fail(FAILED, error.to_string()))
-        }
+    let raw = line.as_str();
+    let line = raw.trim();
+    let unreadable = |e: String| Fail(FAILED, format!("unreadable answer ({e}): {raw}"));
+    let value = super::wire::parse(line).map_err(unreadable)?;
+    let answer: Reply = serde_json::from_value(value).map_err(|e| unreadable(e.to_string()))?;
+    if answer.ok {
+        Ok((answer, line.to_string()))
+    } else {
+        Err(Fail(FAILED, answer.error.unwrap_or_else(|| "refused without a reason".to_string())))
     }
 }
 

@@ -51,9 +51,8 @@ impl Clients {
                 return Err(format!("busy: {MAX_CLIENTS} control clients are being answered; try again"));
             };
             let victim = entries.swap_remove(i);
-            let line = format!(
-                "{{\"ok\":false,\"error\":\"closed: {MAX_CLIENTS} control clients connected; this one was idle longest\"}}\n"
-            );
+            let why = format!("closed: {MAX_CLIENTS} control clients connected; this one was idle longest");
+            let line = super::protocol::Response::failure(None, why).line();
             // Never wait on the client being closed: what its socket takes now, then the end.
             let _ = send(victim.stream.as_raw_fd(), line.as_bytes(), MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL);
             let _ = victim.stream.shutdown(std::net::Shutdown::Both);

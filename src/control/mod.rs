@@ -2,8 +2,8 @@
 //! stream socket, one JSON object per line each way, and the same binary is its client
 //! (`reuse-launch status`, ...).
 //!
-//! This module owns where the socket lives ([`default_dir`], [`search_dirs`]) and the parts
-//! both ends share ([`parse_scale`]). The children own the rest:
+//! This module owns where the socket lives ([`default_dir`], [`search_dirs`]). The children own
+//! the rest:
 //! - `server`: the socket's threads in the launcher (accept, peer check, one thread per
 //!   client, requests in, [`Event::Control`](crate::event::Event::Control) to the loop,
 //!   responses out). The supervisor loop never waits on a client.
@@ -14,7 +14,10 @@
 //! - `measure`: CPU %, RSS of each worker's process group (/proc) and accept queues (TCP_INFO).
 //! - `client`: the subcommands: finding the launcher, one request, printing, exit codes.
 //! - `table`: the `status` table, rendered by the client from the JSON response.
-//! - `json`: the small JSON value, parser and printer both ends use.
+//! - `protocol`: the messages both ends share, as types serde derives: the request (decoded
+//!   once, into what goes to the loop), the response, the reply the client reads.
+//! - `wire`: how that JSON looks on the wire (serde_json with the launcher's numbers and
+//!   escapes), and the words of a malformed-JSON error.
 //!
 //! ```text
 //! $ reuse-launch status
@@ -23,18 +26,17 @@
 
 pub mod client;
 mod clients;
-mod json;
 pub(crate) mod measure;
 mod place;
+pub(crate) mod protocol;
 mod server;
 mod status;
-mod table;
+pub(crate) mod table;
+pub(crate) mod wire;
 
 use std::path::PathBuf;
 
 pub use server::ControlSocket;
-
-use crate::event::Scale;
 
 /// The directory a launcher puts `<pid>.sock` in when not told where: `$XDG_RUNTIME_DIR/
 /// reuse-launch`, else `/run/reuse-launch` as root, else `/tmp/reuse-launch-<uid>`.
@@ -66,21 +68,6 @@ pub fn pid_of_socket_name(name: &str) -> Option<i32> {
     digits.parse().ok().filter(|p| *p > 0)
 }
 
-/// `N` (that many workers), `+K` or `-K` (K more or fewer).
-pub fn parse_scale(s: &str) -> Result<Scale, String> {
-    let err = || format!("expected N, +K or -K (a number of workers), not '{s}'");
-    let t = s.trim();
-    let number =
-        |d: &str| if d.bytes().all(|b| b.is_ascii_digit()) && !d.is_empty() { d.parse::<u32>().ok() } else { None };
-    if let Some(k) = t.strip_prefix('+') {
-        return number(k).map(|k| Scale::By(k.into())).ok_or_else(err);
-    }
-    if let Some(k) = t.strip_prefix('-') {
-        return number(k).map(|k| Scale::By(-i64::from(k))).ok_or_else(err);
-    }
-    number(t).map(|n| Scale::To(n as usize)).ok_or_else(err)
-}
-
 /// Is process `pid` running (not a zombie)?
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -95,16 +82,6 @@ pub fn alive(pid: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn scale_forms() {
-        assert_eq!(parse_scale("4"), Ok(Scale::To(4)));
-        assert_eq!(parse_scale("+2"), Ok(Scale::By(2)));
-        assert_eq!(parse_scale("-1"), Ok(Scale::By(-1)));
-        for bad in ["", "+", "-", "x", "2.5", "+-1", "1e3", "99999999999"] {
-            assert!(parse_scale(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn socket_names() {

@@ -32,8 +32,8 @@ use crossbeam_channel::{RecvTimeoutError, Sender};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 use super::clients::{Clients, Ticket};
-use super::json::{self, Value};
 use super::measure::CpuHistory;
+use super::protocol::{self, Body, Response, Upgrade};
 use crate::error::Error;
 use crate::event::{Answer, Command, Event};
 
@@ -116,14 +116,14 @@ fn accept_loop(listener: UnixListener, tx: Sender<Event>, path: String, busy: Ar
         if let Err(why) = peer_allowed(&stream) {
             log::warn!("control socket: refused a client: {why}");
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = reply(&mut stream, &failure(None, &format!("refused: {why}")));
+            let _ = reply(&mut stream, &Response::failure(None, format!("refused: {why}")));
             continue;
         }
         let ticket = match clients.admit(&stream) {
             Ok(ticket) => ticket,
             Err(why) => {
                 let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-                let _ = reply(&mut stream, &failure(None, &why));
+                let _ = reply(&mut stream, &Response::failure(None, why));
                 continue;
             }
         };
@@ -153,7 +153,7 @@ impl Client {
                 Ok(Some(line)) => line,
                 Ok(None) => return,
                 Err(why) => {
-                    let _ = reply(&mut stream, &failure(None, &why));
+                    let _ = reply(&mut stream, &Response::failure(None, why));
                     return;
                 }
             };
@@ -172,7 +172,7 @@ impl Client {
             if written.is_err() {
                 return;
             }
-            if response.get("reexec").is_some() {
+            if matches!(response.body, Body::Reexec { .. }) {
                 // Answered: now the exec. Ending this connection first tells the client to
                 // wait for the new image; a failed exec is logged by the launcher, which runs on.
                 drop(stream);
@@ -183,62 +183,28 @@ impl Client {
     }
 
     /// One request line to its response.
-    fn request(&self, text: &str) -> Value {
-        let req = match json::parse(text) {
-            Ok(v @ Value::Obj(_)) => v,
-            Ok(_) => return failure(None, "invalid request: expected a JSON object like {\"cmd\":\"status\"}"),
-            Err(e) => return failure(None, &format!("invalid request: {e}")),
+    fn request(&self, text: &str) -> Response {
+        let (id, request) = match protocol::decode(text) {
+            Ok(decoded) => decoded,
+            Err(refused) => return Response::failure(refused.id, refused.error),
         };
-        let id = req.get("id").cloned();
-        let command = match req.get("cmd").and_then(Value::as_str) {
-            Some("status") => Command::Status,
-            Some("roll") => Command::Roll,
-            Some("stop") => Command::Stop,
-            Some("reexec") => Command::Reexec,
-            Some("scale") => {
-                let to = match req.get("workers") {
-                    Some(Value::Str(s)) => super::parse_scale(s),
-                    Some(n @ Value::Num(_)) => {
-                        n.as_u64().map(|n| crate::event::Scale::To(n as usize)).ok_or_else(|| {
-                            format!("\"workers\": {n} is not a number of workers (\"+K\" or \"-K\" change it by K)")
-                        })
-                    }
-                    _ => Err("scale needs \"workers\": N, \"+K\" or \"-K\"".to_string()),
-                };
-                match to {
-                    Ok(to) => Command::Scale(to),
-                    Err(e) => return failure(id, &format!("invalid request: {e}")),
-                }
-            }
-            Some(other) => {
-                return failure(id, &format!("unknown cmd '{other}': expected status, scale, roll, stop or reexec"));
-            }
-            None => return failure(id, "invalid request: no \"cmd\" (status, scale, roll, stop or reexec)"),
-        };
-        let answer = match ask(&self.tx, command) {
+        let answer = match ask(&self.tx, request.into()) {
             Ok(a) => a,
-            Err(e) => return failure(id, &e),
+            Err(e) => return Response::failure(id, e),
         };
-        let mut fields: Vec<(String, Value)> = Vec::new();
-        if let Some(id) = id {
-            fields.push(("id".into(), id));
-        }
-        fields.push(("ok".into(), true.into()));
-        fields.push(("pid".into(), std::process::id().into()));
-        match answer {
+        let pid = std::process::id();
+        let body = match answer {
             Answer::Status(snapshot) => {
-                if let Value::Obj(status) = super::status::status(&snapshot, &self.cpu, &self.path) {
-                    fields.extend(status.into_iter().filter(|(k, _)| k != "pid"));
-                }
+                let mut status = super::status::status(&snapshot, &self.cpu, &self.path);
+                status.pid = pid;
+                Body::Status(Box::new(status))
             }
-            Answer::Scaled { desired } => fields.push(("desired".into(), desired.into())),
-            Answer::Rolling { generation } => fields.push(("generation".into(), generation.into())),
-            Answer::Stopping => fields.push(("stopping".into(), true.into())),
-            Answer::Reexec { path, version } => {
-                fields.push(("reexec".into(), Value::obj([("binary", path.into()), ("version", version.into())])))
-            }
-        }
-        Value::Obj(fields)
+            Answer::Scaled { desired } => Body::Scaled { pid, desired },
+            Answer::Rolling { generation } => Body::Rolling { pid, generation },
+            Answer::Stopping => Body::Stopping { pid, stopping: true },
+            Answer::Reexec { path, version } => Body::Reexec { pid, reexec: Upgrade { binary: path, version } },
+        };
+        Response::success(id, body)
     }
 }
 
@@ -299,24 +265,15 @@ fn read_line(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -> R
     }
 }
 
-fn failure(id: Option<Value>, error: &str) -> Value {
-    let mut fields = Vec::new();
-    if let Some(id) = id {
-        fields.push(("id".to_string(), id));
-    }
-    fields.push(("ok".into(), false.into()));
-    fields.push(("error".into(), error.into()));
-    Value::Obj(fields)
-}
-
-fn reply(stream: &mut UnixStream, v: &Value) -> io::Result<()> {
-    stream.write_all(format!("{v}\n").as_bytes())
+fn reply(stream: &mut UnixStream, response: &Response) -> io::Result<()> {
+    stream.write_all(response.line().as_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::Reply;
+    use serde_json::Value;
     use std::io::{BufRead, BufReader};
 
     /// A fake loop that answers each control event like the supervisor would.
@@ -361,7 +318,7 @@ mod tests {
         let mut next = || {
             let mut l = String::new();
             r.read_line(&mut l).unwrap();
-            json::parse(&l).unwrap()
+            serde_json::from_str::<serde_json::Value>(&l).unwrap()
         };
         let roll = next();
         assert_eq!(roll.get("id").and_then(Value::as_u64), Some(7));

@@ -1,15 +1,17 @@
 //! `reuse-launch status` as a table, in the manner of `pm2 ls`: rendered by the client from the
-//! status JSON (so the table never shows anything `--json` does not).
+//! status JSON (so the table never shows anything `--json` does not). It reads the object as
+//! it comes, member by member, so that a launcher of another version still gets a table: what
+//! is missing or of another type shows as `?` or `-`.
 
-use super::json::Value;
+use serde_json::Value;
 
 /// The header line and the table, ending with a newline.
 pub fn render(status: &Value) -> String {
     let num = |k: &str| status.get(k).and_then(Value::as_u64);
     let text = |k: &str| status.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
-    let rows = status.get("workers").and_then(Value::as_array).unwrap_or(&[]);
-    let binds: Vec<&str> =
-        status.get("binds").and_then(Value::as_array).unwrap_or(&[]).iter().filter_map(Value::as_str).collect();
+    let list = |k: &str| status.get(k).and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+    let rows = list("workers");
+    let binds: Vec<&str> = list("binds").iter().filter_map(Value::as_str).collect();
     let mut header = vec![
         format!("launcher {}", num("pid").map_or("?".into(), |p| p.to_string())),
         format!("{} mode", text("mode")),
@@ -118,7 +120,7 @@ fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::json::parse;
+    use crate::control::wire::parse;
 
     #[test]
     fn renders_header_and_rows() {

@@ -318,5 +318,6 @@ fn replace(text: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     out
 }
 
+mod control;
 mod regressions;
 mod roll_machine;

@@ -45,7 +45,7 @@ fn settled_at(s: &Value, n: u64) -> bool {
 /// The texts of the decisions in a status, oldest first: `(by, text)`.
 fn decisions(s: &Value) -> Vec<(String, String)> {
     let a = s.get("autoscale").expect("an autoscale object");
-    let list = a.get("decisions").and_then(Value::as_array).unwrap_or(&[]);
+    let list = a.get("decisions").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
     let field = |d: &Value, k: &str| d.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
     list.iter().map(|d| (field(d, "by"), field(d, "text"))).collect()
 }

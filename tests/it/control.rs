@@ -17,9 +17,16 @@ use nix::sys::signal::Signal;
 
 use crate::common::*;
 
-#[allow(dead_code)]
-#[path = "../../src/control/json.rs"]
-pub(crate) mod json;
+/// The control protocol's JSON as the tests read it: serde_json's value (the launcher's own
+/// types are derived; the tests look answers up member by member).
+pub(crate) mod json {
+    pub use serde_json::Value;
+
+    /// Parse one JSON text.
+    pub fn parse(text: &str) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
 
 use json::Value;
 
@@ -557,4 +564,166 @@ fn reexec_after_a_scale_down_keeps_every_worker() {
     // And it scales up again from there.
     assert_eq!(client(&["scale", "3", "--control", sock.str()]).code, 0);
     l.wait_for_nth("all 3 workers ready", 2, secs(30));
+}
+
+/// What main (3b7ca04, before the protocol went through serde_json) answered, recorded by
+/// `src/control/testdata/capture.py`; `{pid}` stands for the launcher's pid.
+const RECORDED_PROTOCOL: &str = include_str!("../../src/control/testdata/protocol.txt");
+const RECORDED_CLIENT: &str = include_str!("../../src/control/testdata/client.txt");
+
+/// The one recorded answer that differs now, and why: a line that ends inside an object is
+/// named with serde_json's words (the old parser said what it expected next).
+const CHANGED: [(&str, &str); 1] =
+    [("invalid JSON at byte 15: expected ',' or '}'", "invalid JSON at byte 15: EOF while parsing an object")];
+
+/// A request as recorded: a Python bytes literal (`b'{"cmd":"roll"}\n'`).
+fn unrepr(literal: &str) -> Vec<u8> {
+    let body = literal.strip_prefix("b'").and_then(|s| s.strip_suffix('\'')).expect("a bytes literal");
+    let mut out = Vec::new();
+    let mut chars = body.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.extend_from_slice(c.to_string().as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push(b'\n'),
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                out.push(u8::from_str_radix(&hex, 16).unwrap());
+            }
+            Some(c) => out.extend_from_slice(c.to_string().as_bytes()),
+            None => panic!("a lone backslash in {literal}"),
+        }
+    }
+    out
+}
+
+/// Send `request` on a new connection (shutting down the writing side after a last line
+/// without newline) and read `n` answer lines, exactly as they come.
+fn exchange(path: &str, request: &[u8], n: usize) -> String {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(secs(20))).unwrap();
+    s.write_all(request).unwrap();
+    if !request.ends_with(b"\n") {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut r = BufReader::new(s);
+    let mut got = String::new();
+    for _ in 0..n {
+        r.read_line(&mut got).unwrap();
+    }
+    got
+}
+
+/// The README's "### Protocol" requests and every error case the tests use, in the order and
+/// the scenario capture.py recorded them (2 workers): each answer byte for byte, id echoes,
+/// member order and escapes included.
+#[test]
+fn the_protocol_answers_byte_for_byte_as_main_recorded_them() {
+    let (mut l, _dir, path) = launch_with_socket(2);
+    let pid = l.pid().to_string();
+    let mut cases: Vec<(String, String)> = Vec::new();
+    for line in RECORDED_PROTOCOL.lines() {
+        if let Some(request) = line.strip_prefix("> ") {
+            cases.push((request.to_string(), String::new()));
+        } else {
+            let answer = line.strip_prefix("< ").expect("an answer line");
+            let answer = CHANGED.iter().fold(answer.to_string(), |a, (old, new)| a.replace(old, new));
+            cases.last_mut().expect("a request first").1 += &format!("{}\n", answer.replace("{pid}", &pid));
+        }
+    }
+    assert_eq!(cases.len(), 20, "the recording");
+    for (request, expected) in &cases {
+        if request.contains(r#""stop""#) {
+            l.wait_for("roll gen 3 done", secs(60));
+        }
+        let got = exchange(&path, &unrepr(request), expected.lines().count());
+        assert_eq!(&got, expected, "the answer to {request}");
+    }
+    assert_eq!(l.exit_code(secs(30)), 0);
+}
+
+/// The members of a JSON object line in the order written, nested ones included (`"name":`
+/// after `{` or `,`).
+fn member_order(line: &str) -> Vec<&str> {
+    let b = line.as_bytes();
+    let mut names = Vec::new();
+    for i in 1..b.len() {
+        if b[i] == b'"' && matches!(b[i - 1], b'{' | b',') {
+            let end = i + 1 + line[i + 1..].find('"').unwrap();
+            if b.get(end + 1) == Some(&b':') {
+                names.push(&line[i + 1..end]);
+            }
+        }
+    }
+    names
+}
+
+/// The client subcommands print what main printed (recorded the same way); `status --json`
+/// has the recorded members in the recorded order, and the table the recorded header.
+#[test]
+fn the_client_prints_what_main_printed() {
+    let (mut l, _dir, path) = launch_with_socket(2);
+    let pid = l.pid().to_string();
+    for block in RECORDED_CLIENT.split("$ reuse-launch ").skip(1) {
+        let mut lines = block.lines();
+        let args: Vec<&str> = lines.next().unwrap().split(' ').collect();
+        let code: i32 = lines.next().unwrap().strip_prefix("? ").unwrap().parse().unwrap();
+        let (mut stdout, mut stderr) = (String::new(), String::new());
+        for line in lines {
+            let (to, text) = line.split_at(2);
+            let text = format!("{}\n", text.replace("{pid}", &pid).replace("{control}", &path));
+            if to == "1 " {
+                stdout += &text
+            } else {
+                stderr += &text
+            }
+        }
+        if args[0] == "status" {
+            l.wait_for("roll gen 2 done", secs(60));
+        }
+        let out = client(&[&args[..], &["--control", &path]].concat());
+        assert_eq!(out.code, code, "{args:?}: {out:?}");
+        match args[..] {
+            ["status", "--json"] => {
+                let (got, want) = (out.stdout.trim(), stdout.trim());
+                assert_eq!(
+                    member_order(&got[..got.find("\"workers\"").unwrap()]),
+                    member_order(&want[..want.find("\"workers\"").unwrap()]),
+                    "{got}"
+                );
+                fn row(s: &str) -> Vec<&str> {
+                    let rows = &s[s.find("\"workers\":[").unwrap() + 11..];
+                    member_order(rows).into_iter().take_while(|k| *k != "retiring").collect()
+                }
+                assert_eq!(row(got), row(want), "{got}");
+                let (g, w) = (json::parse(got).unwrap(), json::parse(want).unwrap());
+                for k in [
+                    "ok",
+                    "mode",
+                    "generation",
+                    "desired",
+                    "ready",
+                    "autoscale",
+                    "roll",
+                    "stopping",
+                    "control",
+                    "version",
+                    "containment",
+                ] {
+                    assert_eq!(g.get(k), w.get(k), "{k}: {got}");
+                }
+            }
+            ["status"] => {
+                let port = format!("127.0.0.1:{}", l.port());
+                let header = stdout.lines().next().unwrap();
+                let header = header.replacen(&header.split("  ").nth(2).unwrap().to_string(), &port, 1);
+                assert_eq!(out.stdout.lines().next(), Some(header.as_str()), "{}", out.stdout);
+                assert!(out.stdout.lines().nth(1).unwrap().starts_with("slot  pid"), "{}", out.stdout);
+            }
+            _ => assert_eq!((out.stdout.as_str(), out.stderr.as_str()), (stdout.as_str(), stderr.as_str()), "{args:?}"),
+        }
+    }
+    assert_eq!(l.exit_code(secs(30)), 0);
 }

@@ -409,7 +409,7 @@ fn probe_results(path: &str) -> Value {
 fn call(v: &Value, key: &str) -> (i64, Option<String>) {
     let a = v.get(key).and_then(Value::as_array).unwrap_or_else(|| panic!("no {key} in {v}"));
     let r = match &a[0] {
-        Value::Num(n) => *n as i64,
+        Value::Number(n) => n.as_f64().unwrap_or_else(|| panic!("{key}: {n}")) as i64,
         other => panic!("{key}: {other}"),
     };
     (r, a[1].as_str().map(String::from))
