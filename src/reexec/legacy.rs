@@ -248,12 +248,12 @@ mod tests {
     fn main_s_encoding_of_the_sample_reads_as_the_sample() {
         assert!(is_legacy(SAMPLE));
         assert_eq!(decode(SAMPLE).unwrap(), sample());
-        assert_eq!(State::decode(SAMPLE).unwrap(), sample(), "State::decode takes the old text too");
+        assert_eq!(super::super::decode_state(SAMPLE).unwrap(), sample(), "decode_state takes the old text too");
     }
 
     #[test]
     fn a_real_reuseport_hand_over_keeps_every_worker_and_socket() {
-        let s = State::decode(REUSEPORT).unwrap();
+        let s = super::super::decode_state(REUSEPORT).unwrap();
         assert_eq!(
             (s.desired, s.next_id, s.all_ready_logged, s.roll_gen, s.roll_active, s.roll_pending),
             (3, 7, true, 2, None, false)
@@ -279,7 +279,7 @@ mod tests {
 
     #[test]
     fn a_real_shared_hand_over_mid_roll_keeps_the_roll_and_the_scaling() {
-        let s = State::decode(SHARED).unwrap();
+        let s = super::super::decode_state(SHARED).unwrap();
         assert_eq!(
             (s.desired, s.roll_gen, s.roll_active, s.roll_pending),
             (3, 2, Some(RollState { gen: 2, slot: 1, worker: Some(6), deadline_ms: Some(59449) }), false)

@@ -151,7 +151,17 @@ pub fn take_state() -> Result<Option<State>, Error> {
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(|e| Error::Failed(format!("cannot read the state: {e}")))?;
-    State::decode(&text).map(Some).map_err(|e| Error::Failed(format!("cannot resume: {e}")))
+    decode_state(&text).map(Some).map_err(|e| Error::Failed(format!("cannot resume: {e}")))
+}
+
+/// A hand-over of any image: the JSON document (`state`), or the positional text of an image
+/// from before it (`legacy`).
+pub fn decode_state(text: &str) -> Result<State, String> {
+    if legacy::is_legacy(text) {
+        legacy::decode(text)
+    } else {
+        State::from_document(text)
+    }
 }
 
 /// Block (or unblock) `signals` in the calling thread; blocked ones stay pending across exec.

@@ -189,11 +189,9 @@ impl State {
         serde_json::to_string_pretty(&doc).expect("the state serializes (no maps with non-string keys)")
     }
 
-    /// A document of any version, or the positional text of an image from before it.
-    pub fn decode(text: &str) -> Result<State, String> {
-        if super::legacy::is_legacy(text) {
-            return super::legacy::decode(text);
-        }
+    /// A document of any version (the positional text of an image from before the document is
+    /// `legacy`'s: [`super::decode_state`] tells the two apart).
+    pub fn from_document(text: &str) -> Result<State, String> {
         let doc: Document = serde_json::from_str(text).map_err(|e| {
             if text.trim_start().starts_with('{') {
                 format!("bad state document: {e}")
@@ -313,9 +311,9 @@ pub(super) mod tests {
     fn state_round_trips_through_its_document() {
         let s = sample();
         let text = s.encode();
-        assert_eq!(State::decode(&text).unwrap(), s, "{text}");
+        assert_eq!(super::super::decode_state(&text).unwrap(), s, "{text}");
         let empty = State::default();
-        assert_eq!(State::decode(&empty.encode()).unwrap(), empty);
+        assert_eq!(super::super::decode_state(&empty.encode()).unwrap(), empty);
     }
 
     #[test]
@@ -335,20 +333,21 @@ pub(super) mod tests {
         let mut v: serde_json::Value = serde_json::from_str(&sample().encode()).unwrap();
         v["something_newer"] = serde_json::json!([1, 2, 3]);
         v["state"]["workers"][0]["newer"] = serde_json::json!({"x": 1});
-        assert_eq!(State::decode(&v.to_string()).unwrap(), sample());
+        assert_eq!(super::super::decode_state(&v.to_string()).unwrap(), sample());
         // An older document without a field: its default.
         let old = r#"{"format":"reuse-launch-state","version":2,"state":{"desired":2,"workers":[{"id":1,"pid":42}]}}"#;
-        let s = State::decode(old).unwrap();
+        let s = super::super::decode_state(old).unwrap();
         assert_eq!((s.desired, s.workers[0].pid, s.workers[0].phase.clone()), (2, 42, WorkerPhase::Ready));
         assert_eq!(s.listeners.mode, Mode::Reuseport);
     }
 
     #[test]
     fn a_foreign_text_is_refused() {
-        assert!(State::decode("hello\n").is_err());
-        assert!(State::decode(r#"{"format":"something-else","version":9}"#).is_err());
-        assert!(State::decode(r#"{"format":"reuse-launch-state","state":{"desired":"x"}}"#).is_err());
-        assert!(State::decode(r#"{"format":"reuse-launch-state","state":{"listeners":{"mode":"x"}}}"#).is_err());
+        assert!(super::super::decode_state("hello\n").is_err());
+        assert!(super::super::decode_state(r#"{"format":"something-else","version":9}"#).is_err());
+        assert!(super::super::decode_state(r#"{"format":"reuse-launch-state","state":{"desired":"x"}}"#).is_err());
+        assert!(super::super::decode_state(r#"{"format":"reuse-launch-state","state":{"listeners":{"mode":"x"}}}"#)
+            .is_err());
     }
 
     /// Written by this version's encoder from `sample()`: what the next version must still read.
@@ -356,7 +355,7 @@ pub(super) mod tests {
 
     #[test]
     fn the_recorded_version_2_document_reads_as_the_sample() {
-        assert_eq!(State::decode(V2_SAMPLE).unwrap(), sample());
+        assert_eq!(super::super::decode_state(V2_SAMPLE).unwrap(), sample());
     }
 
     proptest::proptest! {
@@ -364,10 +363,10 @@ pub(super) mod tests {
         /// never a panic; any document this version writes reads back the same.
         #[test]
         fn any_text_is_read_or_refused(text in ".{0,200}", desired in 0usize..64, pid in proptest::prelude::any::<i32>()) {
-            let _ = State::decode(&text);
-            let _ = State::decode(&format!("{{\"format\":\"reuse-launch-state\",\"state\":{text}}}"));
+            let _ = super::super::decode_state(&text);
+            let _ = super::super::decode_state(&format!("{{\"format\":\"reuse-launch-state\",\"state\":{text}}}"));
             let s = State { desired, workers: vec![WorkerState { pid, ..WorkerState::default() }], ..sample() };
-            proptest::prop_assert_eq!(State::decode(&s.encode()).unwrap(), s);
+            proptest::prop_assert_eq!(super::super::decode_state(&s.encode()).unwrap(), s);
         }
     }
 
