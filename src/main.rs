@@ -61,6 +61,7 @@ use supervisor::{RealOs, Supervisor};
 
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    reexec::answer_probe(&argv);
     if argv.get(1).is_some_and(|a| a == "__sentinel") {
         let cgroup = argv.get(3).filter(|a| *a == "--cgroup").and(argv.get(4)).map(std::path::PathBuf::from);
         sentinel::run(argv.get(2).and_then(|p| p.to_str()).and_then(|p| p.parse().ok()).unwrap_or(0), cgroup);

@@ -43,6 +43,25 @@ pub use state::{
 /// The environment variable naming the state's fd in the new image.
 pub const STATE_VAR: &str = "REUSE_LAUNCH_STATE";
 
+/// Set for the `--version` run of [`check_binary`]: a launcher that reads the JSON hand-over
+/// then also prints the line `hand-over: FORMAT VERSION` (see [`answer_probe`]).
+pub const PROBE_VAR: &str = "REUSE_LAUNCH_HANDOVER_PROBE";
+
+/// In `main`, first: the answer to [`check_binary`]'s question, if that is what this run is.
+pub fn answer_probe(argv: &[OsString]) {
+    if argv.len() == 2 && argv[1] == "--version" && std::env::var_os(PROBE_VAR).is_some() {
+        println!("reuse-launch {}", env!("CARGO_PKG_VERSION"));
+        println!("hand-over: {} {}", state::FORMAT, state::VERSION);
+        std::process::exit(0);
+    }
+}
+
+/// Does a `--version` answer (with [`PROBE_VAR`] set) say the binary reads this one's hand-over?
+fn reads_our_state(out: &str) -> bool {
+    let want = format!("hand-over: {} ", state::FORMAT);
+    out.lines().any(|l| l.starts_with(&want))
+}
+
 /// The program to exec: the path the launcher was started from (so that a newly installed
 /// version at that path takes over), made absolute at start.
 pub fn own_path() -> Option<PathBuf> {
@@ -58,10 +77,14 @@ pub fn own_path() -> Option<PathBuf> {
     .clone()
 }
 
-/// Check that `path` starts at all: it must run `--version` and exit 0 within 5 s.
+/// Check that `path` starts at all: it must run `--version` and exit 0 within 5 s; and that
+/// it reads the hand-over this launcher writes (a binary from before the JSON document does
+/// not: exec'd, it would refuse the state and every worker would be lost). The answer is the
+/// binary's version line.
 pub fn check_binary(path: &std::path::Path) -> Result<String, String> {
     let mut child = std::process::Command::new(path)
         .arg("--version")
+        .env(PROBE_VAR, "1")
         .process_group(0) // never in the launcher's group (see sentinel.rs)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -74,7 +97,15 @@ pub fn check_binary(path: &std::path::Path) -> Result<String, String> {
             Ok(Some(status)) if status.success() => {
                 let mut out = String::new();
                 let _ = child.stdout.take().map(|mut o| o.read_to_string(&mut out));
-                return Ok(out.trim().to_string());
+                let version = out.lines().next().unwrap_or("").trim().to_string();
+                if !reads_our_state(&out) {
+                    return Err(format!(
+                        "{} ({version}) cannot read this launcher's hand-over (it is from before the JSON state \
+                         document): a reexec into it would lose every worker; stop and start the launcher to run it",
+                        path.display()
+                    ));
+                }
+                return Ok(version);
             }
             Ok(Some(status)) => {
                 let mut err = String::new();
@@ -173,4 +204,20 @@ pub fn block(signals: &[i32], on: bool) {
     }
     let how = if on { SigmaskHow::SIG_BLOCK } else { SigmaskHow::SIG_UNBLOCK };
     let _ = pthread_sigmask(how, Some(&set), None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_binary_that_names_this_format_reads_our_state() {
+        assert!(reads_our_state("reuse-launch 0.2.0\nhand-over: reuse-launch-state 2\n"));
+        assert!(
+            reads_our_state("reuse-launch 0.3.0\nhand-over: reuse-launch-state 7\n"),
+            "a newer version of the format"
+        );
+        assert!(!reads_our_state("reuse-launch 0.1.0\n"), "a binary from before the document");
+        assert!(!reads_our_state("reuse-launch 0.1.0\nhand-over: reuse-launch-state-v3 1\n"), "another format");
+    }
 }

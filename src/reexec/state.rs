@@ -5,8 +5,11 @@
 //! The positional text of the images before the document (format 1) is still read: `legacy`.
 //!
 //! Growing the state: add a field with a default that means "the old image did not say". A
-//! change an older reader would misread gets a new `FORMAT` name instead (an older image then
-//! refuses it, and keeps running).
+//! change an older reader would misread gets a new `FORMAT` name instead. An older image would
+//! refuse such a document only after the exec, with every worker lost; so before the exec the
+//! launcher asks the binary which format it reads ([`super::check_binary`]: `--version` with
+//! [`super::PROBE_VAR`] set answers a `hand-over: FORMAT VERSION` line) and refuses a binary that
+//! does not read this one's, among them every binary from before the document.
 
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -16,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::socket::Parts;
 
 /// The document's `format` field: what it is, whatever its version.
-const FORMAT: &str = "reuse-launch-state";
+pub(super) const FORMAT: &str = "reuse-launch-state";
 /// The document's `version`: 2 (1 was the positional text). Informative: readers go by fields.
-const VERSION: u32 = 2;
+pub(super) const VERSION: u32 = 2;
 
 /// Everything the supervisor needs to go on where the old image stopped.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -502,7 +502,8 @@ fn old_launcher() -> String {
 }
 
 /// Issue 16: the binary built before the hand-over became a JSON document hands over in its
-/// positional text; this one reads it and keeps every worker, its restarts, and serving.
+/// positional text; this one reads it and keeps every worker, its restarts, and serving. And
+/// the way back, into that binary, which cannot read the document, is refused before the exec.
 #[test]
 fn a_reexec_from_the_binary_before_the_json_state_keeps_every_worker() {
     let old = old_launcher();
@@ -544,6 +545,20 @@ fn a_reexec_from_the_binary_before_the_json_state_keeps_every_worker() {
     // The new image is a launcher: a roll.
     assert_eq!(client(&["roll", "--control", sock.str()]).code, 0);
     l.wait_for("roll gen 2 done", secs(30));
+    // Back to the old binary: it could not read the new image's document, so the reexec is
+    // refused before the exec, and everything runs on.
+    let rolled = worker_pids(&wait_status(&l, &pick, secs(20), "the old workers gone after the roll", |s| {
+        worker_pids(s).len() == 3
+    }));
+    std::fs::remove_file(&path).unwrap();
+    std::fs::copy(&old, &path).unwrap();
+    let out = client(&["reexec", "--control", sock.str()]);
+    assert_eq!(out.code, 1, "a reexec into the old binary is refused: {out:?}");
+    assert!(out.stderr.contains("cannot read this launcher's hand-over"), "{out:?}");
+    let s = status(&pick).expect("the launcher runs on after the refusal");
+    assert_eq!(num(&s, "pid") as i32, launcher);
+    assert_eq!(worker_pids(&s), rolled, "the workers changed");
+    assert_eq!(get(l.port()).unwrap().gen, "2");
 }
 
 /// Found by scripts/chaos: a reexec after a scale-down panicked in the new image (it sized its
