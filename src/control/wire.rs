@@ -59,9 +59,73 @@ pub fn to_line<T: Serialize + ?Sized>(value: &T) -> String {
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
-/// Parse one JSON text; Err is [`invalid_json`]'s sentence.
+/// How deep a request's values may nest: a value inside more than this many arrays or objects
+/// is refused, as the launcher always did (serde_json's own limit is 128).
+const MAX_DEPTH: usize = 32;
+
+/// Parse one JSON text; Err is [`invalid_json`]'s sentence, or `nested too deeply` at the first
+/// value nested more than [`MAX_DEPTH`] deep when no error comes before it.
 pub fn parse(text: &str) -> Result<serde_json::Value, String> {
-    serde_json::from_str(text).map_err(|e| invalid_json(text, &e))
+    let deep = too_deep(text.as_bytes());
+    let parsed = serde_json::from_str(text);
+    let serde_at = parsed.as_ref().err().map(|e| (error_at(text, e), e));
+    match (deep, serde_at) {
+        (Some(at), Some((err_at, _))) if at <= err_at => Err(format!("invalid JSON at byte {at}: nested too deeply")),
+        (Some(at), None) => Err(format!("invalid JSON at byte {at}: nested too deeply")),
+        (_, Some((_, e))) => Err(invalid_json(text, e)),
+        (None, None) => parsed.map_err(|e| invalid_json(text, &e)),
+    }
+}
+
+/// Where the first value nested more than [`MAX_DEPTH`] deep is looked for, if there is one:
+/// right after the `:` or `,` before it (after an opening `[`'s blanks), where the launcher's own parser used to say so (a
+/// scan of the structure only: strings are skipped, malformed text is serde_json's to tell).
+fn too_deep(b: &[u8]) -> Option<usize> {
+    let (mut open, mut want_value, mut i, mut from) = (Vec::new(), true, 0, 0);
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if want_value && c != b']' && c != b'}' && open.len() > MAX_DEPTH {
+            return Some(from);
+        }
+        // An array's first value is looked for after the blanks that follow its `[`.
+        from = match c {
+            b'[' => i + 1 + b[i + 1..].iter().take_while(|x| x.is_ascii_whitespace()).count(),
+            _ => i + 1,
+        };
+        match c {
+            b'[' | b'{' => {
+                open.push(c);
+                want_value = c == b'[';
+            }
+            b']' | b'}' => {
+                open.pop();
+                want_value = false;
+            }
+            b':' => want_value = true,
+            b',' => want_value = open.last() == Some(&b'['),
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                want_value = false;
+            }
+            _ => want_value = false,
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The byte serde_json stopped at (as [`invalid_json`] places it).
+fn error_at(text: &str, e: &serde_json::Error) -> usize {
+    let line_start: usize = text.split_inclusive('\n').take(e.line().saturating_sub(1)).map(str::len).sum();
+    let eof = e.classify() == serde_json::error::Category::Eof;
+    (line_start + e.column()).saturating_sub(usize::from(!eof)).min(text.len())
 }
 
 /// `invalid JSON at byte 4: expected ':'`: where serde_json stopped in `text`, and why. A value
@@ -132,6 +196,18 @@ mod tests {
         }
         let deep = "[".repeat(10_000);
         assert!(parse(&deep).unwrap_err().ends_with("nested too deeply"));
+        // As the launcher always had it: 33 nested arrays parse, a 34th (a value 33 deep) does not.
+        let nest = |n: usize, inner: &str| format!("{}{inner}{}", "[".repeat(n), "]".repeat(n));
+        assert!(parse(&nest(33, "")).is_ok());
+        assert_eq!(parse(&nest(34, "")).unwrap_err(), "invalid JSON at byte 33: nested too deeply");
+        assert_eq!(parse(&nest(33, "1")).unwrap_err(), "invalid JSON at byte 33: nested too deeply");
+        let obj = format!("{}{{\"k\": 1}}{}", "[".repeat(32), "]".repeat(32));
+        assert_eq!(parse(&obj).unwrap_err(), "invalid JSON at byte 37: nested too deeply");
+        assert!(parse(&format!("{}\"[[[\"{}", "[".repeat(33), "]".repeat(33))).is_err(), "a string 33 deep");
+        let spaced = format!("{}{}", "[ ".repeat(34), "]".repeat(34));
+        assert_eq!(parse(&spaced).unwrap_err(), "invalid JSON at byte 66: nested too deeply");
+        // An error before the depth is reported as it is.
+        assert!(parse(&format!("[x{}", "[".repeat(40))).unwrap_err().contains("at byte 1: unexpected character"));
         assert_eq!(parse(" {\"a\":[1,null]} ").unwrap(), json!({"a": [1, Value::Null]}));
     }
 }
