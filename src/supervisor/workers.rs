@@ -164,9 +164,10 @@ impl Slots {
         self.0.iter().map(|s| s.gen).max().unwrap_or(1)
     }
 
-    /// `--ready auto` can tell from /proc which sockets are each slot's.
+    /// `--ready auto` can tell from /proc which sockets are each slot's (every slot's inodes
+    /// are known, or none are: `forget_inodes` drops them all).
     pub fn inodes_known(&self) -> bool {
-        self.0.first().is_some_and(|s| s.inodes.is_some())
+        !self.0.is_empty() && self.0.iter().all(|s| s.inodes.is_some())
     }
 
     /// /proc cannot tell: every slot falls back to the delay.
