@@ -62,6 +62,11 @@ impl Worker {
     }
 }
 
+/// One slot's record: everything the loop keeps per slot, so that growing or shrinking the table
+/// is one push or pop ([`Slots`]). Its listening sockets are not here but in
+/// `socket::Listeners`: in `shared` and `round-robin` modes every slot uses the same sockets,
+/// and the one type that holds every listening socket for the launcher's whole life (dropped
+/// only when `main` returns) is what keeps a queue from ever closing with a slot's record.
 #[derive(Debug, Default)]
 pub struct Slot {
     pub gen: u64,
