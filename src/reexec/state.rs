@@ -222,57 +222,8 @@ pub(super) mod tests {
             roll_gen: 4,
             roll_active: Some(RollState { gen: 4, slot: 1, worker: Some(16), deadline_ms: Some(2500) }),
             roll_pending: true,
-            slots: vec![
-                SlotState {
-                    gen: 4,
-                    quick_deaths: 2,
-                    start_failures: 1,
-                    respawn_ms: Some(-20),
-                    retiring_ms: None,
-                    last_failure: "worker 0 (pid 12, gen 4) exited with status 1".into(),
-                    last_exit: Some("killed by SIGKILL".into()),
-                    restarts: vec![("crash".into(), 2), ("memory".into(), 1)],
-                },
-                SlotState { gen: 3, ..SlotState::default() },
-            ],
-            workers: vec![
-                WorkerState {
-                    id: 15,
-                    slot: 0,
-                    gen: 4,
-                    pid: 1234,
-                    started_ms: -60000,
-                    phase: WorkerPhase::Ready,
-                    candidate: false,
-                    was_ready: true,
-                    watchdog_ms: Some(900),
-                    fault: None,
-                },
-                WorkerState {
-                    id: 16,
-                    slot: 1,
-                    gen: 4,
-                    pid: 1240,
-                    started_ms: -5,
-                    phase: WorkerPhase::Starting { ready_ms: None, deadline_ms: 59000 },
-                    candidate: true,
-                    was_ready: false,
-                    watchdog_ms: None,
-                    fault: Some("memory".into()),
-                },
-                WorkerState {
-                    id: 9,
-                    slot: 1,
-                    gen: 3,
-                    pid: 1100,
-                    started_ms: -90000,
-                    phase: WorkerPhase::Stopping { kill_ms: 29000, killed: false },
-                    candidate: false,
-                    was_ready: true,
-                    watchdog_ms: None,
-                    fault: None,
-                },
-            ],
+            slots: sample_slots(),
+            workers: sample_workers(),
             notify: vec![WorkerFd { worker: 15, fd: 9 }, WorkerFd { worker: 16, fd: 11 }],
             intercept: vec![WorkerFd { worker: 15, fd: 13 }, WorkerFd { worker: 16, fd: 14 }],
             memory: vec![replacement(16, 1, 9, "memory"), replacement(18, 0, 15, "hung")],
@@ -296,6 +247,65 @@ pub(super) mod tests {
                 ],
             }),
         }
+    }
+
+    /// The sample's slots: one with every field set, one with the defaults.
+    fn sample_slots() -> Vec<SlotState> {
+        vec![
+            SlotState {
+                gen: 4,
+                quick_deaths: 2,
+                start_failures: 1,
+                respawn_ms: Some(-20),
+                retiring_ms: None,
+                last_failure: "worker 0 (pid 12, gen 4) exited with status 1".into(),
+                last_exit: Some("killed by SIGKILL".into()),
+                restarts: vec![("crash".into(), 2), ("memory".into(), 1)],
+            },
+            SlotState { gen: 3, ..SlotState::default() },
+        ]
+    }
+
+    /// The sample's workers: one ready, one starting (a replacement), one stopping.
+    fn sample_workers() -> Vec<WorkerState> {
+        vec![
+            WorkerState {
+                id: 15,
+                slot: 0,
+                gen: 4,
+                pid: 1234,
+                started_ms: -60000,
+                phase: WorkerPhase::Ready,
+                candidate: false,
+                was_ready: true,
+                watchdog_ms: Some(900),
+                fault: None,
+            },
+            WorkerState {
+                id: 16,
+                slot: 1,
+                gen: 4,
+                pid: 1240,
+                started_ms: -5,
+                phase: WorkerPhase::Starting { ready_ms: None, deadline_ms: 59000 },
+                candidate: true,
+                was_ready: false,
+                watchdog_ms: None,
+                fault: Some("memory".into()),
+            },
+            WorkerState {
+                id: 9,
+                slot: 1,
+                gen: 3,
+                pid: 1100,
+                started_ms: -90000,
+                phase: WorkerPhase::Stopping { kill_ms: 29000, killed: false },
+                candidate: false,
+                was_ready: true,
+                watchdog_ms: None,
+                fault: None,
+            },
+        ]
     }
 
     pub(in crate::reexec) fn replacement(new: u64, slot: usize, old: u64, cause: &str) -> Replacement {

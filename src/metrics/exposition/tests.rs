@@ -71,7 +71,16 @@ fn renders_every_family_with_its_type_and_values() {
         server: Counts { open: 3, max: 1024, closed: [5, 0, 0, 1, 0] },
     };
     let text = render(&view(), &m);
-    for line in [
+    for line in expected_lines() {
+        assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+    }
+    every_family_declared_before_its_samples(&text);
+}
+
+/// The lines `renders_every_family_with_its_type_and_values` must find, from [`view`] and its
+/// measurements.
+fn expected_lines() -> Vec<String> {
+    let mut lines: Vec<String> = [
         "# TYPE reuse_launch_workers gauge",
         "reuse_launch_workers{state=\"ready\"} 1",
         "reuse_launch_workers{state=\"starting\"} 1",
@@ -105,11 +114,15 @@ fn renders_every_family_with_its_type_and_values() {
         "reuse_launch_metrics_closed_total{reason=\"timeout\"} 5",
         "reuse_launch_metrics_closed_total{reason=\"invalid\"} 1",
         "reuse_launch_metrics_closed_total{reason=\"write_timeout\"} 0",
-        &format!("reuse_launch_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
-    ] {
-        assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
-    }
-    // Every sample line's family was declared before it.
+    ]
+    .map(String::from)
+    .to_vec();
+    lines.push(format!("reuse_launch_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")));
+    lines
+}
+
+/// Every sample line's family was declared (`# TYPE`) just before it.
+fn every_family_declared_before_its_samples(text: &str) {
     let mut declared = Vec::new();
     for l in text.lines() {
         if let Some(rest) = l.strip_prefix("# TYPE ") {
