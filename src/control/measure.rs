@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::readiness::groups_members;
-use crate::sys::{self, page_size, resident_pages};
+use crate::sys::{self, clock_ticks_per_second, page_size, read_ticks, resident_pages};
 
 pub const MIN_WINDOW: Duration = Duration::from_millis(200);
 pub const MAX_WINDOW: Duration = Duration::from_secs(10);
@@ -74,9 +74,6 @@ impl CpuHistory {
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
-
-// The supervisor's hung and autoscaling watches measure with these too.
-pub(crate) use crate::sys::{clock_ticks_per_second, read_ticks};
 
 /// A slot's accept queue: connections waiting now and the backlog, summed over its listeners
 /// (one per bind). None when it has none (self mode) or none could be read.

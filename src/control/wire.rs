@@ -121,7 +121,8 @@ fn too_deep(b: &[u8]) -> Option<usize> {
     None
 }
 
-/// The byte serde_json stopped at (as [`invalid_json`] places it).
+/// The byte serde_json stopped at: its column is that byte counted from 1 on its line; at the
+/// end of the text, the length.
 fn error_at(text: &str, e: &serde_json::Error) -> usize {
     let line_start: usize = text.split_inclusive('\n').take(e.line().saturating_sub(1)).map(str::len).sum();
     let eof = e.classify() == serde_json::error::Category::Eof;
@@ -135,10 +136,7 @@ fn error_at(text: &str, e: &serde_json::Error) -> usize {
 pub fn invalid_json(text: &str, e: &serde_json::Error) -> String {
     let full = e.to_string();
     let cause = full.strip_suffix(&format!(" at line {} column {}", e.line(), e.column())).unwrap_or(&full);
-    let line_start: usize = text.split_inclusive('\n').take(e.line().saturating_sub(1)).map(str::len).sum();
-    // serde_json's column is the byte it stopped at, counted from 1; at the end, the length.
-    let eof = e.classify() == serde_json::error::Category::Eof;
-    let mut at = (line_start + e.column()).saturating_sub(usize::from(!eof)).min(text.len());
+    let mut at = error_at(text, e);
     let cause = match cause {
         "expected value" => "unexpected character",
         "expected ident" => {

@@ -16,9 +16,9 @@ use std::time::Instant;
 use super::os::Os;
 use super::Supervisor;
 use crate::autoscale::{Autoscaler, Bounds, Decision, Record, Sample, Saved, SlotLoad, CPU_EVERY, SAMPLE_EVERY};
-use crate::control::measure;
 use crate::reexec::{at_ms, ms_from, AutoscaleState};
 use crate::snapshot::{AutoscaleSnapshot, ScaleRecord};
+use crate::sys;
 
 #[derive(Debug)]
 pub(super) struct Autoscaling {
@@ -141,8 +141,8 @@ impl<O: Os> Supervisor<O> {
         }
         let groups: Vec<Vec<i32>> =
             pids.iter().map(|p| a.members.get(p).cloned().unwrap_or_else(|| vec![*p])).collect();
-        let ticks = measure::read_ticks(&groups);
-        let hz = measure::clock_ticks_per_second();
+        let ticks = sys::read_ticks(&groups);
+        let hz = sys::clock_ticks_per_second();
         a.next_cpu = Some(now + CPU_EVERY);
         a.cores.clear();
         let mut seen = HashMap::new();

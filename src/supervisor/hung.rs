@@ -14,9 +14,9 @@ use nix::unistd::Pid;
 use super::os::Os;
 use super::workers::State;
 use super::Supervisor;
-use crate::control::measure;
 use crate::hung::{Due, HungClock, Seen};
 use crate::stall::{Sample, Why};
+use crate::sys;
 
 #[derive(Debug, Default)]
 pub(super) struct HungWatch {
@@ -81,7 +81,7 @@ impl<O: Os> Supervisor<O> {
     /// utime + stime of worker `pid`'s process group (its members as last scanned).
     fn group_ticks(&self, pid: i32) -> u64 {
         let members = self.router.members_of(pid);
-        measure::read_ticks(&[members]).values().sum()
+        sys::read_ticks(&[members]).values().sum()
     }
 
     fn replace_hung(&mut self, d: Due, now: Instant) {
@@ -98,7 +98,7 @@ impl<O: Os> Supervisor<O> {
                     Some(&(pid, at, ticks)) if pid == d.worker => {
                         let used = self.group_ticks(pid).saturating_sub(ticks) as f64;
                         let window = now.saturating_duration_since(at).as_secs_f64().max(0.001);
-                        format!("{:.0}% CPU, ", used / measure::clock_ticks_per_second() / window * 100.0)
+                        format!("{:.0}% CPU, ", used / sys::clock_ticks_per_second() / window * 100.0)
                     }
                     _ => String::new(),
                 };
