@@ -1,7 +1,9 @@
 # A PSGI app for Starman under reuse-launch. Starman (through Plack::Handler::Starman) sees
 # SERVER_STARTER_PORT, which the launcher sets (`127.0.0.1:PORT=3`, Server::Starter's form), and
 # then serves on those fds with Net::Server::SS::PreFork instead of binding.
-# Answers `pid=.. slot=.. gen=..` (the pid of the Starman worker process that served it).
+# Answers `pid=.. slot=.. gen=.. starter=..` (the pid of the Starman worker process that served
+# it, and the SERVER_STARTER_PORT it saw: a test cannot read that from /proc/PID/environ, since
+# Perl's `$0 = ..` overwrites the environ area with the new process title).
 #
 # Run it with --stop-signal QUIT (Starman's graceful stop). The launcher sends the stop signal
 # to the worker's whole process group, so Starman's own worker processes get that QUIT too, and
@@ -12,6 +14,7 @@
 $SIG{QUIT} = 'IGNORE';
 
 sub {
-    my $body = sprintf "pid=%d slot=%s gen=%s\n", $$, $ENV{REUSE_LAUNCH_SLOT} // '', $ENV{REUSE_LAUNCH_GENERATION} // '';
+    my $body = sprintf "pid=%d slot=%s gen=%s starter=%s\n", $$, $ENV{REUSE_LAUNCH_SLOT} // '',
+      $ENV{REUSE_LAUNCH_GENERATION} // '', $ENV{SERVER_STARTER_PORT} // '';
     return [200, ['Content-Type' => 'text/plain', 'Content-Length' => length $body], [$body]];
 };
