@@ -23,6 +23,7 @@ const CHILD_STACK: usize = 256 * 1024;
 pub unsafe fn run(
     entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
     arg: *mut libc::c_void,
+    share_files: bool,
 ) -> io::Result<libc::pid_t> {
     // One stack, made once for every spawn of this thread (a new one cost its page faults each time).
     thread_local! {
@@ -45,7 +46,8 @@ pub unsafe fn run(
     // the stack (this thread's, used by nothing else meanwhile) and what `arg` points to stay
     // valid and unchanged meanwhile (the caller's contract covers what `entry` does).
     let pid = unsafe {
-        libc::clone(entry, top as *mut libc::c_void, libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD, arg)
+        let files = if share_files { libc::CLONE_FILES } else { 0 };
+        libc::clone(entry, top as *mut libc::c_void, libc::CLONE_VM | libc::CLONE_VFORK | files | libc::SIGCHLD, arg)
     };
     let clone_err = io::Error::last_os_error();
     let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);

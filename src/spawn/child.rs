@@ -16,6 +16,9 @@ pub(super) struct ChildCtx {
     pub(super) parent: libc::pid_t,
     pub(super) fds: [RawFd; MAX_FDS],
     pub(super) nfds: usize,
+    /// Step 0: the child shares the launcher's fd table (CLONE_FILES) and takes a copy of the
+    /// fds below this (the staging block, see `stage`); -1: it has a copy of the whole table.
+    pub(super) table_limit: RawFd,
     /// dup2 fd 3 (the first listening socket, once in place) onto fd 0.
     pub(super) stdin_socket: bool,
     /// dup2 onto fds 1 and 2 (the log pipes' write ends).
@@ -56,6 +59,7 @@ pub(super) extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
 unsafe fn child_exec(ctx: &ChildCtx) -> ! {
     // SAFETY: each step below keeps this function's contract (in the child, before exec).
     unsafe {
+        own_table(ctx);
         contain(ctx);
         reset_signals();
         let chan = place_fds(ctx);
@@ -83,6 +87,28 @@ unsafe fn fail(ctx: &ChildCtx) -> ! {
         let e = (*libc::__errno_location()).max(1);
         ctx.err.store(e, std::sync::atomic::Ordering::SeqCst);
         libc::_exit(127)
+    }
+}
+
+/// Step 0: an fd table of its own, holding the fds below the staging block's limit only; on
+/// a kernel without `CLOSE_RANGE_UNSHARE` (before 5.9), a copy of the whole table.
+///
+/// # Safety
+/// In the child of [`spawn`](super::spawn) only (see [`child_exec`]).
+unsafe fn own_table(ctx: &ChildCtx) {
+    if ctx.table_limit < 0 {
+        return;
+    }
+    const CLOSE_RANGE_UNSHARE: libc::c_uint = 1 << 1;
+    // SAFETY: close_range and unshare only replace this process's fd table (shared with the
+    // launcher until now) by a copy; nothing allocated in user space.
+    unsafe {
+        let limit = ctx.table_limit as libc::c_uint;
+        if libc::syscall(libc::SYS_close_range, limit, libc::c_uint::MAX, CLOSE_RANGE_UNSHARE) != 0
+            && libc::unshare(libc::CLONE_FILES) != 0
+        {
+            fail(ctx);
+        }
     }
 }
 

@@ -11,7 +11,12 @@
 //! launcher, writes no memory of the launcher's but the buffers prepared for it, and makes raw
 //! system calls where glibc's wrapper would consult its threads (setuid and friends); every
 //! signal is blocked in the parent around the clone, so no handler of the launcher's runs in
-//! the child. In the child, in order:
+//! the child. The fds the child needs are first copied into a block of low fd numbers reserved
+//! at start (see `stage`), and the child is cloned with `CLONE_FILES`, so that nothing of the
+//! launcher's thousands of fds is copied for it and nothing is closed at its exec. In the
+//! child, in order:
+//! 0. `close_range(limit, ~0, CLOSE_RANGE_UNSHARE)`: an fd table of its own, with the fds
+//!    below the block's end only (before Linux 5.9: `unshare(CLONE_FILES)`, the whole table);
 //! 1. `setpgid(0, 0)`: the worker leads its own process group (stop signals go to the group).
 //!    Then containment (see `cgroup`, `sentinel`), before anything of the worker's runs: with
 //!    a cgroup, `"0"` written to the worker's `cgroup.procs` (opened by the parent), so that
@@ -56,7 +61,9 @@ use crate::command::{Credentials, Program};
 use crate::intercept::ChildFilter;
 
 mod child;
+mod stage;
 use child::{child_entry, ChildCtx};
+pub use stage::reserve as reserve_stage;
 
 /// Most listening fds one worker can receive (fixed so the child needs no allocation).
 pub const MAX_FDS: usize = 64;
@@ -166,17 +173,30 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let pair = || socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC);
     let chan = spec.intercept.map(|_| pair()).transpose()?;
+    // Every fd the child uses, copied into the staging block (see `stage`): the sockets, then
+    // the log pipes, the channel, cgroup.procs and the sentinel's pipe (-1: none).
+    let n = spec.fds.len();
+    let mut fds = [-1 as RawFd; stage::SLOTS];
+    fds[..n].copy_from_slice(spec.fds);
+    if let Some([out, err]) = spec.stdio {
+        (fds[n], fds[n + 1]) = (out, err);
+    }
+    fds[n + 2] = chan.as_ref().map_or(-1, |c| c.1.as_raw_fd());
+    fds[n + 3] = spec.contain.cgroup_procs.unwrap_or(-1);
+    fds[n + 4] = spec.contain.sentinel.unwrap_or(-1);
+    let staged = stage::Staged::new(&mut fds[..n + 5]);
     let mut ctx = ChildCtx {
         parent: std::process::id() as libc::pid_t,
         fds: [-1; MAX_FDS],
-        nfds: spec.fds.len(),
+        nfds: n,
+        table_limit: staged.limit,
         stdin_socket: spec.socket_on_stdin,
-        stdio: spec.stdio,
+        stdio: spec.stdio.map(|_| [fds[n], fds[n + 1]]),
         cpus: spec.cpu.and_then(cpu_set),
         filter: spec.intercept.copied(),
-        chan: chan.as_ref().map_or(-1, |c| c.1.as_raw_fd()),
-        cgroup_procs: spec.contain.cgroup_procs.unwrap_or(-1),
-        sentinel: spec.contain.sentinel.unwrap_or(-1),
+        chan: fds[n + 2],
+        cgroup_procs: fds[n + 3],
+        sentinel: fds[n + 4],
         err: std::sync::atomic::AtomicI32::new(0),
         pid_slots,
         npid: spec.pid_vars.len(),
@@ -186,10 +206,15 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
     };
-    ctx.fds[..spec.fds.len()].copy_from_slice(spec.fds);
+    ctx.fds[..n].copy_from_slice(&fds[..n]);
 
-    // SAFETY: child_entry only runs child_exec on `ctx`, which lives until the child has exec'd.
-    let pid = unsafe { crate::vfork::run(child_entry, (&ctx as *const ChildCtx).cast_mut().cast())? };
+    let share_table = staged.limit >= 0;
+    // SAFETY: child_entry only runs child_exec on `ctx`, which lives until the child has exec'd;
+    // sharing the fd table, it takes its own copy before it touches any fd (step 0).
+    let pid = unsafe { crate::vfork::run(child_entry, (&ctx as *const ChildCtx).cast_mut().cast(), share_table) };
+    // The block's copies closed (before the channel is read: its write end must be gone).
+    drop(staged);
+    let pid = pid?;
     let pid = Pid::from_raw(pid);
     let errno = ctx.err.load(std::sync::atomic::Ordering::SeqCst);
     if errno != 0 {
