@@ -82,7 +82,8 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Error> {
-    // The lowest free fd numbers, before any socket or pipe takes them (see spawn's `stage`).
+    // The lowest free fd numbers (after the log thread's few), before any socket or pipe takes
+    // them (see spawn's `stage`).
     spawn::reserve_stage();
     let args = cli::Args::parse();
     let mut config = cli::Config::from_args(args, std::env::var("PORT").ok())?;

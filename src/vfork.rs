@@ -14,12 +14,14 @@ const CHILD_STACK: usize = 256 * 1024;
 
 /// Run `entry(arg)` in a new process sharing this memory, on this thread's child stack, with
 /// every signal blocked (the child sets its own mask); returns the child's pid once it has
-/// exec'd or exited.
+/// exec'd or exited. `share_files`: the child shares this process's fd table too
+/// (`CLONE_FILES`) until it takes its own.
 ///
 /// # Safety
 /// `entry` must only make async-signal-safe calls, write no memory but what `arg` names for
 /// it, never return without `_exit` or `execve`, and never wait for this process; `arg` must
-/// stay valid until this returns.
+/// stay valid until this returns. With `share_files`, `entry` must not open, close or change
+/// any fd before it has a table of its own (close_range with CLOSE_RANGE_UNSHARE, unshare).
 pub unsafe fn run(
     entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
     arg: *mut libc::c_void,
@@ -44,7 +46,8 @@ pub unsafe fn run(
     // SAFETY: clone with CLONE_VM | CLONE_VFORK runs `entry` on STACK in a new process that
     // shares this memory; this thread is suspended until the child execs or exits, so `arg`,
     // the stack (this thread's, used by nothing else meanwhile) and what `arg` points to stay
-    // valid and unchanged meanwhile (the caller's contract covers what `entry` does).
+    // valid and unchanged meanwhile (the caller's contract covers what `entry` does, with the
+    // fd table shared too under `share_files`).
     let pid = unsafe {
         let files = if share_files { libc::CLONE_FILES } else { 0 };
         libc::clone(entry, top as *mut libc::c_void, libc::CLONE_VM | libc::CLONE_VFORK | files | libc::SIGCHLD, arg)

@@ -53,8 +53,9 @@ pub(super) extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
 /// The child's side of [`spawn`](super::spawn), the module doc's steps 1 to 8 in order. Never returns.
 ///
 /// # Safety
-/// Only to be called in a child right after fork. All pointers in `ctx` point into the
-/// parent's memory, copied into this process by fork and valid until exec. Every step makes
+/// Only to be called in a child right after the clone. All pointers in `ctx` point into the
+/// parent's memory, which this process shares (CLONE_VM), valid and unchanged until exec; with
+/// the staging block it shares the fd table too until step 0. Every step makes
 /// async-signal-safe system calls only, on memory the parent prepared: nothing allocates.
 unsafe fn child_exec(ctx: &ChildCtx) -> ! {
     // SAFETY: each step below keeps this function's contract (in the child, before exec).
@@ -90,8 +91,9 @@ unsafe fn fail(ctx: &ChildCtx) -> ! {
     }
 }
 
-/// Step 0: an fd table of its own, holding the fds below the staging block's limit only; on
-/// a kernel without `CLOSE_RANGE_UNSHARE` (before 5.9), a copy of the whole table.
+/// Step 0, with the staging block (`table_limit` >= 0, only where the probe of `stage` showed
+/// the kernel does it right): an fd table of its own holding the fds below the block's limit
+/// only. Should that fail all the same (ENOMEM), a copy of the whole table, else exit 127.
 ///
 /// # Safety
 /// In the child of [`spawn`](super::spawn) only (see [`child_exec`]).
@@ -100,8 +102,10 @@ unsafe fn own_table(ctx: &ChildCtx) {
         return;
     }
     const CLOSE_RANGE_UNSHARE: libc::c_uint = 1 << 1;
-    // SAFETY: close_range and unshare only replace this process's fd table (shared with the
-    // launcher until now) by a copy; nothing allocated in user space.
+    // SAFETY: close_range(UNSHARE) replaces this process's fd table (shared with the launcher
+    // until now) by a copy of the fds below the limit, then closes nothing (the copy holds
+    // nothing above it; were the launcher gone, it would close ours in place); unshare makes a
+    // whole copy. The launcher's table is only read. Nothing allocated in user space.
     unsafe {
         let limit = ctx.table_limit as libc::c_uint;
         if libc::syscall(libc::SYS_close_range, limit, libc::c_uint::MAX, CLOSE_RANGE_UNSHARE) != 0

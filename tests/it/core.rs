@@ -265,6 +265,56 @@ fn worker_sees_only_its_own_sockets_and_the_contract_environment() {
     assert_eq!(l.exit_code(secs(20)), 0);
 }
 
+/// tests/workers/no-close-range.c, built once per test run with the system's C compiler.
+fn no_close_range() -> String {
+    static BUILT: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let out = concat!(env!("CARGO_TARGET_TMPDIR"), "/no-close-range");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workers/no-close-range.c");
+        match std::process::Command::new("cc").args(["-O2", "-o", out, src]).output() {
+            Ok(o) if o.status.success() => Ok(out.to_string()),
+            Ok(o) => Err(format!("cc {src} failed: {}", String::from_utf8_lossy(&o.stderr))),
+            Err(e) => Err(format!("cannot run cc (a C compiler, gcc): {e}; {DEPS}")),
+        }
+    });
+    built.clone().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Where close_range(2) is refused (a container's seccomp profile older than it; a kernel
+/// before 5.9), the launcher's probe says so and it spawns without its staging block (spawn's
+/// `stage`), copying its whole fd table as before: the workers start, a respawn too, and each
+/// sees only fds 0-2 and its socket.
+#[test]
+fn where_close_range_is_refused_workers_start_as_before() {
+    let wrapper = no_close_range();
+    let mut l = Launch::new()
+        .via(&[&wrapper])
+        .workers(2)
+        .ready_delay("100ms")
+        .env("RUST_LOG", "info,reuse_launch::spawn=debug")
+        .cmd(&["sleep", "1000"])
+        .start();
+    wait_all_ready(&l, 2, secs(10));
+    let refused = "every worker copies the launcher's fd table (close_range(CLOSE_RANGE_UNSHARE) refused";
+    assert_eq!(l.count(refused), 1, "{}", l.log());
+    let only_own = |pid: i32| {
+        let fds = fd_targets(pid);
+        let numbers: Vec<i32> = fds.iter().map(|f| f.0).collect();
+        assert_eq!(numbers, vec![0, 1, 2, 3], "worker {pid} fds: {fds:?}\nlog:\n{}", l.log());
+        assert!(fds[3].1.starts_with("socket:"), "{fds:?}");
+    };
+    for slot in 0..2 {
+        only_own(l.latest_pid(slot));
+    }
+    let old = l.latest_pid(1);
+    signal(old, Signal::SIGKILL);
+    let new = l.wait_replacement(1, old, secs(10));
+    assert!(wait_until(secs(10), || fd_targets(new).len() == 4), "{:?}", fd_targets(new));
+    only_own(new);
+    l.signal(Signal::SIGTERM);
+    assert_eq!(l.exit_code(secs(20)), 0, "{}", l.log());
+}
+
 #[test]
 fn shared_mode_hands_one_socket_to_every_worker() {
     let l = Launch::new().workers(2).mode("shared").ready_delay("100ms").cmd(&["sleep", "1000"]).start();
