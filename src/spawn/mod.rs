@@ -139,15 +139,7 @@ pub struct Spawned {
 /// Start one worker. Must be called from the launcher's main thread (see the module doc on
 /// PDEATHSIG).
 pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
-    if spec.fds.len() > MAX_FDS {
-        return Err(io::Error::other(format!("at most {MAX_FDS} listening fds per worker")));
-    }
-    if spec.socket_on_stdin && spec.fds.is_empty() {
-        return Err(io::Error::other("--socket-on-stdin: the worker has no listening socket to get as fd 0"));
-    }
-    if spec.pid_vars.len() > 4 {
-        return Err(io::Error::other("at most 4 pid variables"));
-    }
+    check(spec)?;
     // NAME=<21 NULs> for each pid variable: the child writes its pid digits in place.
     let mut pid_bufs: Vec<Vec<u8>> = spec
         .pid_vars
@@ -173,17 +165,8 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let pair = || socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC);
     let chan = spec.intercept.map(|_| pair()).transpose()?;
-    // Every fd the child uses, copied into the staging block (see `stage`): the sockets, then
-    // the log pipes, the channel, cgroup.procs and the sentinel's pipe (-1: none).
     let n = spec.fds.len();
-    let mut fds = [-1 as RawFd; stage::SLOTS];
-    fds[..n].copy_from_slice(spec.fds);
-    if let Some([out, err]) = spec.stdio {
-        (fds[n], fds[n + 1]) = (out, err);
-    }
-    fds[n + 2] = chan.as_ref().map_or(-1, |c| c.1.as_raw_fd());
-    fds[n + 3] = spec.contain.cgroup_procs.unwrap_or(-1);
-    fds[n + 4] = spec.contain.sentinel.unwrap_or(-1);
+    let mut fds = child_fds(spec, chan.as_ref().map_or(-1, |c| c.1.as_raw_fd()));
     let staged = stage::Staged::new(&mut fds[..n + 5]);
     let mut ctx = ChildCtx {
         parent: std::process::id() as libc::pid_t,
@@ -214,9 +197,42 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     let pid = unsafe { crate::vfork::run(child_entry, (&ctx as *const ChildCtx).cast_mut().cast(), share_table) };
     // The block's copies closed (before the channel is read: its write end must be gone).
     drop(staged);
-    let pid = pid?;
-    let pid = Pid::from_raw(pid);
-    let errno = ctx.err.load(std::sync::atomic::Ordering::SeqCst);
+    finish(Pid::from_raw(pid?), ctx.err.load(std::sync::atomic::Ordering::SeqCst), chan)
+}
+
+/// What one child can be given (fixed sizes, so that it needs no allocation).
+fn check(spec: &Spec) -> io::Result<()> {
+    if spec.fds.len() > MAX_FDS {
+        return Err(io::Error::other(format!("at most {MAX_FDS} listening fds per worker")));
+    }
+    if spec.socket_on_stdin && spec.fds.is_empty() {
+        return Err(io::Error::other("--socket-on-stdin: the worker has no listening socket to get as fd 0"));
+    }
+    if spec.pid_vars.len() > 4 {
+        return Err(io::Error::other("at most 4 pid variables"));
+    }
+    Ok(())
+}
+
+/// Every fd the child uses, in the order they go into the staging block (see `stage`): the
+/// sockets, then the log pipes, the intercept channel `chan`, cgroup.procs and the sentinel's
+/// pipe (-1: none), `spec.fds.len() + 5` in all.
+fn child_fds(spec: &Spec, chan: RawFd) -> [RawFd; stage::SLOTS] {
+    let n = spec.fds.len();
+    let mut fds = [-1 as RawFd; stage::SLOTS];
+    fds[..n].copy_from_slice(spec.fds);
+    if let Some([out, err]) = spec.stdio {
+        (fds[n], fds[n + 1]) = (out, err);
+    }
+    fds[n + 2] = chan;
+    fds[n + 3] = spec.contain.cgroup_procs.unwrap_or(-1);
+    fds[n + 4] = spec.contain.sentinel.unwrap_or(-1);
+    fds
+}
+
+/// After the clone returned: the child exec'd (errno 0) or has exited with the errno of what
+/// failed; with `--intercept-bind`, its notification fd taken from the channel.
+fn finish(pid: Pid, errno: i32, chan: Option<(OwnedFd, OwnedFd)>) -> io::Result<Spawned> {
     if errno != 0 {
         // The exec failed: the child has exited; reap it here, synchronously.
         let _ = nix::sys::wait::waitpid(pid, None);
