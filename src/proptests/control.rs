@@ -133,11 +133,12 @@ proptest! {
         let scaled = Response::success(None, Body::Scaled { pid: 7, desired: 3 }).line();
         let reply: Reply = serde_json::from_str(&scaled).unwrap();
         prop_assert_eq!((reply.ok, reply.pid, reply.desired), (true, 7, 3));
-        // A number as the wire writes it reads back as that number (to serde_json's precision:
-        // without its float_roundtrip feature it may read a float an ULP or two off).
+        // A number as the wire writes it reads back as that very number (serde_json's
+        // float_roundtrip feature; without it a float could read an ULP or two off, and a
+        // subnormal one further: -2.30948679883954e-309 did).
         if f.is_finite() {
             let back: f64 = serde_json::from_str(&wire::to_line(&f)).unwrap();
-            prop_assert!((back - f).abs() <= f.abs() * 4.0 * f64::EPSILON, "{f} read back as {back}");
+            prop_assert_eq!(back, f, "{} read back as {}", f, back);
         }
     }
 
