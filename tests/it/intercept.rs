@@ -37,7 +37,7 @@ use crate::status_fields::*;
 const BACKLOG: &str = "777";
 
 /// A launcher with interception required and its control socket in `dir`.
-fn launch(n: usize, dir: &TempPath) -> Launch {
+pub(crate) fn launch(n: usize, dir: &TempPath) -> Launch {
     Launch::new()
         .workers(n)
         .ready("auto")
@@ -86,12 +86,12 @@ fn backlogs() -> Vec<(u64, u32)> {
 }
 
 /// The pids of the ready workers, as `status --json` shows them.
-fn worker_pids(dir: &TempPath) -> Vec<i32> {
+pub(crate) fn worker_pids(dir: &TempPath) -> Vec<i32> {
     rows(&status_of(dir)).iter().filter_map(|w| w.get("pid").and_then(Value::as_u64)).map(|p| p as i32).collect()
 }
 
 /// Wait until `n` workers are ready with their binds taken over (each worker binds once or more).
-fn wait_intercepted(l: &Launcher, dir: &TempPath, n: usize) -> Value {
+pub(crate) fn wait_intercepted(l: &Launcher, dir: &TempPath, n: usize) -> Value {
     wait_status(l, &["--control", &control(dir)], secs(60), "every worker ready, binds taken over", |s| {
         let ready = rows(s).iter().filter(|w| w.get("state").and_then(Value::as_str) == Some("ready")).count();
         ready == n && num(s, "intercepted_binds") >= n as u64
@@ -100,7 +100,7 @@ fn wait_intercepted(l: &Launcher, dir: &TempPath, n: usize) -> Value {
 
 /// The launcher's sockets are the only ones listening on the port; each worker holds one of
 /// them on an fd of its own (its bind() was taken over); every one keeps the launcher's backlog.
-fn check_sockets(l: &Launcher, dir: &TempPath, inherited: usize) {
+pub(crate) fn check_sockets(l: &Launcher, dir: &TempPath, inherited: usize) {
     let port = l.port();
     let ours: BTreeSet<u64> = socket_fds(l.pid()).into_iter().map(|(_, ino)| ino).collect();
     let listening = listening_inodes(port);
@@ -145,7 +145,7 @@ fn get_200(port: u16) -> std::io::Result<()> {
 }
 
 /// A roll (USR2) under continuous new-connection load: no request fails, the old pids are gone.
-fn roll_under_load(l: &Launcher, dir: &TempPath, request: fn(u16) -> std::io::Result<()>) {
+pub(crate) fn roll_under_load(l: &Launcher, dir: &TempPath, request: fn(u16) -> std::io::Result<()>) {
     let old: Vec<Proc> = worker_pids(dir).into_iter().map(Proc::of).collect();
     let load = Load::start_with(l.port(), 3, request);
     assert!(wait_until(secs(20), || load.ok() >= 20), "the load made no requests\nlog:\n{}", l.log());

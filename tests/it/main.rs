@@ -22,6 +22,8 @@
 //! - `autoscale`: `-n MIN..MAX` following the load up and down, and not moving under a steady one (issue 17).
 //! - `hung`: `--hung-timeout` replacing deadlocked and spinning workers, never stopped ones (issue 17).
 //! - `intercept`: unmodified servers that bind the port themselves (`--intercept-bind`, issue 15).
+//! - `intercept_servers`: nginx (a master and its workers) and redis, unchanged, on the
+//!   launcher's sockets (issue 15).
 //! - `hostile`: idle, slowloris, oversized and binary clients on `--metrics` and the control
 //!   socket (issue 19).
 //! - `watch`: the stall watch at scale and from its idle cadence (issue 18).
@@ -40,6 +42,7 @@ mod fleet;
 mod hostile;
 mod hung;
 mod intercept;
+mod intercept_servers;
 mod leftovers;
 mod logs;
 mod modes;
