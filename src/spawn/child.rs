@@ -1,5 +1,5 @@
 //! The child's side of [`spawn`](super::spawn), between the clone and the exec: the module
-//! doc's steps 1 to 8, each a small function with its `// SAFETY:` line. Everything here reads
+//! doc's steps 0 to 8, each a small function with its `// SAFETY:` line. Everything here reads
 //! the [`ChildCtx`] the parent built and makes async-signal-safe system calls on memory that
 //! already exists: nothing in this file allocates.
 
@@ -50,7 +50,7 @@ pub(super) extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
     unsafe { child_exec(&*(arg as *const ChildCtx)) }
 }
 
-/// The child's side of [`spawn`](super::spawn), the module doc's steps 1 to 8 in order. Never returns.
+/// The child's side of [`spawn`](super::spawn), the module doc's steps 0 to 8 in order. Never returns.
 ///
 /// # Safety
 /// Only to be called in a child right after the clone. All pointers in `ctx` point into the

@@ -11,12 +11,13 @@
 //! launcher, writes no memory of the launcher's but the buffers prepared for it, and makes raw
 //! system calls where glibc's wrapper would consult its threads (setuid and friends); every
 //! signal is blocked in the parent around the clone, so no handler of the launcher's runs in
-//! the child. The fds the child needs are first copied into a block of low fd numbers reserved
-//! at start (see `stage`), and the child is cloned with `CLONE_FILES`, so that nothing of the
-//! launcher's thousands of fds is copied for it and nothing is closed at its exec. In the
-//! child, in order:
-//! 0. `close_range(limit, ~0, CLOSE_RANGE_UNSHARE)`: an fd table of its own, with the fds
-//!    below the block's end only (before Linux 5.9: `unshare(CLONE_FILES)`, the whole table);
+//! the child. Where a probe at start shows the kernel does it right (see `stage`), the fds the
+//! child needs are first copied into a block of low fd numbers reserved at start, and the
+//! child is cloned with `CLONE_FILES`, so that nothing of the launcher's thousands of fds is
+//! copied for it and nothing is closed at its exec; elsewhere the clone copies the whole table.
+//! In the child, in order:
+//! 0. with the block: `close_range(limit, ~0, CLOSE_RANGE_UNSHARE)`, an fd table of its own
+//!    with the fds below the block's end only;
 //! 1. `setpgid(0, 0)`: the worker leads its own process group (stop signals go to the group).
 //!    Then containment (see `cgroup`, `sentinel`), before anything of the worker's runs: with
 //!    a cgroup, `"0"` written to the worker's `cgroup.procs` (opened by the parent), so that

@@ -54,7 +54,10 @@ pub fn reserve() {
     BLOCK.get_or_init(|| {
         let block = make_block()?;
         match probe(&block) {
-            Ok(()) => Some(block),
+            Ok(()) => {
+                log::debug!("spawn: each worker gets an fd table of its own, the fds below {}", block.limit);
+                Some(block)
+            }
             Err(why) => {
                 log::debug!("spawn: every worker copies the launcher's fd table ({why})");
                 None
@@ -74,27 +77,26 @@ fn dup_at_least(fd: &OwnedFd, floor: RawFd) -> Option<OwnedFd> {
 fn make_block() -> Option<Block> {
     let devnull = std::fs::File::open("/dev/null").map(OwnedFd::from).ok()?;
     let mut slots: Vec<OwnedFd> = Vec::new();
-    // The lowest free numbers until there are enough and the next one starts a 64-fd word.
+    // The lowest free numbers until there are enough and the highest ends a 64-fd word.
+    let mut limit = 0;
     loop {
         let fd = dup_at_least(&devnull, 0)?;
-        let next = fd.as_raw_fd() + 1;
+        limit = limit.max(fd.as_raw_fd() + 1);
         slots.push(fd);
-        if slots.len() >= SLOTS && next % 64 == 0 {
+        if slots.len() >= SLOTS && limit % 64 == 0 {
             break;
         }
         if slots.len() > 4 * SLOTS {
             return None; // holes all over a big inherited table: not worth it
         }
     }
-    let limit = slots.iter().map(|f| f.as_raw_fd()).max()? + 1;
-    if devnull.as_raw_fd() >= limit {
-        return None; // it would be copied into the child; never so, as it was opened first
-    }
+    // (devnull, opened first, is below `limit`: each child gets a CLOEXEC copy of it, harmless.)
     let slots = slots.into_iter().map(std::os::fd::IntoRawFd::into_raw_fd).collect();
     Some(Block { slots, limit, devnull, in_use: AtomicBool::new(false) })
 }
 
-/// What the probe's child saw: its first `dup` (-1 until it ran; -2: close_range failed).
+/// What the probe's child saw: its first `dup` (-1 until it ran, which a child killed by a
+/// seccomp policy leaves; -2: close_range failed).
 struct Probe {
     limit: RawFd,
     got: AtomicI32,
@@ -111,7 +113,9 @@ extern "C" fn probe_entry(arg: *mut libc::c_void) -> libc::c_int {
             p.got.store(-2, Ordering::SeqCst);
             libc::_exit(0);
         }
-        p.got.store(libc::fcntl(0, libc::F_DUPFD, 0), Ordering::SeqCst);
+        // CLOEXEC: were close_range faked (a seccomp policy answering 0), this fd would be in
+        // the launcher's table.
+        p.got.store(libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 0), Ordering::SeqCst);
         libc::_exit(0)
     }
 }
@@ -135,6 +139,7 @@ fn probe(block: &Block) -> Result<(), String> {
     match p.got.load(Ordering::SeqCst) {
         got if got == block.limit => Ok(()),
         -2 => Err("close_range(CLOSE_RANGE_UNSHARE) refused: a kernel before 5.9 or a seccomp policy".into()),
+        -1 => Err("the probe's child died before its first dup (a seccomp policy that kills on close_range?)".into()),
         got => Err(format!(
             "the kernel's close_range(CLOSE_RANGE_UNSHARE) gives a child a wrong fd table (first free fd {got}, \
              not {}: CVE-2024-45025)",

@@ -7,13 +7,15 @@
 //! the next trip tries again. Nothing is replaced while a roll runs, the slot is being replaced
 //! or retired, or the launcher stops.
 //!
-//! A worker whose last sample was at most half the limit is sampled [`FAR_EVERY`] only: it
-//! would have to take half the limit more between two samples to pass it unseen for longer
-//! than that, and a fleet far below its limit (the usual case) costs a quarter of the reads
-//! (each sample reads the worker's `cgroup.procs` or scans /proc, then a `statm` per process:
-//! at 1,024 idle workers, 3.3% of a core every second).
+//! A worker whose last sample was at most half the limit is sampled only every
+//! [`FAR_PASSES`]th pass: it would have to take half the limit more between two samples to
+//! pass it unseen for longer than that. Those samples fall on the same passes for every such
+//! worker, so a fleet far below its limit (the usual case) costs a quarter of the reads, the
+//! scan of /proc for process groups without a cgroup included (each pass reads the sampled
+//! workers' `cgroup.procs`, or scans /proc, then a `statm` per process: at 1,024 idle workers,
+//! 2.3% of a core when all were read every second).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::os::Os;
@@ -24,30 +26,41 @@ use crate::readiness;
 use crate::sys::group_rss;
 
 pub(super) const EVERY: Duration = Duration::from_secs(1);
-/// How often a worker at most half the limit is sampled.
-pub(super) const FAR_EVERY: Duration = Duration::from_secs(4);
+/// A worker at most half the limit is sampled at every this-many passes only (4 s).
+pub(super) const FAR_PASSES: u64 = 4;
 pub(super) const TRIPS: u32 = 3;
 
 #[derive(Debug, Default)]
 pub(super) struct MemoryWatch {
     next: Option<Instant>,
+    /// Passes so far (a far worker is sampled when it is a multiple of [`FAR_PASSES`]).
+    pass: u64,
     /// Samples in a row over the limit, per worker.
     over: HashMap<WorkerId, u32>,
-    /// When each sampled worker is due again.
-    due: HashMap<WorkerId, Instant>,
+    /// The workers whose last sample was at most half the limit.
+    far: HashSet<WorkerId>,
 }
 
 impl MemoryWatch {
     /// A worker exited: forget its samples.
     pub(super) fn forget(&mut self, id: WorkerId) {
         self.over.remove(&id);
-        self.due.remove(&id);
+        self.far.remove(&id);
     }
-}
 
-/// When a worker whose group uses `rss` of `limit` is to be sampled again.
-fn next_due(rss: u64, limit: u64, now: Instant) -> Instant {
-    now + if rss > limit / 2 { EVERY } else { FAR_EVERY }
+    /// Whether a worker is sampled at this pass: one never sampled or not far, at every pass.
+    fn due(&self, id: WorkerId) -> bool {
+        !self.far.contains(&id) || self.pass.is_multiple_of(FAR_PASSES)
+    }
+
+    /// Record a worker's sample: far when it is at most half the limit.
+    fn sampled(&mut self, id: WorkerId, rss: u64, limit: u64) {
+        if rss <= limit / 2 {
+            self.far.insert(id);
+        } else {
+            self.far.remove(&id);
+        }
+    }
 }
 
 impl<O: Os> Supervisor<O> {
@@ -65,14 +78,15 @@ impl<O: Os> Supervisor<O> {
             .map(|(id, w)| (id, w.pid.as_raw()))
             .collect();
         let watch = &mut self.watches.memory;
-        watch.over.retain(|id, _| ready.iter().any(|r| r.0 == *id));
-        watch.due.retain(|id, _| ready.iter().any(|r| r.0 == *id));
-        let due: Vec<(WorkerId, i32)> =
-            ready.into_iter().filter(|(id, _)| watch.due.get(id).is_none_or(|at| now >= *at)).collect();
+        watch.pass += 1;
+        let serving: HashSet<WorkerId> = ready.iter().map(|r| r.0).collect();
+        watch.over.retain(|id, _| serving.contains(id));
+        watch.far.retain(|id| serving.contains(id));
+        let due: Vec<(WorkerId, i32)> = ready.into_iter().filter(|(id, _)| watch.due(*id)).collect();
         let groups = readiness::groups_members(&due.iter().map(|r| r.1).collect::<Vec<_>>());
         for ((id, _), members) in due.into_iter().zip(groups) {
             let rss = group_rss(&members);
-            self.watches.memory.due.insert(id, next_due(rss, limit, now));
+            self.watches.memory.sampled(id, rss, limit);
             if rss <= limit {
                 self.watches.memory.over.remove(&id);
                 continue;
@@ -110,11 +124,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_worker_far_below_the_limit_is_sampled_less_often() {
-        let (now, limit) = (Instant::now(), 100 << 20);
-        assert_eq!(next_due(10 << 20, limit, now), now + FAR_EVERY);
-        assert_eq!(next_due(50 << 20, limit, now), now + FAR_EVERY, "half the limit: still far");
-        assert_eq!(next_due((50 << 20) + 1, limit, now), now + EVERY);
-        assert_eq!(next_due(200 << 20, limit, now), now + EVERY, "over it: every second");
+    fn a_worker_far_below_the_limit_is_sampled_at_every_fourth_pass() {
+        let limit = 100 << 20;
+        let (new, far, near) = (1, 2, 3);
+        let mut w = MemoryWatch::default();
+        w.sampled(far, 50 << 20, limit); // half the limit: still far
+        w.sampled(near, (50 << 20) + 1, limit);
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            w.pass += 1;
+            seen.push([new, far, near].map(|id| w.due(id)));
+        }
+        assert!(seen.iter().all(|s| s[0] && s[2]), "a new worker and one over half: every pass");
+        let far_passes: Vec<usize> = seen.iter().enumerate().filter(|(_, s)| s[1]).map(|(i, _)| i + 1).collect();
+        assert_eq!(far_passes, vec![4, 8]);
+        w.sampled(far, 200 << 20, limit);
+        w.pass += 1;
+        assert!(w.due(far), "once over half: every pass again");
+        w.forget(far);
+        assert!(w.far.is_empty());
     }
 }

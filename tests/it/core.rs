@@ -315,6 +315,39 @@ fn where_close_range_is_refused_workers_start_as_before() {
     assert_eq!(l.exit_code(secs(20)), 0, "{}", l.log());
 }
 
+/// On a kernel with the fix for CVE-2024-45025 (6.11 and later), the probe passes and workers
+/// are spawned with the staging block: no fallback line, and each worker sees only its fds.
+/// Skipped, saying why, on an older kernel or where close_range is refused.
+#[test]
+fn on_a_fixed_kernel_spawns_use_the_staging_block() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version < (6, 11) {
+        eprintln!("skipped: kernel {} may lack the fix for CVE-2024-45025 (6.11)", release.trim());
+        return;
+    }
+    let l = Launch::new()
+        .workers(2)
+        .ready_delay("100ms")
+        .env("RUST_LOG", "info,reuse_launch::spawn=debug")
+        .cmd(&["sleep", "1000"])
+        .start();
+    wait_all_ready(&l, 2, secs(10));
+    let log = l.log();
+    if let Some(line) = log.lines().find(|l| l.contains("every worker copies the launcher's fd table")) {
+        assert!(line.contains("refused") || line.contains("died"), "the probe failed on kernel {release}: {line}");
+        eprintln!("skipped: close_range is refused here: {line}");
+        return;
+    }
+    assert_eq!(l.count("each worker gets an fd table of its own, the fds below "), 1, "{log}");
+    for slot in 0..2 {
+        let pid = l.latest_pid(slot);
+        let numbers: Vec<i32> = fd_targets(pid).iter().map(|f| f.0).collect();
+        assert_eq!(numbers, vec![0, 1, 2, 3], "worker {slot}: {:?}", fd_targets(pid));
+    }
+}
+
 #[test]
 fn shared_mode_hands_one_socket_to_every_worker() {
     let l = Launch::new().workers(2).mode("shared").ready_delay("100ms").cmd(&["sleep", "1000"]).start();

@@ -149,10 +149,13 @@ pub(crate) fn roll_under_load(l: &Launcher, dir: &TempPath, request: fn(u16) -> 
     let old: Vec<Proc> = worker_pids(dir).into_iter().map(Proc::of).collect();
     let load = Load::start_with(l.port(), 3, request);
     assert!(wait_until(secs(20), || load.ok() >= 20), "the load made no requests\nlog:\n{}", l.log());
+    let at_usr2 = load.ok();
     l.signal(Signal::SIGUSR2);
     l.wait_for("roll gen 2 done", secs(120));
+    let during = load.ok() - at_usr2;
     let gone = wait_until(secs(20), || old.iter().all(|p| !p.alive()));
     let (ok, failures) = load.finish();
+    assert!(during > 0, "no request was answered during the roll\nlog:\n{}", l.log());
     assert!(gone, "gen 1 workers {old:?} still alive\nlog:\n{}", l.log());
     assert!(
         failures.is_empty(),

@@ -3,10 +3,11 @@
 //! accept) and redis (one process binding `127.0.0.1` and `::1`). For each, from outside:
 //! answers from distinct processes, only the launcher's sockets listen on the port, each
 //! worker holds one on an fd of its own, the backlog stays the launcher's (nginx and redis ask
-//! for 511), and the slot's queue outlives a killed worker. nginx is rolled under continuous
-//! new-connection load with `--stop-signal QUIT` (its graceful stop): no request may fail.
-//! redis stops on TERM by closing its clients, so its roll counts what failed, and it is
-//! reported, not asserted (the launcher cannot finish a request the server drops).
+//! for 511). nginx is rolled under continuous new-connection load with `--stop-signal QUIT`
+//! (its graceful stop): no request may fail. redis stops on TERM by closing its clients, so
+//! its roll counts what failed, and it is reported, not asserted (the launcher cannot finish a
+//! request the server drops); requests queued on a killed redis (one slot) are answered by
+//! its replacement.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -78,16 +79,25 @@ fn nginx_master_and_workers_bind_the_port_themselves_and_roll_under_load() {
     assert!(after.iter().any(|r| r.gen == "2"), "no answer from gen 2: {after:?}");
 }
 
-/// One redis command on a new connection (RESP), its reply's text.
-fn redis(port: u16, args: &[&str]) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(secs(10)))?;
+/// Send one redis command (RESP) on an open connection.
+fn redis_send(s: &mut TcpStream, args: &[&str]) -> std::io::Result<()> {
     let mut req = format!("*{}\r\n", args.len());
     for a in args {
         req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
     }
-    s.write_all(req.as_bytes())?;
-    // A bulk reply (INFO) ends with its length; a status (+PONG) with its line.
+    s.write_all(req.as_bytes())
+}
+
+/// One redis command on a new connection, its reply's text.
+fn redis(port: u16, args: &[&str]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(secs(10)))?;
+    redis_send(&mut s, args)?;
+    redis_reply(&mut s)
+}
+
+/// The whole reply on `s`: a bulk one (INFO) ends with its length, a status (+PONG) with its line.
+fn redis_reply(s: &mut TcpStream) -> std::io::Result<String> {
     let mut text = String::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -108,26 +118,25 @@ fn redis(port: u16, args: &[&str]) -> std::io::Result<String> {
     }
 }
 
-/// The pid of the redis that answered `INFO server` on a new connection.
-fn redis_pid(port: u16) -> std::io::Result<i32> {
-    let info = redis(port, &["INFO", "server"])?;
+/// The pid in an `INFO server` reply.
+fn info_pid(info: &str) -> std::io::Result<i32> {
     info.lines()
         .find_map(|l| l.strip_prefix("process_id:")?.trim().parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("no process_id in {info:?}")))
 }
 
-fn ping(port: u16) -> std::io::Result<()> {
-    match redis(port, &["PING"])? {
-        pong if pong == "+PONG\r\n" => Ok(()),
-        other => Err(std::io::Error::other(format!("bad answer: {other:?}"))),
-    }
+/// The pid of the redis that answered `INFO server` on a new connection.
+fn redis_pid(port: u16) -> std::io::Result<i32> {
+    info_pid(&redis(port, &["INFO", "server"])?)
 }
 
-#[test]
-fn redis_binds_ipv4_and_ipv6_itself_and_keeps_its_queue_across_a_crash() {
+fn require_redis() {
     require(&["redis-server", "--version"], "install redis (apt-get install redis-server)");
-    let dir = TempPath::dir("intercept-redis");
-    let l = launch(2, &dir)
+}
+
+/// redis on the launcher's port, both loopback addresses, nothing saved.
+fn redis_server(n: usize, dir: &TempPath) -> Launcher {
+    launch(n, dir)
         .cmd(&[
             "redis-server",
             "--port",
@@ -143,7 +152,21 @@ fn redis_binds_ipv4_and_ipv6_itself_and_keeps_its_queue_across_a_crash() {
             "--dir",
             dir.str(),
         ])
-        .start();
+        .start()
+}
+
+fn ping(port: u16) -> std::io::Result<()> {
+    match redis(port, &["PING"])? {
+        pong if pong == "+PONG\r\n" => Ok(()),
+        other => Err(std::io::Error::other(format!("bad answer: {other:?}"))),
+    }
+}
+
+#[test]
+fn redis_binds_ipv4_and_ipv6_itself_and_rolls() {
+    require_redis();
+    let dir = TempPath::dir("intercept-redis");
+    let l = redis_server(2, &dir);
     let s = wait_intercepted(&l, &dir, 2);
     assert!(crate::control::num(&s, "intercepted_binds") >= 4, "binds taken over: {s:?}");
     let pids: BTreeSet<i32> = worker_pids(&dir).into_iter().collect();
@@ -155,31 +178,45 @@ fn redis_binds_ipv4_and_ipv6_itself_and_keeps_its_queue_across_a_crash() {
     });
     assert!(both && answered == pids, "answers from {answered:?}, workers {pids:?}\nlog:\n{}", l.log());
     check_sockets(&l, &dir, 1);
-    // A connection queued on a stopped redis, which is then killed: its replacement answers it.
+    // A roll: redis closes its clients at TERM, so what fails is counted, not asserted.
+    let old: Vec<Proc> = pids.iter().map(|p| Proc::of(*p)).collect();
+    let load = Load::start_with(port, 3, ping);
+    assert!(wait_until(secs(20), || load.ok() >= 20), "the load made no requests\nlog:\n{}", l.log());
+    let at_usr2 = load.ok();
+    l.signal(Signal::SIGUSR2);
+    l.wait_for("roll gen 2 done", secs(60));
+    let during = load.ok() - at_usr2;
+    let gone = wait_until(secs(20), || old.iter().all(|p| !p.alive()));
+    let (ok, failures) = load.finish();
+    eprintln!(
+        "redis roll under load: {ok} requests, {during} during the roll, {} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(gone && during > 0, "gen 1 gone: {gone}, {during} answered during the roll\nlog:\n{}", l.log());
+    check_sockets(&l, &dir, 1);
+}
+
+/// One slot, so that nothing else can take the queue: PINGs queued on a stopped redis that
+/// is then killed are answered by its replacement, which bound the port itself.
+#[test]
+fn a_killed_rediss_queue_waits_for_its_replacement() {
+    require_redis();
+    let dir = TempPath::dir("intercept-redis");
+    let l = redis_server(1, &dir);
+    wait_intercepted(&l, &dir, 1);
     let old = l.latest_pid(0);
     signal(old, Signal::SIGSTOP);
     let mut queued = Vec::new();
     for _ in 0..8 {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        c.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", l.port())).unwrap();
+        redis_send(&mut c, &["INFO", "server"]).unwrap();
         queued.push(c);
     }
     signal(old, Signal::SIGKILL);
     let new = l.wait_replacement(0, old, secs(30));
     for mut c in queued {
         c.set_read_timeout(Some(secs(20))).unwrap();
-        let mut pong = [0u8; 7];
-        c.read_exact(&mut pong).expect("every queued PING is answered");
-        assert_eq!(&pong, b"+PONG\r\n");
+        let info = redis_reply(&mut c).expect("every queued request is answered");
+        assert_eq!(info_pid(&info).unwrap(), new, "answered by the replacement");
     }
-    assert!(wait_until(secs(30), || redis_pid(port).is_ok_and(|p| p == new)), "no answer from {new}");
-    // A roll: redis closes its clients at TERM, so what fails is counted, not asserted.
-    let load = Load::start_with(port, 3, ping);
-    assert!(wait_until(secs(20), || load.ok() >= 20), "the load made no requests\nlog:\n{}", l.log());
-    l.signal(Signal::SIGUSR2);
-    l.wait_for("roll gen 2 done", secs(60));
-    let (ok, failures) = load.finish();
-    eprintln!("redis roll under load: {ok} requests, {} failed: {failures:?}", failures.len());
-    assert!(ok >= 20, "only {ok} requests during the roll");
-    check_sockets(&l, &dir, 1);
 }
