@@ -101,16 +101,10 @@ unsafe fn own_table(ctx: &ChildCtx) {
     if ctx.table_limit < 0 {
         return;
     }
-    const CLOSE_RANGE_UNSHARE: libc::c_uint = 1 << 1;
-    // SAFETY: close_range(UNSHARE) replaces this process's fd table (shared with the launcher
-    // until now) by a copy of the fds below the limit, then closes nothing (the copy holds
-    // nothing above it; were the launcher gone, it would close ours in place); unshare makes a
-    // whole copy. The launcher's table is only read. Nothing allocated in user space.
+    // SAFETY: unshare makes this process's own copy of the whole fd table (the launcher's is
+    // only read); nothing allocated in user space.
     unsafe {
-        let limit = ctx.table_limit as libc::c_uint;
-        if libc::syscall(libc::SYS_close_range, limit, libc::c_uint::MAX, CLOSE_RANGE_UNSHARE) != 0
-            && libc::unshare(libc::CLONE_FILES) != 0
-        {
+        if !super::stage::unshare_below(ctx.table_limit) && libc::unshare(libc::CLONE_FILES) != 0 {
             fail(ctx);
         }
     }
@@ -232,10 +226,11 @@ unsafe fn lift_fds(ctx: &ChildCtx, floor: libc::c_int) -> (RawFd, [RawFd; 2], [R
 /// # Safety
 /// In the child of [`spawn`](super::spawn) only (see [`child_exec`]).
 unsafe fn cloexec_from(floor: libc::c_int) {
-    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
     // SAFETY: close_range, sysconf and fcntl(F_SETFD) only change fd flags; no allocation.
     unsafe {
-        if libc::syscall(libc::SYS_close_range, floor as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+        if libc::syscall(libc::SYS_close_range, floor as libc::c_uint, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC)
+            != 0
+        {
             let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(1024, 65536) as libc::c_int;
             for fd in floor..max {
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);

@@ -166,21 +166,20 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let pair = || socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC);
     let chan = spec.intercept.map(|_| pair()).transpose()?;
-    let n = spec.fds.len();
-    let mut fds = child_fds(spec, chan.as_ref().map_or(-1, |c| c.1.as_raw_fd()));
-    let staged = stage::Staged::new(&mut fds[..n + 5]);
+    let mut fds = ChildFds::new(spec, chan.as_ref().map_or(-1, |c| c.1.as_raw_fd()));
+    let staged = stage::Staged::new(fds.used_mut());
     let mut ctx = ChildCtx {
         parent: std::process::id() as libc::pid_t,
         fds: [-1; MAX_FDS],
-        nfds: n,
+        nfds: fds.sockets().len(),
         table_limit: staged.limit,
         stdin_socket: spec.socket_on_stdin,
-        stdio: spec.stdio.map(|_| [fds[n], fds[n + 1]]),
+        stdio: spec.stdio.map(|_| [fds.all[ChildFds::OUT], fds.all[ChildFds::ERR]]),
         cpus: spec.cpu.and_then(cpu_set),
         filter: spec.intercept.copied(),
-        chan: fds[n + 2],
-        cgroup_procs: fds[n + 3],
-        sentinel: fds[n + 4],
+        chan: fds.all[ChildFds::CHAN],
+        cgroup_procs: fds.all[ChildFds::PROCS],
+        sentinel: fds.all[ChildFds::SENTINEL],
         err: std::sync::atomic::AtomicI32::new(0),
         pid_slots,
         npid: spec.pid_vars.len(),
@@ -190,7 +189,7 @@ pub fn spawn(program: &Program, spec: &Spec) -> io::Result<Spawned> {
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
     };
-    ctx.fds[..n].copy_from_slice(&fds[..n]);
+    ctx.fds[..ctx.nfds].copy_from_slice(fds.sockets());
 
     let share_table = staged.limit >= 0;
     // SAFETY: child_entry only runs child_exec on `ctx`, which lives until the child has exec'd;
@@ -215,20 +214,42 @@ fn check(spec: &Spec) -> io::Result<()> {
     Ok(())
 }
 
-/// Every fd the child uses, in the order they go into the staging block (see `stage`): the
-/// sockets, then the log pipes, the intercept channel `chan`, cgroup.procs and the sentinel's
-/// pipe (-1: none), `spec.fds.len() + 5` in all.
-fn child_fds(spec: &Spec, chan: RawFd) -> [RawFd; stage::SLOTS] {
-    let n = spec.fds.len();
-    let mut fds = [-1 as RawFd; stage::SLOTS];
-    fds[..n].copy_from_slice(spec.fds);
-    if let Some([out, err]) = spec.stdio {
-        (fds[n], fds[n + 1]) = (out, err);
+/// Every fd the child uses, in the order the staging block (see `stage`) holds them: five
+/// fixed places (-1: none), then the listening sockets.
+struct ChildFds {
+    all: [RawFd; stage::SLOTS],
+    sockets: usize,
+}
+
+impl ChildFds {
+    const OUT: usize = 0;
+    const ERR: usize = 1;
+    /// The intercept's channel.
+    const CHAN: usize = 2;
+    const PROCS: usize = 3;
+    const SENTINEL: usize = 4;
+    const SOCKETS: usize = 5;
+
+    fn new(spec: &Spec, chan: RawFd) -> ChildFds {
+        let mut all = [-1 as RawFd; stage::SLOTS];
+        if let Some([out, err]) = spec.stdio {
+            (all[Self::OUT], all[Self::ERR]) = (out, err);
+        }
+        all[Self::CHAN] = chan;
+        all[Self::PROCS] = spec.contain.cgroup_procs.unwrap_or(-1);
+        all[Self::SENTINEL] = spec.contain.sentinel.unwrap_or(-1);
+        all[Self::SOCKETS..Self::SOCKETS + spec.fds.len()].copy_from_slice(spec.fds);
+        ChildFds { all, sockets: spec.fds.len() }
     }
-    fds[n + 2] = chan;
-    fds[n + 3] = spec.contain.cgroup_procs.unwrap_or(-1);
-    fds[n + 4] = spec.contain.sentinel.unwrap_or(-1);
-    fds
+
+    /// The places in use, for the block to rewrite.
+    fn used_mut(&mut self) -> &mut [RawFd] {
+        &mut self.all[..Self::SOCKETS + self.sockets]
+    }
+
+    fn sockets(&self) -> &[RawFd] {
+        &self.all[Self::SOCKETS..Self::SOCKETS + self.sockets]
+    }
 }
 
 /// After the clone returned: the child exec'd (errno 0) or has exited with the errno of what

@@ -102,14 +102,26 @@ struct Probe {
     got: AtomicI32,
 }
 
+/// In a child cloned with `CLONE_FILES`: an fd table of its own holding the fds below `limit`
+/// only (`close_range(limit, ~0, CLOSE_RANGE_UNSHARE)`); false if the kernel refused. What a
+/// spawned child does first, and what the probe checks. One system call: async-signal-safe.
+pub(super) fn unshare_below(limit: RawFd) -> bool {
+    // SAFETY: close_range(UNSHARE) replaces this process's fd table (shared with the launcher
+    // until now) by a copy of the fds below `limit`, then closes nothing (the copy holds nothing
+    // above it; were the launcher gone, it would close ours in place). The launcher's table is
+    // only read; nothing allocated in user space.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, limit as libc::c_uint, libc::c_uint::MAX, libc::CLOSE_RANGE_UNSHARE) == 0
+    }
+}
+
 extern "C" fn probe_entry(arg: *mut libc::c_void) -> libc::c_int {
-    const CLOSE_RANGE_UNSHARE: libc::c_uint = 1 << 1;
     // SAFETY: `arg` is the parent's Probe, alive until this child exits (CLONE_VFORK); only
     // raw system calls and an atomic store, then _exit: nothing allocated, no fd of the
     // launcher's touched before this process has a table of its own.
     unsafe {
         let p = &*(arg as *const Probe);
-        if libc::syscall(libc::SYS_close_range, p.limit as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_UNSHARE) != 0 {
+        if !unshare_below(p.limit) {
             p.got.store(-2, Ordering::SeqCst);
             libc::_exit(0);
         }

@@ -849,6 +849,27 @@ pub fn fd_target(pid: i32, fd: i32) -> String {
 
 pub const DEPS: &str = "run scripts/test-deps, which installs every runtime these tests use";
 
+/// A C program of this repository (`src`, relative to the crate), built once per test run with
+/// the system's C compiler (`cc -O2`) into this crate's `CARGO_TARGET_TMPDIR`; its path. A
+/// missing compiler fails the test, saying so.
+pub fn built_c(src: &str) -> String {
+    static BUILT: Mutex<Vec<(String, Result<String, String>)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, done)) = built.iter().find(|(s, _)| s == src) {
+        return done.clone().unwrap_or_else(|e| panic!("{e}"));
+    }
+    let name = Path::new(src).file_stem().unwrap().to_string_lossy().into_owned();
+    let out = format!("{}/{name}", env!("CARGO_TARGET_TMPDIR"));
+    let path = format!("{}/{src}", env!("CARGO_MANIFEST_DIR"));
+    let done = match Command::new("cc").args(["-O2", "-o", &out, &path]).output() {
+        Ok(o) if o.status.success() => Ok(out),
+        Ok(o) => Err(format!("cc {path} failed: {}", String::from_utf8_lossy(&o.stderr))),
+        Err(e) => Err(format!("cannot run cc (a C compiler, gcc): {e}; {DEPS}")),
+    };
+    built.push((src.to_string(), done.clone()));
+    done.unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Run `argv` (a version probe) and return the first line it prints. If it cannot run or
 /// fails, the test fails, saying what to install: a missing runtime never passes silently.
 pub fn require(argv: &[&str], install: &str) -> String {

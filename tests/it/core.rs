@@ -265,19 +265,24 @@ fn worker_sees_only_its_own_sockets_and_the_contract_environment() {
     assert_eq!(l.exit_code(secs(20)), 0);
 }
 
-/// tests/workers/no-close-range.c, built once per test run with the system's C compiler.
-fn no_close_range() -> String {
-    static BUILT: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let out = concat!(env!("CARGO_TARGET_TMPDIR"), "/no-close-range");
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workers/no-close-range.c");
-        match std::process::Command::new("cc").args(["-O2", "-o", out, src]).output() {
-            Ok(o) if o.status.success() => Ok(out.to_string()),
-            Ok(o) => Err(format!("cc {src} failed: {}", String::from_utf8_lossy(&o.stderr))),
-            Err(e) => Err(format!("cannot run cc (a C compiler, gcc): {e}; {DEPS}")),
-        }
-    });
-    built.clone().unwrap_or_else(|e| panic!("{e}"))
+/// Two sleeping workers, with the spawn module's debug lines (whether the staging block is in
+/// use); run through `via` if given.
+fn two_sleepers(via: Option<&str>) -> Launcher {
+    let mut launch = Launch::new().workers(2).ready_delay("100ms").env("RUST_LOG", "info,reuse_launch::spawn=debug");
+    if let Some(wrapper) = via {
+        launch = launch.via(&[wrapper]);
+    }
+    let l = launch.cmd(&["sleep", "1000"]).start();
+    wait_all_ready(&l, 2, secs(10));
+    l
+}
+
+/// Worker `pid` holds fds 0-2 and its one socket on fd 3, nothing else.
+fn assert_own_fds_only(l: &Launcher, pid: i32) {
+    let fds = fd_targets(pid);
+    let numbers: Vec<i32> = fds.iter().map(|f| f.0).collect();
+    assert_eq!(numbers, vec![0, 1, 2, 3], "worker {pid} fds: {fds:?}\nlog:\n{}", l.log());
+    assert!(fds[3].1.starts_with("socket:"), "{fds:?}");
 }
 
 /// Where close_range(2) is refused (a container's seccomp profile older than it; a kernel
@@ -286,31 +291,17 @@ fn no_close_range() -> String {
 /// sees only fds 0-2 and its socket.
 #[test]
 fn where_close_range_is_refused_workers_start_as_before() {
-    let wrapper = no_close_range();
-    let mut l = Launch::new()
-        .via(&[&wrapper])
-        .workers(2)
-        .ready_delay("100ms")
-        .env("RUST_LOG", "info,reuse_launch::spawn=debug")
-        .cmd(&["sleep", "1000"])
-        .start();
-    wait_all_ready(&l, 2, secs(10));
+    let mut l = two_sleepers(Some(&built_c("tests/workers/no-close-range.c")));
     let refused = "every worker copies the launcher's fd table (close_range(CLOSE_RANGE_UNSHARE) refused";
     assert_eq!(l.count(refused), 1, "{}", l.log());
-    let only_own = |pid: i32| {
-        let fds = fd_targets(pid);
-        let numbers: Vec<i32> = fds.iter().map(|f| f.0).collect();
-        assert_eq!(numbers, vec![0, 1, 2, 3], "worker {pid} fds: {fds:?}\nlog:\n{}", l.log());
-        assert!(fds[3].1.starts_with("socket:"), "{fds:?}");
-    };
     for slot in 0..2 {
-        only_own(l.latest_pid(slot));
+        assert_own_fds_only(&l, l.latest_pid(slot));
     }
     let old = l.latest_pid(1);
     signal(old, Signal::SIGKILL);
     let new = l.wait_replacement(1, old, secs(10));
     assert!(wait_until(secs(10), || fd_targets(new).len() == 4), "{:?}", fd_targets(new));
-    only_own(new);
+    assert_own_fds_only(&l, new);
     l.signal(Signal::SIGTERM);
     assert_eq!(l.exit_code(secs(20)), 0, "{}", l.log());
 }
@@ -327,13 +318,7 @@ fn on_a_fixed_kernel_spawns_use_the_staging_block() {
         eprintln!("skipped: kernel {} may lack the fix for CVE-2024-45025 (6.11)", release.trim());
         return;
     }
-    let l = Launch::new()
-        .workers(2)
-        .ready_delay("100ms")
-        .env("RUST_LOG", "info,reuse_launch::spawn=debug")
-        .cmd(&["sleep", "1000"])
-        .start();
-    wait_all_ready(&l, 2, secs(10));
+    let l = two_sleepers(None);
     let log = l.log();
     if let Some(line) = log.lines().find(|l| l.contains("every worker copies the launcher's fd table")) {
         assert!(line.contains("refused") || line.contains("died"), "the probe failed on kernel {release}: {line}");
@@ -342,9 +327,7 @@ fn on_a_fixed_kernel_spawns_use_the_staging_block() {
     }
     assert_eq!(l.count("each worker gets an fd table of its own, the fds below "), 1, "{log}");
     for slot in 0..2 {
-        let pid = l.latest_pid(slot);
-        let numbers: Vec<i32> = fd_targets(pid).iter().map(|f| f.0).collect();
-        assert_eq!(numbers, vec![0, 1, 2, 3], "worker {slot}: {:?}", fd_targets(pid));
+        assert_own_fds_only(&l, l.latest_pid(slot));
     }
 }
 

@@ -16,8 +16,6 @@ use crate::common::*;
 
 const VENV_BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-test/bin");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/examples/kubernetes");
-const HELLO_C: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/workers/hello.c");
-const BUILD: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/fleet");
 
 /// The address of the launcher's `--metrics` endpoint, from its log.
 pub fn metrics_addr(l: &Launcher) -> SocketAddr {
@@ -378,21 +376,9 @@ fn cpu_seconds(pid: i32) -> f64 {
     (f[0] + f[1]) as f64 / tick
 }
 
-/// bench/workers/hello.c, built once into target/tmp/fleet/.
-fn hello_c() -> String {
-    require(&["gcc", "--version"], "gcc");
-    std::fs::create_dir_all(BUILD).unwrap();
-    let out = format!("{BUILD}/hello-c");
-    let tmp = format!("{out}.{}", std::process::id());
-    let built = Command::new("gcc").args(["-O2", "-o", &tmp, HELLO_C]).status().unwrap();
-    assert!(built.success(), "gcc {HELLO_C} failed");
-    std::fs::rename(&tmp, &out).unwrap();
-    out
-}
-
 #[test]
 fn the_cost_of_a_scrape_with_64_workers() {
-    let hello = hello_c();
+    let hello = built_c("bench/workers/hello.c");
     let l = Launch::new().workers(64).ready_delay("500ms").flag("--metrics", "127.0.0.1:0").cmd(&[&hello]).start();
     let addr = metrics_addr(&l);
     all_ready_in_metrics(addr, 64, secs(120));

@@ -4,29 +4,12 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
 use crate::common::*;
 use crate::status_fields::*;
-
-/// bench/workers/hello.c, built once per test run with the system's C compiler.
-fn hello_c() -> String {
-    static BUILT: OnceLock<Result<String, String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let out = concat!(env!("CARGO_TARGET_TMPDIR"), "/hello-c");
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/workers/hello.c");
-        match Command::new("cc").args(["-O2", "-o", out, src]).output() {
-            Ok(o) if o.status.success() => Ok(out.to_string()),
-            Ok(o) => Err(format!("cc {src} failed: {}", String::from_utf8_lossy(&o.stderr))),
-            Err(e) => Err(format!("cannot run cc (a C compiler, gcc): {e}; {DEPS}")),
-        }
-    });
-    built.clone().unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// One `GET /` on a new connection to hello.c: the answering pid (its `X-Pid` header).
 fn hello_get(port: u16) -> std::io::Result<i32> {
@@ -57,7 +40,12 @@ fn wait_idle(l: &Launcher) {
 
 #[test]
 fn with_64_workers_and_one_stopped_every_new_connection_is_answered_within_a_second() {
-    let l = Launch::new().workers(64).ready("auto").env("RUST_LOG", WATCH_LOG).cmd(&[&hello_c()]).start();
+    let l = Launch::new()
+        .workers(64)
+        .ready("auto")
+        .env("RUST_LOG", WATCH_LOG)
+        .cmd(&[&built_c("bench/workers/hello.c")])
+        .start();
     wait_all_ready(&l, 64, secs(60));
     let port = l.port();
     for i in 0..20 {
